@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_overrides(**extra):
+    """A ViViT small enough for a unit test: 2+1 blocks of width 64, 32x32 frames in 8x8 patches."""
+    sizes = dict(width=64, spatial_depth=2, temporal_depth=1, heads=4, mlp_dim=128, patch=8)
+    sizes.update(extra)
+    return sizes
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter random values (norms near 1), so equality tests cannot pass by zeros."""
+    for name, p in module.named_parameters():
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight"):
+            p.copy_(1 + scale * torch.randn_like(p))
+        else:
+            p.copy_(scale * torch.randn_like(p))
+    return module
