@@ -331,9 +331,11 @@ def _copy_image_vit(model: ViViT, vit: _ImageViT, source: str) -> bool:
             log.warning("%s has no CLS token; the spatial CLS token and its position keep their initial values",
                         source)
 
-    # Check every shape before changing anything, so a bad checkpoint leaves the model as it was.
-    for key, value in updates.items():
-        _check_shape(source, key, tuple(value.shape), tuple(own[key].shape))
+    # Check every shape, in the model's order, before changing anything: a bad checkpoint leaves
+    # the model as it was and the first mismatch reported is the same on every run.
+    for key in own:
+        if key in updates:
+            _check_shape(source, key, tuple(updates[key].shape), tuple(own[key].shape))
     for key, value in updates.items():
         own[key].copy_(value)
     _set_numerics(model, vit.layer_norm_eps, vit.activation)
