@@ -29,14 +29,13 @@ import json
 import logging
 import os
 import re
-import uuid
 from typing import Any, Callable, NamedTuple
 
-import fsspec
 import numpy as np
 import safetensors.torch
 import torch
 
+from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 from sfa_vivit.models.vivit import (ViViT, ViViTConfig, inflate_patch_kernel, resample_positions_2d)
 
 log = logging.getLogger(__name__)
@@ -96,11 +95,11 @@ def load_image_vit(model: ViViT, source: str | os.PathLike, format: str | None =
 
 def detect_image_format(source: str) -> str:
     """'hf' for a folder with config.json, 'npz' for .npz, 'timm' for a state dict with timm names."""
-    fs, path = fsspec.core.url_to_fs(source)
+    fs, path = url_to_fs(source)
     if not fs.exists(path):
         raise CheckpointError(f"image checkpoint {source!r} does not exist")
     if fs.isdir(path):
-        if fs.exists(_join(path, "config.json")):
+        if fs.exists(join(path, "config.json")):
             return "hf"
         raise CheckpointError(f"unrecognised checkpoint format: {source!r} is a folder without config.json "
                               "(expected a Hugging Face ViT folder, a timm state-dict file or a .npz)")
@@ -121,25 +120,25 @@ def detect_image_format(source: str) -> str:
 
 
 def _read_hf(source: str) -> _ImageViT:
-    fs, path = fsspec.core.url_to_fs(source)
-    with fs.open(_join(path, "config.json"), "rb") as f:
+    fs, path = url_to_fs(source)
+    with fs.open(join(path, "config.json"), "rb") as f:
         config = json.load(f)
     if config.get("model_type", "vit") != "vit":
         raise CheckpointError(f"{source}: config.json has model_type={config.get('model_type')!r}, expected 'vit'")
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if fs.exists(_join(path, name)):
+        if fs.exists(join(path, name)):
             break
     else:
         raise CheckpointError(f"{source}: no model.safetensors, model.safetensors.index.json or "
                               "pytorch_model.bin beside config.json")
     if name.endswith(".index.json"):
-        with fs.open(_join(path, name), "rb") as f:
+        with fs.open(join(path, name), "rb") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         raw = {}
         for shard in shards:
-            raw.update(_read_state_dict(_join(source, shard)))
+            raw.update(_read_state_dict(join(source, shard)))
     else:
-        raw = _read_state_dict(_join(source, name))
+        raw = _read_state_dict(join(source, name))
     act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
            "gelu_fast": "gelu_tanh"}.get(config.get("hidden_act", "gelu"))
     if act is None:
@@ -214,7 +213,7 @@ def _read_timm(source: str) -> _ImageViT:
 
 
 def _read_npz(source: str) -> _ImageViT:
-    with fsspec.open(source, "rb") as f:
+    with open_url(source, "rb") as f:
         data = f.read()
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
@@ -360,7 +359,7 @@ def _check_shape(source: str, name: str, got: tuple[int, ...], expected: tuple[i
 
 def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
     """A .safetensors or torch state-dict file from any fsspec URL, never unpickling arbitrary code."""
-    with fsspec.open(url, "rb") as f:
+    with open_url(url, "rb") as f:
         data = f.read()
     try:
         if url.endswith(".safetensors"):
@@ -375,10 +374,6 @@ def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"unrecognised checkpoint format: {url!r} does not hold a dict of tensors")
     return state
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,23 +403,23 @@ def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None =
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights_bytes = safetensors.torch.save(state, metadata={"format": "pt"})
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
-    marker = _join(path, MARKER_FILE)
+    marker = join(path, MARKER_FILE)
     if fs.exists(marker):
         fs.rm(marker)
-    _write_whole(fs, _join(path, WEIGHTS_FILE), weights_bytes)
-    _write_whole(fs, _join(path, CONFIG_FILE), config_bytes)
+    write_bytes_atomic(join(url, WEIGHTS_FILE), weights_bytes)
+    write_bytes_atomic(join(url, CONFIG_FILE), config_bytes)
     digests = {WEIGHTS_FILE: hashlib.sha256(weights_bytes).hexdigest(),
                CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest()}
-    _write_whole(fs, marker, json.dumps(digests, indent=2).encode())
+    write_bytes_atomic(join(url, MARKER_FILE), json.dumps(digests, indent=2).encode())
     return url
 
 
 def is_committed(url: str | os.PathLike) -> bool:
     """Whether `url` holds a checkpoint whose write completed."""
-    fs, path = fsspec.core.url_to_fs(os.fspath(url))
-    return fs.exists(_join(path, MARKER_FILE))
+    fs, path = url_to_fs(os.fspath(url))
+    return fs.exists(join(path, MARKER_FILE))
 
 
 def load(url: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -434,15 +429,15 @@ def load(url: str | os.PathLike, *, map_location: str | torch.device = "cpu") ->
     recorded sha256, or the weights do not fit the recorded config.
     """
     url = os.fspath(url)
-    fs, path = fsspec.core.url_to_fs(url)
-    marker = _join(path, MARKER_FILE)
+    fs, path = url_to_fs(url)
+    marker = join(path, MARKER_FILE)
     if not fs.exists(marker):
         raise CheckpointError(f"no committed checkpoint at {url}: {MARKER_FILE} is missing "
                               "(the write was interrupted, or this is not an sfa-vivit checkpoint)")
     digests = json.loads(fs.cat_file(marker))
     blobs = {}
     for name in (WEIGHTS_FILE, CONFIG_FILE):
-        blobs[name] = fs.cat_file(_join(path, name))
+        blobs[name] = fs.cat_file(join(path, name))
         if hashlib.sha256(blobs[name]).hexdigest() != digests.get(name):
             raise CheckpointError(f"checkpoint {url}: {name} does not match the sha256 recorded in {MARKER_FILE}")
     payload = json.loads(blobs[CONFIG_FILE])
@@ -465,19 +460,6 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     for key, value in state.items():
         _check_shape(source, key, tuple(value.shape), tuple(own[key].shape))
     model.load_state_dict(state)
-
-
-def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    if "file" in fs.protocol or "local" in fs.protocol:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        # Object stores publish an object only when its upload completes.
-        fs.pipe_file(path, data)
 
 
 # ----------------------------------------------------------------------------------------------
