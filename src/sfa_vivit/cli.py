@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
 import time
 from typing import Sequence
 
 import torch
 
+from sfa_vivit.data.annotations import DATASETS
+from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
+from sfa_vivit.data.reader import load_manifest, verify_shards
+from sfa_vivit.data.synth import SynthOptions, generate
 from sfa_vivit.models import VARIANTS, vivit
 
 
@@ -78,7 +84,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=400)
     p.add_argument("--adapter", action="store_true", help="count as SFA stage 2 (adapter on, spatial frozen)")
 
+    data = sub.add_parser("data", help="datasets: synthesise, prepare shards, verify").add_subparsers(
+        dest="data_command", required=True)
+    p = data.add_parser("prep", help="official annotations + videos -> WebDataset shards + manifest.json")
+    p.add_argument("--dataset", required=True, help="one of " + ", ".join(DATASETS))
+    p.add_argument("--annotations", action="append", required=True,
+                   help="an official annotation file (repeat for several); local path or URL")
+    p.add_argument("--videos", required=True, help="folder (local or gs://) holding the videos")
+    p.add_argument("--out", required=True, help="output folder (local or gs://)")
+    p.add_argument("--split", help="prepare only this split (train, validation, test)")
+    defaults = PrepOptions()
+    p.add_argument("--fps", type=float, default=defaults.fps)
+    p.add_argument("--short-side", type=int, default=defaults.short_side)
+    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    p.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
+    p.add_argument("--max-reject-fraction", type=float, default=defaults.max_reject_fraction)
+    p.add_argument("--workers", type=int, default=defaults.workers, help="processes (0: one per CPU)")
+
+    p = data.add_parser("synth", help="write the synthetic motion-order dataset in the Kinetics layout")
+    p.add_argument("--out", required=True, help="local output folder")
+    synth_defaults = SynthOptions()
+    for field in dataclasses.fields(SynthOptions):
+        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(synth_defaults, field.name)),
+                       default=getattr(synth_defaults, field.name))
+
+    p = data.add_parser("verify", help="check every shard of a prepared dataset against its sha256")
+    p.add_argument("url", help="prep output folder or its manifest.json")
+
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "smoke":
             print(f"sfa smoke: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -91,9 +125,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "info":
             print(json.dumps(model_summary(args.variant, num_frames=args.frames, image_size=args.image_size,
                                            num_classes=args.classes, adapter=args.adapter), indent=2))
-    except ValueError as e:
+        elif args.command == "data":
+            return _data(args)
+    except PrepError as e:
+        print(f"sfa data prep: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
         print(f"sfa {args.command}: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_command == "prep":
+        options = PrepOptions(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
+                              shard_size=args.shard_size, max_reject_fraction=args.max_reject_fraction,
+                              workers=args.workers)
+        manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
+        counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
+        print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")
+    elif args.data_command == "synth":
+        names = [f.name for f in dataclasses.fields(SynthOptions)]
+        paths = generate(args.out, SynthOptions(**{n: getattr(args, n) for n in names}))
+        print(f"sfa data synth: {paths['videos']} + {paths['train']}, {paths['validation']}")
+    elif args.data_command == "verify":
+        manifest = load_manifest(args.url)
+        bad = verify_shards(manifest)
+        total = sum(len(s["shards"]) for s in manifest.data["splits"].values())
+        if bad:
+            print(f"sfa data verify: {len(bad)} of {total} shards corrupt: {', '.join(bad)}", file=sys.stderr)
+            return 1
+        print(f"sfa data verify: all {total} shards match their sha256")
     return 0
 
 

@@ -1,0 +1,2 @@
+"""Data: annotation adapters, shard preparation, the shard reader with clip sampling and
+augmentations, and the synthetic dataset."""

@@ -1,0 +1,312 @@
+"""`sfa data prep`: official annotations + videos → WebDataset tar shards + manifest.json.
+
+Layout at the output URL::
+
+    manifest.json                    written last, only when the reject fraction is acceptable
+    {split}-{index:06d}.tar          one shard: per sample `<key>.json` + `<key>.jpgs`
+    {split}-{index:06d}.done.json    shard sidecar: sample count, sha256, rejects, input fingerprint
+
+A sample's `<key>.jpgs` is its frames' JPEG files back to back; `<key>.json` holds the byte offsets,
+so a reader decodes only the frames a clip samples. Shards are byte-for-byte deterministic (fixed tar
+headers, records in key order) and a shard whose sidecar matches its inputs is not redone: re-running
+prep is idempotent and resumes an interrupted run. Readers only trust shards listed in a manifest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+import time
+from typing import Any, Iterable
+
+from sfa_vivit.data.annotations import (EXPECTED_CLASSES, VIDEO_EXTENSIONS, Annotations, Rejection, VideoRecord,
+                                        read_annotations)
+from sfa_vivit.data.video import VideoRejected, decode_segment
+from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "sfa-vivit-shards/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepOptions:
+    """How videos become shards. Defaults and why (measured by bench/prep_options.py, see README):
+
+    fps 12.5: half of Kinetics' 25 fps. Scenic's ViViT recipes sample every 2nd frame at 25 fps, which
+        is every frame at 12.5 fps, so storing 12.5 fps halves prep time, storage and reader bytes and
+        still gives 128 frames = 10.24 s, a whole Kinetics clip.
+    short_side 256: the resize before scale jitter (0.9-1.33) and the 224 crop in Scenic/DMVR.
+    jpeg_quality 90: near-lossless for these resolutions at about 10-15 KB per 256 px frame.
+    shard_size 128 samples: about 100-250 MB per Kinetics shard, within WebDataset's advice
+        (100 MB-1 GB), and ~1900 shards for Kinetics-400 train: enough for 64 hosts x 4 workers.
+    """
+    fps: float = 12.5
+    short_side: int = 256
+    jpeg_quality: int = 90
+    shard_size: int = 128
+    max_reject_fraction: float = 0.05
+    workers: int = 0  # 0: one per CPU
+
+    def validate(self) -> None:
+        if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 120):
+            raise ValueError(f"fps={self.fps!r} must be in (0, 120]")
+        for name, low, high in (("short_side", 16, 4096), ("jpeg_quality", 1, 100), ("shard_size", 1, 1_000_000)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high}]")
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(f"max_reject_fraction={self.max_reject_fraction!r} must be in [0, 1]")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers!r} must be >= 0")
+
+    def content(self) -> dict[str, Any]:
+        """The options that change shard bytes (not how many workers made them)."""
+        return {"fps": self.fps, "short_side": self.short_side, "jpeg_quality": self.jpeg_quality,
+                "shard_size": self.shard_size}
+
+
+class PrepError(RuntimeError):
+    """Prep finished but the result must not be published (too many rejects)."""
+
+
+@dataclasses.dataclass
+class _ShardTask:
+    split: str
+    index: int
+    out: str
+    items: list[tuple[VideoRecord, str]]      # record, video URL
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+    def fingerprint(self) -> str:
+        payload = {"options": self.options,
+                   "items": [[dataclasses.asdict(r), url.rsplit("/", 1)[-1]] for r, url in self.items]}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, split: str | None = None,
+            options: PrepOptions = PrepOptions(), progress: bool = True) -> dict[str, Any]:
+    """Turn `dataset`'s annotation files and the videos under `videos` into shards + manifest at `out`.
+
+    Returns the manifest. Raises AnnotationError for unusable annotation files, ValueError for bad
+    options, and PrepError (after writing the shards, without publishing a manifest) when more than
+    `options.max_reject_fraction` of the samples were rejected.
+    """
+    options.validate()
+    ann = read_annotations(dataset, annotations, split)
+    expected = EXPECTED_CLASSES.get(dataset)
+    if expected and ann.classes is not None and len(ann.classes) != expected:
+        log.warning("%s: %d classes in the annotations, the dataset has %d", dataset, len(ann.classes), expected)
+    fs, out_path = url_to_fs(out)
+    fs.makedirs(out_path, exist_ok=True)
+    previous = _unpublish(out, ann)
+
+    rejected: list[Rejection] = list(ann.rejected)
+    for r in ann.rejected:
+        log.warning("rejected %s: %s", r.video, r.reason)
+    resolved, missing = _resolve_videos(ann.records, videos)
+    for r in missing:
+        log.warning("rejected %s: %s", r.video, r.reason)
+    rejected += missing
+
+    tasks = _plan_shards(resolved, out, options)
+    results = _run_tasks(tasks, options, progress=progress, total=len(resolved))
+    splits: dict[str, dict[str, Any]] = {}
+    for task, result in sorted(zip(tasks, results), key=lambda tr: tr[0].name):
+        for r in result["rejected"]:
+            rej = Rejection(**r)
+            log.warning("rejected %s: %s", rej.video, rej.reason)
+            rejected.append(rej)
+        entry = splits.setdefault(task.split, {"num_samples": 0, "shards": []})
+        if result["num_samples"]:
+            entry["num_samples"] += result["num_samples"]
+            entry["shards"].append({"path": f"{task.name}.tar", "num_samples": result["num_samples"],
+                                    "sha256": result["sha256"]})
+
+    total = len(ann.records) + len(ann.rejected)
+    fraction = len(rejected) / total if total else 1.0
+    if fraction > options.max_reject_fraction:
+        first = "; ".join(f"{r.video}: {r.reason}" for r in rejected[:5])
+        raise PrepError(f"{len(rejected)} of {total} samples rejected ({fraction:.1%}), more than "
+                        f"max_reject_fraction={options.max_reject_fraction:g}; no manifest written at {out}. "
+                        f"First reasons: {first}")
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "dataset": dataset,
+        **({"heads": ann.heads} if ann.heads is not None else {"classes": ann.classes}),
+        "horizontal_flip": ann.horizontal_flip,
+        "splits": {**previous, **splits},
+        "rejected": [dataclasses.asdict(r) for r in rejected],
+        "options": {**options.content(), "max_reject_fraction": options.max_reject_fraction},
+        "sources": {"annotations": [os.fspath(a) for a in annotations], "videos": videos},
+    }
+    write_bytes_atomic(join(out, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+    counts = ", ".join(f"{s}: {v['num_samples']}" for s, v in manifest["splits"].items())
+    log.info("%s: manifest written at %s (%s; %d rejected)", dataset, join(out, MANIFEST_FILE), counts, len(rejected))
+    return manifest
+
+
+def _unpublish(out: str, ann: Annotations) -> dict[str, Any]:
+    """Remove an existing manifest before shards change under it. Returns the splits it listed that
+    this run does not touch, if it describes the same dataset and classes (so train and validation
+    can be prepared by separate runs into one place)."""
+    fs, path = url_to_fs(join(out, MANIFEST_FILE))
+    if not fs.exists(path):
+        return {}
+    try:
+        old = json.loads(fs.cat_file(path))
+    except ValueError:
+        old = {}
+    fs.rm(path)
+    same = (old.get("dataset") == ann.dataset and old.get("classes") == ann.classes
+            and old.get("heads") == ann.heads)
+    touched = {r.split for r in ann.records}
+    return {s: v for s, v in old.get("splits", {}).items() if same and s not in touched}
+
+
+def _resolve_videos(records: list[VideoRecord], videos: str) -> tuple[list[tuple[VideoRecord, str]], list[Rejection]]:
+    """Find each record's file under the videos root (one listing of the whole tree)."""
+    fs, root = url_to_fs(videos)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"videos folder {videos} does not exist")
+    root = root.rstrip("/")
+    by_rel: dict[str, str] = {}
+    by_stem: dict[str, str] = {}
+    for path in fs.find(root):
+        rel = path[len(root) + 1:] if path.startswith(root + "/") else os.path.basename(path)
+        if not rel.endswith(VIDEO_EXTENSIONS) or ".tmp-" in rel:
+            continue
+        by_rel[rel] = rel
+        stem = os.path.splitext(rel)[0]
+        by_rel.setdefault(stem, rel)
+        by_stem.setdefault(os.path.basename(stem), rel)
+    def lookup(candidate: str) -> str | None:
+        return (by_rel.get(candidate) or by_rel.get(os.path.splitext(candidate)[0])
+                or (by_stem.get(candidate) if "/" not in candidate else None))
+
+    resolved, missing = [], []
+    for record in sorted(records, key=lambda r: (r.split, r.key)):
+        rel = next((hit for c in record.videos if (hit := lookup(c))), None)
+        if rel is None:
+            missing.append(Rejection(record.videos[0], f"missing: no video file under {videos} "
+                                     f"(tried {', '.join(record.videos)})"))
+        else:
+            resolved.append((record, join(videos, rel)))
+    return resolved, missing
+
+
+def _plan_shards(resolved: list[tuple[VideoRecord, str]], out: str, options: PrepOptions) -> list[_ShardTask]:
+    by_split: dict[str, list[tuple[VideoRecord, str]]] = {}
+    for item in resolved:
+        by_split.setdefault(item[0].split, []).append(item)
+    tasks = []
+    for split, items in sorted(by_split.items()):
+        for index, start in enumerate(range(0, len(items), options.shard_size)):
+            tasks.append(_ShardTask(split, index, out, items[start:start + options.shard_size], options.content()))
+    return tasks
+
+
+def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool, total: int) -> list[dict]:
+    from tqdm import tqdm
+
+    results: list[dict | None] = [None] * len(tasks)
+    todo = []
+    for i, task in enumerate(tasks):
+        done = _finished_shard(task)
+        if done is not None:
+            results[i] = done
+        else:
+            todo.append(i)
+    skipped = sum(len(tasks[i].items) for i in range(len(tasks)) if results[i] is not None)
+    bar = tqdm(total=total, initial=skipped, unit="video", desc="prep", disable=not progress, smoothing=0.05)
+    workers = min(options.workers or os.cpu_count() or 1, max(1, len(todo)))
+    try:
+        if workers == 1:
+            for i in todo:
+                results[i] = _write_shard(tasks[i])
+                bar.update(len(tasks[i].items))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # PyAV's threads and fork do not mix
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_write_shard, tasks[i]): i for i in todo}
+                for future in cf.as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    bar.update(len(tasks[i].items))
+    finally:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _finished_shard(task: _ShardTask) -> dict | None:
+    fs, path = url_to_fs(join(task.out, f"{task.name}.done.json"))
+    try:
+        done = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    if done.get("fingerprint") != task.fingerprint():
+        return None
+    tar_fs, tar_path = url_to_fs(join(task.out, f"{task.name}.tar"))
+    if done["num_samples"] and not tar_fs.exists(tar_path):
+        return None
+    return done
+
+
+def _write_shard(task: _ShardTask) -> dict:
+    """Decode the task's videos, write its tar, then its sidecar. Runs in a worker process."""
+    options = task.options
+    buf = io.BytesIO()
+    rejected: list[dict] = []
+    count = 0
+    started = time.perf_counter()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for record, url in task.items:
+            try:
+                clip = decode_segment(url, start=record.start, end=record.end, trimmed=record.trimmed,
+                                      fps=options["fps"], short_side=options["short_side"],
+                                      jpeg_quality=options["jpeg_quality"])
+            except VideoRejected as e:
+                rejected.append({"video": url, "reason": e.reason})
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad video must never stop 800k others
+                rejected.append({"video": url, "reason": f"unreadable: {type(e).__name__}: {e}"})
+                continue
+            offsets = [0]
+            for jpeg in clip.frames:
+                offsets.append(offsets[-1] + len(jpeg))
+            meta = {"key": record.key, "label": record.label, "split": record.split,
+                    "video": url.rsplit("/", 1)[-1], "start": record.start, "end": record.end,
+                    "fps": clip.fps, "num_frames": len(clip.frames), "height": clip.height, "width": clip.width,
+                    "offsets": offsets}
+            _add(tar, f"{record.key}.json", json.dumps(meta, sort_keys=True).encode())
+            _add(tar, f"{record.key}.jpgs", b"".join(clip.frames))
+            count += 1
+    data = buf.getvalue()
+    result = {"name": task.name, "num_samples": count, "sha256": hashlib.sha256(data).hexdigest(),
+              "bytes": len(data), "rejected": rejected, "fingerprint": task.fingerprint(),
+              "seconds": round(time.perf_counter() - started, 3)}
+    if count:
+        write_bytes_atomic(join(task.out, f"{task.name}.tar"), data)
+    write_bytes_atomic(join(task.out, f"{task.name}.done.json"), json.dumps(result, indent=1).encode())
+    return result
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0          # deterministic bytes: same inputs, same shard, same sha256
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,303 @@
+"""Stream prepared shards (local or gs://, through fsspec) and turn samples into clips.
+
+`ClipDataset` is a torch IterableDataset: it works in a DataLoader with workers and under DDP
+(each rank, then each worker, reads its own shards). Training clips: random temporal start,
+`stride` between frames, `num_frames` frames, then the recipe's augmentations. Evaluation views:
+`num_clips` clips evenly spaced over the video × `num_crops` spatial crops. Only the sampled
+frames' JPEGs are decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from sfa_vivit.data.augment import AugmentConfig, eval_views, train_transform
+from sfa_vivit.data.prep import MANIFEST_FILE, MANIFEST_FORMAT
+from sfa_vivit.storage import join, open_url, url_to_fs
+
+log = logging.getLogger(__name__)
+
+
+class ShardChecksumError(IOError):
+    """A shard's bytes do not match the sha256 recorded in the manifest."""
+
+
+class ManifestError(ValueError):
+    """No usable manifest at the given URL."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Manifest:
+    root: str
+    data: dict[str, Any]
+
+    @property
+    def dataset(self) -> str:
+        return self.data["dataset"]
+
+    @property
+    def num_classes(self) -> int | dict[str, int]:
+        """What `vivit(num_classes=...)` takes: an int, or head → count for several heads."""
+        if "heads" in self.data:
+            return {head: len(names) for head, names in self.data["heads"].items()}
+        return len(self.data["classes"])
+
+    @property
+    def horizontal_flip(self) -> bool:
+        return bool(self.data.get("horizontal_flip", True))
+
+    def split(self, name: str) -> dict[str, Any]:
+        if name not in self.data["splits"]:
+            raise ManifestError(f"{self.root}: no split {name!r}; it has {sorted(self.data['splits'])}")
+        return self.data["splits"][name]
+
+    def shard_urls(self, split: str) -> list[str]:
+        return [join(self.root, s["path"]) for s in self.split(split)["shards"]]
+
+    def checksums(self, split: str) -> dict[str, str]:
+        return {join(self.root, s["path"]): s["sha256"] for s in self.split(split)["shards"]}
+
+
+def load_manifest(url: str) -> Manifest:
+    """Read manifest.json at `url` (the prep output folder, or the file itself)."""
+    root = url[: -len(MANIFEST_FILE)].rstrip("/") if url.endswith(MANIFEST_FILE) else url.rstrip("/")
+    try:
+        with open_url(join(root, MANIFEST_FILE), "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST_FILE} at {root}: prep has not finished there, or it was refused "
+                            "(too many rejected videos); shards without a manifest are never read") from None
+    if data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{root}/{MANIFEST_FILE}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return Manifest(root, data)
+
+
+def verify_shards(manifest: Manifest, splits: list[str] | None = None) -> list[str]:
+    """Check every shard's sha256; returns the URLs that do not match (or cannot be read)."""
+    bad = []
+    for split in splits or list(manifest.data["splits"]):
+        for url, sha in manifest.checksums(split).items():
+            try:
+                _read_verified(url, sha)
+            except (ShardChecksumError, FileNotFoundError) as e:
+                log.error("%s", e)
+                bad.append(url)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard streaming through WebDataset, with fsspec for every non-local URL
+# ---------------------------------------------------------------------------------------------
+
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
+    return open_url(url, mode)
+
+
+def register_fsspec_opener(schemes=("gs", "gcs", "s3", "memory", "az", "abfs", "file")) -> None:
+    """Make WebDataset open these URL schemes through fsspec (it would shell out to gsutil for gs://)."""
+    gopen_module = __import__("webdataset.gopen", fromlist=["gopen_schemes"])
+    for scheme in schemes:
+        gopen_module.gopen_schemes[scheme] = _fsspec_gopen
+
+
+register_fsspec_opener()
+
+
+def _read_verified(url: str, sha256: str) -> bytes:
+    with open_url(url, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ShardChecksumError(f"shard {url} is corrupt: sha256 {digest[:12]}... does not match the "
+                                 f"manifest's {sha256[:12]}...")
+    return data
+
+
+def iter_samples(urls: list[str], checksums: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples {key, meta, jpgs} of the shards at `urls`, in order. With `checksums`, each shard is
+    read whole and checked before any of its samples is used."""
+    for url in urls:
+        if checksums is not None:
+            stream = io.BytesIO(_read_verified(url, checksums[url]))
+        else:
+            stream = webdataset.gopen(url, "rb")
+        with stream:
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                yield {"key": sample["__key__"], "meta": json.loads(sample["json"]), "jpgs": sample["jpgs"],
+                       "url": url}
+
+
+def decode_frames(jpgs: bytes, offsets: list[int], indices: list[int]) -> torch.Tensor:
+    """Decode only the frames at `indices` (repeats decoded once): → uint8 (T, H, W, C)."""
+    cache: dict[int, np.ndarray] = {}
+    frames = []
+    for i in indices:
+        if i not in cache:
+            with Image.open(io.BytesIO(jpgs[offsets[i]:offsets[i + 1]])) as image:
+                cache[i] = np.asarray(image.convert("RGB"))
+        frames.append(cache[i])
+    return torch.from_numpy(np.stack(frames))
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal sampling
+# ---------------------------------------------------------------------------------------------
+
+def train_indices(n: int, num_frames: int, stride: int, rng: random.Random) -> list[int]:
+    """Random start, `num_frames` frames `stride` apart; a video too short loops (as DMVR)."""
+    span = (num_frames - 1) * stride + 1
+    start = rng.randint(0, n - span) if n >= span else rng.randint(0, n - 1)
+    return [(start + stride * i) % n for i in range(num_frames)]
+
+
+def eval_indices(n: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
+    """`num_clips` clips with starts evenly spaced from the first to the last possible start."""
+    span = (num_frames - 1) * stride + 1
+    last = max(0, n - span)
+    starts = [round(last * j / (num_clips - 1)) if num_clips > 1 else last // 2 for j in range(num_clips)]
+    return [[(s + stride * i) % n for i in range(num_frames)] for s in starts]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ClipDataset(torch.utils.data.IterableDataset):
+    """Clips from a prepared split.
+
+    mode 'train': yields {'video': (T, C, S, S) float, 'label', 'key'} with random sampling and
+    augmentation; shards are shuffled per epoch (`set_epoch`) and samples through a buffer.
+    mode 'eval': yields {'video': (num_clips*num_crops, T, C, S, S), 'label', 'key'}, in shard order.
+    Labels are an int (-1 when unlabelled) or a dict head → int.
+    samples_per_epoch: in train mode, the number of samples each rank yields per epoch (shards are
+    cycled to reach it), so every DDP rank takes the same number of steps. None: one pass.
+    """
+
+    def __init__(self, manifest: Manifest | str, split: str, *, mode: str = "train", num_frames: int = 8,
+                 stride: int = 1, image_size: int = 224, augment: AugmentConfig = AugmentConfig(),
+                 num_clips: int = 4, num_crops: int = 3, seed: int = 0, verify_checksums: bool = False,
+                 shuffle_buffer: int = 64, samples_per_epoch: int | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode={mode!r} must be 'train' or 'eval'")
+        for name, value in (("num_frames", num_frames), ("stride", stride), ("image_size", image_size),
+                            ("num_clips", num_clips), ("num_crops", num_crops)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        augment.validate()
+        self.manifest = load_manifest(manifest) if isinstance(manifest, str) else manifest
+        self.split_name = split
+        self.shards = self.manifest.shard_urls(split)
+        self.num_samples = self.manifest.split(split)["num_samples"]
+        self.checksums = self.manifest.checksums(split) if verify_checksums else None
+        self.mode, self.num_frames, self.stride, self.image_size = mode, num_frames, stride, image_size
+        self.augment, self.num_clips, self.num_crops = augment, num_clips, num_crops
+        self.seed, self.shuffle_buffer, self.samples_per_epoch = seed, shuffle_buffer, samples_per_epoch
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch` (call before iterating, as with DistributedSampler)."""
+        self.epoch = epoch
+
+    def _my_shards(self) -> tuple[list[str], int, int]:
+        rank, world = (self.rank, self.world_size) if self.rank is not None else _distributed()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = list(self.shards)
+        if self.mode == "train":
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+        if len(shards) >= world * workers:
+            mine = shards[rank::world][worker::workers]
+        else:  # fewer shards than readers: every reader streams all shards and keeps its slice of samples
+            mine = shards
+        return mine, rank * workers + worker, world * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shards, reader, readers = self._my_shards()
+        share_samples = len(self.shards) < readers
+        rng = random.Random(f"{self.seed}/{self.epoch}/{reader}")
+        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+
+        def samples() -> Iterator[dict[str, Any]]:
+            cycles = 0
+            while True:
+                for i, sample in enumerate(iter_samples(shards, self.checksums)):
+                    if not share_samples or i % readers == reader:
+                        yield sample
+                cycles += 1
+                if self.mode == "eval" or self.samples_per_epoch is None or not shards:
+                    return
+
+        stream = samples()
+        if self.mode == "train":
+            stream = _shuffled(stream, self.shuffle_buffer, rng)
+            if self.samples_per_epoch is not None:
+                info = torch.utils.data.get_worker_info()
+                workers = info.num_workers if info else 1
+                worker = info.id if info else 0
+                quota = self.samples_per_epoch // workers + (worker < self.samples_per_epoch % workers)
+                stream = _take(stream, quota)
+        for sample in stream:
+            yield self._clip(sample, rng, gen)
+
+    def _clip(self, sample: dict[str, Any], rng: random.Random, gen: torch.Generator) -> dict[str, Any]:
+        meta = sample["meta"]
+        n = meta["num_frames"]
+        label = meta["label"]
+        label = (-1 if label is None else label) if not isinstance(label, dict) else dict(label)
+        if self.mode == "train":
+            idx = train_indices(n, self.num_frames, self.stride, rng)
+            frames = decode_frames(sample["jpgs"], meta["offsets"], idx)
+            video = train_transform(frames, self.image_size, self.augment, gen,
+                                    allow_flip=self.manifest.horizontal_flip)
+        else:
+            clips = eval_indices(n, self.num_frames, self.stride, self.num_clips)
+            flat = decode_frames(sample["jpgs"], meta["offsets"], [i for clip in clips for i in clip])
+            views = [eval_views(flat[c * self.num_frames:(c + 1) * self.num_frames], self.image_size,
+                                self.num_crops, self.augment) for c in range(self.num_clips)]
+            video = torch.cat(views)                     # (clips*crops, T, C, S, S)
+        return {"video": video, "label": label, "key": sample["key"]}
+
+
+def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buffer: list[Any] = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _take(stream: Iterator[Any], n: int) -> Iterator[Any]:
+    for i, item in enumerate(stream):
+        if i >= n:
+            return
+        yield item
