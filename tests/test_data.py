@@ -417,3 +417,39 @@ def test_synth_prep_round_trip_and_frame_order_carries_the_label(tmp_path):
     synth.generate(str(again), synth.SynthOptions(**opts), progress=False)
     first = sorted((tmp_path / "syn" / "videos").iterdir())[0]
     assert (again / "videos" / first.name).read_bytes() == first.read_bytes()
+
+
+def test_reader_crop_then_decode_equals_augmenting_the_whole_frames(kinetics_folder):
+    root, csv_path, videos = kinetics_folder
+    prepare("kinetics400", [csv_path], videos, str(root / "out"), options=SMALL, progress=False)
+    sample = next(iter_samples(load_manifest(str(root / "out")).shard_urls("train")))
+    meta, idx, cfg = sample["meta"], [0, 3, 3, 9], augment.AugmentConfig()
+    full = decode_frames(sample["jpgs"], meta["offsets"], idx)
+    expected = augment.train_transform(full, 32, cfg, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    window = augment.crop_window(meta["height"], meta["width"], 32, cfg, gen)
+    crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window)
+    assert torch.equal(augment.finish_train(crops, 32, cfg, gen), expected)
+
+
+def test_colour_jitter_is_the_composition_of_its_four_operations():
+    x = 0.3 + 0.4 * torch.rand(2, 3, 8, 8)   # mid-range: no clamping inside the chain
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(3)).tolist()
+    g2 = torch.Generator().manual_seed(3)
+    torch.randperm(4, generator=g2)
+    factors = (0.6 + 0.8 * torch.rand(4, generator=g2)).tolist()
+    y = x.clone()
+    for op in order:   # the operations one after another, by their definitions
+        f = factors[op]
+        if op == 0:
+            y = y * f
+        elif op == 1:
+            m = augment._gray(y).mean()
+            y = (y - m) * f + m
+        elif op == 2:
+            gray = augment._gray(y)
+            y = (y - gray) * f + gray
+        else:
+            y = torch.einsum("ij,tjhw->tihw", augment._hue_matrix((f - 1) * 0.25), y)
+    torch.testing.assert_close(augment.color_jitter(x, gen), y.clamp(0, 1), rtol=1e-4, atol=1e-5)

@@ -53,39 +53,55 @@ def to_float(frames: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    """(x - mean) / std per channel, in place. x: (..., C, H, W) float."""
+    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return x.sub_(m).div_(s)
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W); on uint8 (channels-last) torch's fast integer kernels run."""
     if x.shape[-2:] == (h, w):
         return x
-    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    shrink = h < x.shape[-2] or w < x.shape[-1]   # antialiasing only matters when shrinking
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def crop_window(height: int, width: int, size: int, config: AugmentConfig,
+                generator: torch.Generator) -> tuple[int, int, int]:
+    """Scale jitter + random crop, as the square window (top, left, side) of the stored frames that
+    becomes the size×size output. Scenic/DMVR resize the short side to 256 (for a 224 crop), scale
+    by a random factor in [min_scale, max_scale], then crop; cropping the matching window first and
+    resizing only it is the same, and lets the reader decode-and-crop before any copy."""
+    short = min(height, width)
+    u = torch.rand(3, generator=generator).tolist()
+    scale = config.min_scale + (config.max_scale - config.min_scale) * u[0]
+    side = max(1, min(short, round(size * short / (size * RESIZE_RATIO * scale))))
+    return int(u[1] * (height - side + 1)), int(u[2] * (width - side + 1)), side
+
+
+def finish_train(crops: torch.Tensor, size: int, config: AugmentConfig, generator: torch.Generator,
+                 allow_flip: bool = True) -> torch.Tensor:
+    """Cropped uint8 (T, side, side, C) → resize, flip, colour jitter, RandAugment, normalise →
+    float (T, C, size, size)."""
+    # Resize and flip on uint8 (4x less memory traffic than float), then convert once.
+    x = _resize(crops.permute(0, 3, 1, 2), size, size)
+    u = torch.rand(2, generator=generator).tolist()
+    if allow_flip and u[0] < config.flip_probability:
+        x = x.flip(-1)
+    x = x.float().div_(255)   # stays channels-last, where the colour conv2d is several times faster
+    if u[1] < config.color_jitter_probability:
+        x = color_jitter(x, generator)
+    for _ in range(config.randaugment_layers):
+        x = randaugment_op(x, config.randaugment_magnitude, generator)
+    return normalize(x.clamp_(0, 1), config.mean, config.std)
 
 
 def train_transform(frames: torch.Tensor, size: int, config: AugmentConfig, generator: torch.Generator,
                     allow_flip: bool = True) -> torch.Tensor:
     """Augment one training clip: (T, H, W, C) uint8 → (T, C, size, size) float, normalised."""
-    T, H, W, _ = frames.shape
-    u = lambda: torch.rand((), generator=generator).item()  # noqa: E731 - a one-line sampler
-    # Scenic/DMVR: resize the short side to 256 (for a 224 crop), scale by a random factor, crop.
-    # Done as "crop the matching square window, resize it to size", which decodes fewer pixels.
-    short = min(H, W)
-    scale = config.min_scale + (config.max_scale - config.min_scale) * u()
-    target_short = size * RESIZE_RATIO * scale
-    crop_h = crop_w = max(1, min(short, round(size * short / target_short)))
-    top = int(u() * (H - crop_h + 1))
-    left = int(u() * (W - crop_w + 1))
-    x = to_float(frames[:, top:top + crop_h, left:left + crop_w])
-    x = _resize(x, size, size)
-    if allow_flip and u() < config.flip_probability:
-        x = x.flip(-1)
-    if u() < config.color_jitter_probability:
-        x = color_jitter(x, generator)
-    for _ in range(config.randaugment_layers):
-        x = randaugment_op(x, config.randaugment_magnitude, generator)
-    return normalize(x.clamp_(0, 1), config.mean, config.std)
+    top, left, side = crop_window(frames.shape[1], frames.shape[2], size, config, generator)
+    return finish_train(frames[:, top:top + side, left:left + side], size, config, generator, allow_flip)
 
 
 def eval_views(frames: torch.Tensor, size: int, num_crops: int, config: AugmentConfig) -> torch.Tensor:
@@ -95,7 +111,7 @@ def eval_views(frames: torch.Tensor, size: int, num_crops: int, config: AugmentC
     T, H, W, _ = frames.shape
     scale = size / min(H, W)
     h, w = max(size, round(H * scale)), max(size, round(W * scale))
-    x = _resize(to_float(frames), h, w)
+    x = _resize(frames.permute(0, 3, 1, 2), h, w).float().div_(255)
     views = []
     for i in range(num_crops):
         frac = 0.5 if num_crops == 1 else i / (num_crops - 1)
@@ -106,21 +122,30 @@ def eval_views(frames: torch.Tensor, size: int, num_crops: int, config: AugmentC
 
 
 def color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random brightness, contrast and saturation (x0.6-1.4) and hue shift, in random order."""
-    ops = torch.randperm(4, generator=generator).tolist()
-    for op in ops:
-        f = 0.6 + 0.8 * torch.rand((), generator=generator).item()
-        if op == 0:
-            x = x * f
-        elif op == 1:
-            mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-            x = (x - mean) * f + mean
-        elif op == 2:
-            gray = _gray(x)
-            x = (x - gray) * f + gray
-        else:
-            x = _hue_shift(x, (f - 1.0) * 0.25)  # within ±0.1 of a turn
-    return x.clamp(0, 1)
+    """Random brightness, contrast, saturation (each x0.6-1.4) and hue (±0.1 turn), in random order.
+
+    Each is an affine map of RGB, so the four compose into one 3x3 matrix plus offset, applied in a
+    single pass (contrast pulls towards the clip's mean gray, itself an affine function of the input).
+    x: (T, C, H, W) in [0, 1]."""
+    order = torch.randperm(4, generator=generator).tolist()
+    factors = (0.6 + 0.8 * torch.rand(4, generator=generator)).tolist()
+    gray = torch.tensor([0.299, 0.587, 0.114])
+    matrix, offset = torch.eye(3), torch.zeros(3)
+    mean_rgb = x.mean(dim=(0, 2, 3))
+    for op in order:
+        f = factors[op]
+        if op == 0:      # brightness
+            step, shift = torch.eye(3) * f, torch.zeros(3)
+        elif op == 1:    # contrast: towards the mean gray of the image as it is at this point
+            mean_gray = gray @ (matrix @ mean_rgb + offset)
+            step, shift = torch.eye(3) * f, torch.full((3,), (1 - f) * float(mean_gray))
+        elif op == 2:    # saturation: towards each pixel's gray
+            step, shift = torch.eye(3) * f + (1 - f) * gray.expand(3, 3), torch.zeros(3)
+        else:            # hue
+            step, shift = _hue_matrix((f - 1.0) * 0.25), torch.zeros(3)
+        matrix, offset = step @ matrix, step @ offset + shift
+    y = F.conv2d(x, matrix.to(x.dtype)[:, :, None, None], offset.to(x.dtype))
+    return y.clamp_(0, 1)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -128,14 +153,13 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
 
 
-def _hue_shift(x: torch.Tensor, turns: float) -> torch.Tensor:
-    # Rotate chroma around the gray axis (YIQ), a cheap exact-for-gray hue change.
+def _hue_matrix(turns: float) -> torch.Tensor:
+    # Rotate chroma around the gray axis (YIQ): gray pixels are unchanged.
     theta = 2 * math.pi * turns
     c, s = math.cos(theta), math.sin(theta)
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float32)
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq
-    return torch.einsum("ij,...jhw->...ihw", m.to(x.dtype), x)
+    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
 def _affine(x: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import webdataset
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from sfa_vivit.data.augment import AugmentConfig, eval_views, train_transform
+from sfa_vivit.data.augment import AugmentConfig, crop_window, eval_views, finish_train
 from sfa_vivit.data.prep import MANIFEST_FILE, MANIFEST_FORMAT
 from sfa_vivit.storage import join, open_url, url_to_fs
 
@@ -143,16 +143,23 @@ def iter_samples(urls: list[str], checksums: dict[str, str] | None = None) -> It
                        "url": url}
 
 
-def decode_frames(jpgs: bytes, offsets: list[int], indices: list[int]) -> torch.Tensor:
-    """Decode only the frames at `indices` (repeats decoded once): → uint8 (T, H, W, C)."""
+def decode_frames(jpgs: bytes, offsets: list[int], indices: list[int],
+                  window: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Decode only the frames at `indices` (repeats decoded once), optionally keeping only the square
+    `window` (top, left, side) of each: → uint8 (T, H, W, C)."""
     cache: dict[int, np.ndarray] = {}
-    frames = []
-    for i in indices:
+    out: np.ndarray | None = None
+    for n, i in enumerate(indices):
         if i not in cache:
             with Image.open(io.BytesIO(jpgs[offsets[i]:offsets[i + 1]])) as image:
+                if window is not None:
+                    top, left, side = window
+                    image = image.crop((left, top, left + side, top + side))
                 cache[i] = np.asarray(image.convert("RGB"))
-        frames.append(cache[i])
-    return torch.from_numpy(np.stack(frames))
+        if out is None:
+            out = np.empty((len(indices),) + cache[i].shape, np.uint8)
+        out[n] = cache[i]
+    return torch.from_numpy(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,9 +278,9 @@ class ClipDataset(torch.utils.data.IterableDataset):
         label = (-1 if label is None else label) if not isinstance(label, dict) else dict(label)
         if self.mode == "train":
             idx = train_indices(n, self.num_frames, self.stride, rng)
-            frames = decode_frames(sample["jpgs"], meta["offsets"], idx)
-            video = train_transform(frames, self.image_size, self.augment, gen,
-                                    allow_flip=self.manifest.horizontal_flip)
+            window = crop_window(meta["height"], meta["width"], self.image_size, self.augment, gen)
+            crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window)
+            video = finish_train(crops, self.image_size, self.augment, gen, allow_flip=self.manifest.horizontal_flip)
         else:
             clips = eval_indices(n, self.num_frames, self.stride, self.num_clips)
             flat = decode_frames(sample["jpgs"], meta["offsets"], [i for clip in clips for i in clip])
