@@ -71,9 +71,8 @@ def bench_reader(shards: str, workers_list: list[int]) -> list[dict]:
     manifest = load_manifest(shards)
     for frames in (8, 32, 128):
         for workers in workers_list:
-            per_epoch = 48
             ds = ClipDataset(manifest, "train", num_frames=frames, stride=1, image_size=224,
-                             samples_per_epoch=per_epoch, seed=0)
+                             batch_size=4, num_batches=12, seed=0)
             loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers,
                                                  persistent_workers=False)
             next(iter(loader))   # warm-up: worker start, first shard open

@@ -249,6 +249,18 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["COMMITTED", "config.json", "model.safetensors"]
 
 
+def test_extra_state_tensors_round_trip(tmp_path):
+    model = video_model()
+    momentum = {"optimizer.state.0.momentum_buffer": torch.randn(3, 4), "rng": torch.arange(5, dtype=torch.uint8)}
+    url = checkpoints.save(model, tmp_path / "ckpt", state=momentum)
+    loaded = checkpoints.load_state(url)
+    assert loaded.keys() == momentum.keys() and all(torch.equal(loaded[k], momentum[k]) for k in momentum)
+    assert checkpoints.load_state(checkpoints.save(model, tmp_path / "plain")) == {}
+    (tmp_path / "ckpt" / "state.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="state.safetensors does not match the sha256"):
+        checkpoints.load_state(url)
+
+
 def test_load_refuses_uncommitted_or_tampered_checkpoints(tmp_path):
     model = video_model()
     url = checkpoints.save(model, tmp_path / "ckpt")

@@ -316,8 +316,9 @@ def test_clip_shapes_determinism_and_views(kinetics_folder):
     assert all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b))
     assert not all(torch.equal(x["video"], y["video"]) for x, y in zip(a, c))
     assert a[0]["video"].shape == (6, 3, 48, 48) and a[0]["video"].dtype == torch.float32
-    train.set_epoch(1)
-    assert [x["key"] for x in train] != [x["key"] for x in a] or len(a) < 3
+    train.set_epoch(1)   # a new epoch draws new augmentations for the same videos
+    epoch1 = {x["key"]: x["video"] for x in train}
+    assert all(not torch.equal(epoch1[x["key"]], x["video"]) for x in a)
     ev = list(ClipDataset(m, "train", mode="eval", num_frames=6, image_size=48, num_clips=4, num_crops=3))
     assert ev[0]["video"].shape == (12, 6, 3, 48, 48)
     # Three crops span the long side: left and right crops differ, together they cover its ends.
@@ -337,9 +338,19 @@ def test_dataloader_workers_and_ranks_split_the_shards(kinetics_folder):
         keys.append([k for batch in torch.utils.data.DataLoader(ds, batch_size=1, num_workers=0) for k in batch["key"]])
     assert sorted(keys[0] + keys[1]) == sorted(s["key"] for s in iter_samples(m.shard_urls("train")))
     assert not set(keys[0]) & set(keys[1])
-    ds = ClipDataset(m, "train", num_frames=2, image_size=32, samples_per_epoch=7)
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
-    assert sum(len(b["key"]) for b in loader) == 7
+    ds = ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=2, num_batches=7)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = [b["key"] for b in loader]
+    assert len(batches) == 7 and all(len(b) == 2 for b in batches)   # shards cycled to fill 7 batches
+    # Skipping the first 3 batches gives exactly the rest, clips included (exact resume).
+    full = [(b["key"], b["video"]) for b in torch.utils.data.DataLoader(
+        ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=2, num_batches=7, seed=9),
+        batch_size=2, num_workers=2)]
+    resumed = ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=2, num_batches=7, seed=9)
+    resumed.set_epoch(0, skip_batches=3)
+    rest = [(b["key"], b["video"]) for b in torch.utils.data.DataLoader(resumed, batch_size=2, num_workers=2)]
+    assert [k for k, _ in rest] == [k for k, _ in full[3:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[3:]))
 
 
 def test_augmentations():

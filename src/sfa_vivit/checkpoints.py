@@ -44,6 +44,7 @@ IMAGE_FORMATS = ("hf", "timm", "npz")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MARKER_FILE = "COMMITTED"
+STATE_FILE = "state.safetensors"
 CHECKPOINT_FORMAT = "sfa-vivit/1"
 
 
@@ -385,8 +386,10 @@ class LoadedCheckpoint(NamedTuple):
     extra: dict[str, Any]
 
 
-def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> str:
-    """Write model weights (safetensors), its config and `extra` (JSON) to the folder `url`.
+def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None = None,
+         state: dict[str, torch.Tensor] | None = None) -> str:
+    """Write model weights (safetensors), its config and `extra` (JSON) to the folder `url`, and
+    optionally more tensors `state` (e.g. optimizer buffers) as state.safetensors.
 
     Atomic: an existing marker is removed first, every file is written whole (temporary name + rename
     on local disks; single-object uploads on object stores), and the COMMITTED marker, holding the
@@ -400,18 +403,20 @@ def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None =
         config_bytes = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra for {url} is not JSON-serialisable: {e}") from e
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights_bytes = safetensors.torch.save(state, metadata={"format": "pt"})
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights_bytes = safetensors.torch.save(weights, metadata={"format": "pt"})
 
     fs, path = url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
     marker = join(path, MARKER_FILE)
     if fs.exists(marker):
         fs.rm(marker)
-    write_bytes_atomic(join(url, WEIGHTS_FILE), weights_bytes)
-    write_bytes_atomic(join(url, CONFIG_FILE), config_bytes)
-    digests = {WEIGHTS_FILE: hashlib.sha256(weights_bytes).hexdigest(),
-               CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest()}
+    blobs = {WEIGHTS_FILE: weights_bytes, CONFIG_FILE: config_bytes}
+    if state is not None:
+        blobs[STATE_FILE] = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
+    for name, blob in blobs.items():
+        write_bytes_atomic(join(url, name), blob)
+    digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
     write_bytes_atomic(join(url, MARKER_FILE), json.dumps(digests, indent=2).encode())
     return url
 
@@ -429,17 +434,7 @@ def load(url: str | os.PathLike, *, map_location: str | torch.device = "cpu") ->
     recorded sha256, or the weights do not fit the recorded config.
     """
     url = os.fspath(url)
-    fs, path = url_to_fs(url)
-    marker = join(path, MARKER_FILE)
-    if not fs.exists(marker):
-        raise CheckpointError(f"no committed checkpoint at {url}: {MARKER_FILE} is missing "
-                              "(the write was interrupted, or this is not an sfa-vivit checkpoint)")
-    digests = json.loads(fs.cat_file(marker))
-    blobs = {}
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        blobs[name] = fs.cat_file(join(path, name))
-        if hashlib.sha256(blobs[name]).hexdigest() != digests.get(name):
-            raise CheckpointError(f"checkpoint {url}: {name} does not match the sha256 recorded in {MARKER_FILE}")
+    blobs = _read_committed(url, (WEIGHTS_FILE, CONFIG_FILE))
     payload = json.loads(blobs[CONFIG_FILE])
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {url}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -447,6 +442,34 @@ def load(url: str | os.PathLike, *, map_location: str | torch.device = "cpu") ->
     state = safetensors.torch.load(blobs[WEIGHTS_FILE])
     load_state_dict_checked(model, state, source=url)
     return LoadedCheckpoint(model.to(map_location), payload.get("extra", {}))
+
+
+def load_state(url: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The extra tensors saved with `save(..., state=...)` (empty if none were)."""
+    url = os.fspath(url)
+    blobs = _read_committed(url, (STATE_FILE,), optional=True)
+    return dict(safetensors.torch.load(blobs[STATE_FILE])) if STATE_FILE in blobs else {}
+
+
+def _read_committed(url: str, names: tuple[str, ...], optional: bool = False) -> dict[str, bytes]:
+    """Read files of a committed checkpoint, each checked against the sha256 in its marker."""
+    fs, path = url_to_fs(url)
+    marker = join(path, MARKER_FILE)
+    if not fs.exists(marker):
+        raise CheckpointError(f"no committed checkpoint at {url}: {MARKER_FILE} is missing "
+                              "(the write was interrupted, or this is not an sfa-vivit checkpoint)")
+    digests = json.loads(fs.cat_file(marker))
+    blobs = {}
+    for name in names:
+        if optional and name not in digests:
+            continue
+        try:
+            blobs[name] = fs.cat_file(join(path, name))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {url}: {name} is missing") from None
+        if hashlib.sha256(blobs[name]).hexdigest() != digests.get(name):
+            raise CheckpointError(f"checkpoint {url}: {name} does not match the sha256 recorded in {MARKER_FILE}")
+    return blobs
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:

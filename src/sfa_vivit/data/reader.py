@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -198,20 +199,24 @@ class ClipDataset(torch.utils.data.IterableDataset):
     augmentation; shards are shuffled per epoch (`set_epoch`) and samples through a buffer.
     mode 'eval': yields {'video': (num_clips*num_crops, T, C, S, S), 'label', 'key'}, in shard order.
     Labels are an int (-1 when unlabelled) or a dict head → int.
-    samples_per_epoch: in train mode, the number of samples each rank yields per epoch (shards are
-    cycled to reach it), so every DDP rank takes the same number of steps. None: one pass.
+
+    Exact resume (train mode): give `batch_size` and `num_batches`, the DataLoader batches this rank
+    takes per epoch; each DataLoader worker then yields exactly the samples of its batches (the
+    DataLoader takes batches from workers in turn), shards are cycled to fill them, and
+    `skip_batches` skips the batches already trained on (resume with the same number of workers). Augmentation randomness is drawn per sample
+    from (seed, epoch, pass, key), so a skipped prefix leaves what follows unchanged.
     """
 
     def __init__(self, manifest: Manifest | str, split: str, *, mode: str = "train", num_frames: int = 8,
                  stride: int = 1, image_size: int = 224, augment: AugmentConfig = AugmentConfig(),
                  num_clips: int = 4, num_crops: int = 3, seed: int = 0, verify_checksums: bool = False,
-                 shuffle_buffer: int = 64, samples_per_epoch: int | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+                 shuffle_buffer: int = 64, batch_size: int = 1, num_batches: int | None = None,
+                 skip_batches: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if mode not in ("train", "eval"):
             raise ValueError(f"mode={mode!r} must be 'train' or 'eval'")
         for name, value in (("num_frames", num_frames), ("stride", stride), ("image_size", image_size),
-                            ("num_clips", num_clips), ("num_crops", num_crops)):
+                            ("num_clips", num_clips), ("num_crops", num_crops), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         augment.validate()
@@ -222,61 +227,64 @@ class ClipDataset(torch.utils.data.IterableDataset):
         self.checksums = self.manifest.checksums(split) if verify_checksums else None
         self.mode, self.num_frames, self.stride, self.image_size = mode, num_frames, stride, image_size
         self.augment, self.num_clips, self.num_crops = augment, num_clips, num_crops
-        self.seed, self.shuffle_buffer, self.samples_per_epoch = seed, shuffle_buffer, samples_per_epoch
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.batch_size, self.num_batches, self.skip_batches = batch_size, num_batches, skip_batches
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for `epoch` (call before iterating, as with DistributedSampler)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Reshuffle for `epoch` and skip its first `skip_batches` batches (call before iterating)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _my_shards(self) -> tuple[list[str], int, int]:
+    def _readers(self) -> tuple[int, int, int, int]:
         rank, world = (self.rank, self.world_size) if self.rank is not None else _distributed()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return rank, world, worker, workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world, real_worker, workers = self._readers()
+        # The DataLoader asks workers for batches in turn starting from worker 0. After skipping
+        # `skip_batches`, the next batch belongs to stream (skip % workers): rotate so that real worker
+        # 0 runs that stream, and every batch keeps its content whatever the skip.
+        worker = (real_worker + self.skip_batches) % workers if self.mode == "train" else real_worker
+        reader, readers = rank * workers + worker, world * workers
         shards = list(self.shards)
         if self.mode == "train":
             random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
-        if len(shards) >= world * workers:
-            mine = shards[rank::world][worker::workers]
-        else:  # fewer shards than readers: every reader streams all shards and keeps its slice of samples
-            mine = shards
-        return mine, rank * workers + worker, world * workers
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shards, reader, readers = self._my_shards()
-        share_samples = len(self.shards) < readers
-        rng = random.Random(f"{self.seed}/{self.epoch}/{reader}")
-        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+        # Enough shards: each reader streams its own. Too few: all stream all, each keeps its slice.
+        share_samples = len(shards) < readers
+        mine = shards if share_samples else shards[rank::world][worker::workers]
+        cycle_forever = self.mode == "train" and self.num_batches is not None
 
         def samples() -> Iterator[dict[str, Any]]:
-            cycles = 0
-            while True:
-                for i, sample in enumerate(iter_samples(shards, self.checksums)):
+            passes = 0
+            while mine:
+                for i, sample in enumerate(iter_samples(mine, self.checksums)):
                     if not share_samples or i % readers == reader:
-                        yield sample
-                cycles += 1
-                if self.mode == "eval" or self.samples_per_epoch is None or not shards:
+                        yield {**sample, "pass": passes}
+                passes += 1
+                if not cycle_forever:
                     return
 
-        stream = samples()
+        stream: Iterator[dict[str, Any]] = samples()
         if self.mode == "train":
-            stream = _shuffled(stream, self.shuffle_buffer, rng)
-            if self.samples_per_epoch is not None:
-                info = torch.utils.data.get_worker_info()
-                workers = info.num_workers if info else 1
-                worker = info.id if info else 0
-                quota = self.samples_per_epoch // workers + (worker < self.samples_per_epoch % workers)
-                stream = _take(stream, quota)
+            stream = _shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
+            if self.num_batches is not None:
+                quota = len(range(worker, self.num_batches, workers)) * self.batch_size
+                skip = len(range(worker, min(self.skip_batches, self.num_batches), workers)) * self.batch_size
+                stream = itertools.islice(stream, skip, quota)
         for sample in stream:
-            yield self._clip(sample, rng, gen)
+            yield self._clip(sample)
 
-    def _clip(self, sample: dict[str, Any], rng: random.Random, gen: torch.Generator) -> dict[str, Any]:
+    def _clip(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample["meta"]
         n = meta["num_frames"]
         label = meta["label"]
         label = (-1 if label is None else label) if not isinstance(label, dict) else dict(label)
         if self.mode == "train":
+            rng = random.Random(f"{self.seed}/{self.epoch}/{sample['pass']}/{sample['key']}")
+            gen = torch.Generator().manual_seed(rng.getrandbits(62))
             idx = train_indices(n, self.num_frames, self.stride, rng)
             window = crop_window(meta["height"], meta["width"], self.image_size, self.augment, gen)
             crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window)
@@ -301,10 +309,3 @@ def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[
         buffer[j] = item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def _take(stream: Iterator[Any], n: int) -> Iterator[Any]:
-    for i, item in enumerate(stream):
-        if i >= n:
-            return
-        yield item
