@@ -12,11 +12,14 @@ from typing import Sequence
 
 import torch
 
+from sfa_vivit.checkpoints import CheckpointError
 from sfa_vivit.data.annotations import DATASETS
 from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
 from sfa_vivit.data.reader import load_manifest, verify_shards
 from sfa_vivit.data.synth import SynthOptions, generate
 from sfa_vivit.models import VARIANTS, vivit
+from sfa_vivit.train.config import MODES, RECIPES, resolve
+from sfa_vivit.train.trainer import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted, train
 
 
 def model_summary(variant: str, *, num_frames: int, image_size: int, num_classes: int,
@@ -111,6 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = data.add_parser("verify", help="check every shard of a prepared dataset against its sha256")
     p.add_argument("url", help="prep output folder or its manifest.json")
 
+    p = sub.add_parser("train", help="train a ViViT-FE: baseline, SFA stage 1 or stage 2 (resumes a run in --out)")
+    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument("--data", required=True, help="prepared dataset (folder or manifest.json, local or gs://)")
+    p.add_argument("--out", required=True, help="run folder (local or gs://): checkpoints, metrics.json, model/")
+    p.add_argument("--init", help="stage-1 run folder or checkpoint (stage 2, and temporal_init=stage1)")
+    p.add_argument("--recipe", default="k400", choices=sorted(RECIPES))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set batch_size=32 --set model.spatial_depth=4")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -127,10 +139,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            num_classes=args.classes, adapter=args.adapter), indent=2))
         elif args.command == "data":
             return _data(args)
+        elif args.command == "train":
+            config = resolve(args.mode, args.recipe, sets=args.set)
+            metrics = train(config, args.data, args.out, init=args.init)
+            final = metrics.get("final", {})
+            print(f"sfa train: {args.mode} done in {metrics['train_time_s']:.1f} s of training; "
+                  f"final top1 {final.get('top1')} ({final.get('views')}); {args.out}/metrics.json")
+    except Preempted as e:
+        print(f"sfa train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except NonFiniteLoss as e:
+        print(f"sfa train: error: {e}", file=sys.stderr)
+        return 1
     except PrepError as e:
         print(f"sfa data prep: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"sfa {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -27,10 +27,10 @@ DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 CLASSES = [f"{a} then {b}" for a in DIRECTIONS for b in DIRECTIONS if a != b]
 
 DIFFICULTY = {
-    #          distractors, white distractors, turning distractors, noise std, target size (fraction)
-    "easy": dict(distractors=0, white=0, turning=0, noise=4.0, size=0.16),
-    "medium": dict(distractors=3, white=1, turning=0, noise=12.0, size=0.12),
-    "hard": dict(distractors=5, white=3, turning=2, noise=24.0, size=0.10),
+    # distractors, white distractors, turning distractors, noise std, square side and speed (fractions)
+    "easy": dict(distractors=0, white=0, turning=0, noise=4.0, size=0.16, speed=0.9),
+    "medium": dict(distractors=2, white=0, turning=0, noise=10.0, size=0.14, speed=0.9),
+    "hard": dict(distractors=4, white=2, turning=1, noise=20.0, size=0.12, speed=0.9),
 }
 
 
@@ -64,7 +64,7 @@ def render(label: int, options: SynthOptions, rng: random.Random) -> np.ndarray:
 
     def path(d1: str, d2: str | None, turn: int) -> list[tuple[float, float]]:
         # Speed such that the whole path fits in the frame from some start point.
-        speed = 0.45 * (S - side) / T
+        speed = p["speed"] * (S - side) / (0.65 * T)   # the longer leg (<= 65% of T) fits in the frame
         v1 = np.array(DIRECTIONS[d1], float) * speed
         v2 = np.array(DIRECTIONS[d2] if d2 else DIRECTIONS[d1], float) * speed
         steps = [v1 if t < turn else v2 for t in range(T)]

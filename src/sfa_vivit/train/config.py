@@ -1,0 +1,268 @@
+"""Training configuration: one typed dataclass, named recipes, and `--set key=value` overrides.
+
+Recipes are the SFA supplementary's Table 1 ("ViViT hyperparameters"), which are the ViViT paper's:
+synchronous SGD with momentum 0.9, batch 128, cosine schedule with 2.5 linear warm-up epochs,
+random crop (1.0), flip (0.5), scale jitter 0.9-1.33 for all datasets, and per dataset:
+
+    recipe          base LR  epochs  colour jitter  RandAugment  stoch. depth  label smooth.  mixup
+    k400            0.1      30      0.8            -            -             -              -
+    k600            0.1      30      0.8            -            -             -              -
+    mit             0.25     10      0.8            -            -             -              -
+    epic-kitchens   0.5      50      -              2 / 15       0.2           0.2            0.1
+    ssv2            0.5      35      -              2 / 20       0.3           0.3            0.3
+    something-else  0.5      35      -              -            -             -              -
+
+Gradient clipping at global norm 1.0 is Scenic's default. The learning rate scales linearly with
+the global batch (Goyal et al. 2017): lr = base_lr * batch_size / 128, so a run on fewer devices
+with a smaller batch keeps the per-example step size (`lr_scaling=none` turns this off).
+
+`synthetic` is for CPU runs on `sfa data synth` data: a small ViViT (width 96, 4+2 blocks,
+64x64 frames in 8x8 patches), trained from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from sfa_vivit.models.vivit import VARIANTS, ViViTConfig
+
+MODES = ("baseline", "stage1", "stage2")
+TEMPORAL_INITS = ("scratch", "stage1")
+DEVICES = ("auto", "cpu", "cuda", "xla")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on. `None` fields take their mode's default (see `resolve`)."""
+
+    mode: str = "baseline"
+    recipe: str = "k400"
+    # Model ------------------------------------------------------------------------------------
+    variant: str = "B"
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ViViTConfig overrides
+    image_checkpoint: str | None = None      # spatial init for baseline / stage 1 (hf, timm or npz)
+    num_frames: int | None = None            # stage1: 8; baseline, stage2: 32
+    stride: int = 1                          # between sampled frames (prep stores 12.5 fps)
+    image_size: int = 224
+    # What is trained, and from where (the paper's Table 1 switches) -------------------------------
+    freeze_spatial: bool | None = None       # stage2: True
+    freeze_temporal: bool = False
+    adapter: bool | None = None              # stage2: True
+    adapter_dim: int | None = None
+    temporal_init: str | None = None         # 'scratch' | 'stage1'; stage2: 'stage1'
+    reinit_head: bool = False                # allow --init from a dataset with other classes
+    spatial_chunk: int = 0                   # tubelets per frozen-spatial chunk (0: all)
+    # Optimisation -------------------------------------------------------------------------------
+    epochs: int = 30
+    batch_size: int = 128                    # global, over all ranks
+    base_lr: float = 0.1
+    reference_batch_size: int = 128          # the batch base_lr is quoted for
+    lr_scaling: str = "linear"               # 'linear' | 'none'
+    warmup_epochs: float = 2.5
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    drop_path: float = 0.0
+    dropout: float = 0.0
+    # Augmentation -------------------------------------------------------------------------------
+    min_scale: float = 0.9
+    max_scale: float = 1.33
+    flip_probability: float = 0.5
+    color_jitter_probability: float = 0.8
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 0.0
+    # Evaluation ---------------------------------------------------------------------------------
+    eval_every: int = 1                      # epochs between validation passes (0: final only)
+    eval_views: str = "1x1"                  # clips x crops during training
+    final_eval_views: str = "4x3"            # clips x crops at the end
+    eval_split: str = "validation"
+    train_split: str = "train"
+    # Run ----------------------------------------------------------------------------------------
+    seed: int = 0
+    workers: int = 2                         # DataLoader worker processes per rank
+    device: str = "auto"
+    precision: str = "auto"                  # auto: bf16 autocast on CUDA/TPU, fp32 on CPU
+    checkpoint_every: int = 0                # steps between checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 2
+    log_every: int = 20                      # steps between progress lines
+    steps_per_epoch: int | None = None       # default: train samples // batch_size
+    mlflow_experiment: str = "sfa-vivit"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields every dataset recipe shares (supplementary Table 1, first rows).
+_COMMON = dict(batch_size=128, warmup_epochs=2.5, momentum=0.9, min_scale=0.9, max_scale=1.33,
+               flip_probability=0.5, grad_clip=1.0)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "k400": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
+    "k600": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
+    "mit": dict(_COMMON, base_lr=0.25, epochs=10, color_jitter_probability=0.8),
+    "epic-kitchens": dict(_COMMON, base_lr=0.5, epochs=50, color_jitter_probability=0.0, randaugment_layers=2,
+                          randaugment_magnitude=15, drop_path=0.2, label_smoothing=0.2, mixup_alpha=0.1),
+    "ssv2": dict(_COMMON, base_lr=0.5, epochs=35, color_jitter_probability=0.0, randaugment_layers=2,
+                 randaugment_magnitude=20, drop_path=0.3, label_smoothing=0.3, mixup_alpha=0.3),
+    "something-else": dict(_COMMON, base_lr=0.5, epochs=35, color_jitter_probability=0.0),
+    "synthetic": dict(variant="Ti", model=dict(width=96, spatial_depth=4, temporal_depth=2, heads=4, mlp_dim=192,
+                                               patch=8),
+                      image_size=64, batch_size=16, base_lr=0.8, epochs=12, warmup_epochs=0.5,
+                      color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15, workers=1,
+                      final_eval_views="2x1", eval_views="1x1"),
+}
+
+_MODE_DEFAULTS = {
+    "baseline": dict(num_frames=32, freeze_spatial=False, adapter=False, temporal_init="scratch"),
+    "stage1": dict(num_frames=8, freeze_spatial=False, adapter=False, temporal_init="scratch"),
+    "stage2": dict(num_frames=32, freeze_spatial=True, adapter=True, temporal_init="stage1"),
+}
+
+
+def resolve(mode: str, recipe: str = "k400", overrides: dict[str, Any] | None = None,
+            sets: list[str] | None = None) -> TrainConfig:
+    """The config of a run: dataclass defaults < recipe < mode defaults (for fields left None) <
+    `overrides` < `--set key=value` strings. Raises ValueError naming an unknown mode, recipe or key,
+    a value that does not parse, or settings that contradict each other."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
+    values: dict[str, Any] = {"mode": mode, "recipe": recipe, **_copy(RECIPES[recipe])}
+    for key, value in (overrides or {}).items():
+        _set(values, key, value)
+    for item in sets or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        _set(values, key.strip(), _parse(key.strip(), text.strip()))
+    config = TrainConfig(**values)
+    for key, value in _MODE_DEFAULTS[mode].items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+    validate(config)
+    return config
+
+
+def _copy(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# ViViT fields a run may override: not those the run or the data decide (frames, image size,
+# classes) nor those that are run-level switches here (adapter, drop_path, dropout, spatial_chunk).
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ViViTConfig)
+                 if f.name not in ("num_frames", "image_size", "num_classes", "variant", "adapter", "adapter_dim",
+                                   "drop_path", "dropout", "spatial_chunk")}
+
+
+def _set(values: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("model."):
+        name = key[len("model."):]
+        if name not in _MODEL_FIELDS:
+            raise ValueError(f"unknown key {key!r}; model keys: {sorted('model.' + k for k in _MODEL_FIELDS)}")
+        values.setdefault("model", {})[name] = value
+        return
+    if key not in _FIELDS or key in ("mode",):
+        raise ValueError(f"unknown key {key!r}; known keys: {sorted(k for k in _FIELDS if k != 'mode')} "
+                         "and model.<ViViT field>")
+    values[key] = value
+
+
+def _parse(key: str, text: str) -> Any:
+    """Parse a --set value by the field's declared type (annotations are strings here)."""
+    if key.startswith("model.") and key[len("model."):] in _MODEL_FIELDS:
+        hint = str(_MODEL_FIELDS[key[len("model."):]].type)
+    elif key in _FIELDS:
+        hint = str(_FIELDS[key].type)
+    else:
+        _set({}, key, None)  # raises the unknown-key error
+    base = hint.replace("| None", "").strip()
+    if "None" in hint and text.lower() in ("none", "null"):
+        return None
+    try:
+        if base == "bool":
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+        if base.startswith("dict"):
+            return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--set {key}={text!r}: {e}") from None
+    return text
+
+
+def validate(c: TrainConfig) -> None:
+    """Reject contradictory or out-of-range settings with a message naming the field."""
+    def choice(name, allowed):
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{name}={getattr(c, name)!r} is not one of {list(allowed)}")
+
+    choice("temporal_init", TEMPORAL_INITS)
+    choice("device", DEVICES)
+    choice("precision", PRECISIONS)
+    choice("lr_scaling", ("linear", "none"))
+    if c.variant not in VARIANTS:
+        raise ValueError(f"variant={c.variant!r} is not one of {list(VARIANTS)}")
+    for name in ("num_frames", "stride", "image_size", "epochs", "batch_size", "reference_batch_size",
+                 "keep_checkpoints", "log_every"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    for name in ("workers", "checkpoint_every", "eval_every", "spatial_chunk", "randaugment_layers"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be an integer >= 0")
+    for name in ("base_lr", "warmup_epochs", "momentum", "weight_decay", "grad_clip", "mixup_alpha"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"{name}={getattr(c, name)!r} must be >= 0")
+    for name in ("label_smoothing", "drop_path", "dropout"):
+        if not 0 <= getattr(c, name) < 1:
+            raise ValueError(f"{name}={getattr(c, name)!r} must be in [0, 1)")
+    for name in ("eval_views", "final_eval_views"):
+        parse_views(getattr(c, name), name)
+    if c.steps_per_epoch is not None and c.steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={c.steps_per_epoch!r} must be >= 1")
+    if not isinstance(c.model, dict):
+        raise ValueError(f"model={c.model!r} must be a dict of ViViT fields")
+    unknown = sorted(set(c.model) - set(_MODEL_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown model keys {unknown}; allowed: {sorted(_MODEL_FIELDS)}")
+    if c.warmup_epochs > c.epochs:
+        raise ValueError(f"warmup_epochs={c.warmup_epochs} is longer than epochs={c.epochs}")
+
+
+def parse_views(text: str, name: str = "views") -> tuple[int, int]:
+    """'4x3' → (4 clips, 3 crops)."""
+    try:
+        clips, crops = (int(x) for x in str(text).lower().split("x"))
+        if clips < 1 or crops < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}={text!r} must look like CLIPSxCROPS, e.g. 4x3") from None
+    return clips, crops
+
+
+def learning_rate(c: TrainConfig) -> float:
+    """Peak learning rate after the batch-size scaling rule."""
+    return c.base_lr * (c.batch_size / c.reference_batch_size if c.lr_scaling == "linear" else 1.0)
+
+
+def field_help() -> dict[str, str]:
+    """Field → type text, for `sfa train --help-keys`."""
+    return {name: str(f.type) for name, f in _FIELDS.items()} | {
+        f"model.{name}": str(f.type) for name, f in _MODEL_FIELDS.items()}
+
+
+__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "parse_views", "field_help"]

@@ -1,0 +1,166 @@
+"""MLflow tracking that never stops a training run.
+
+Every call goes through `Tracker`, which turns a failure (server down, network partition, bad
+credentials) into a recorded error: the metric, param or tag is kept in memory and appended to a
+local JSONL file, and sent again, in order, once the server answers. HTTP retries are capped (2
+retries, 10 s timeout, unless MLFLOW_HTTP_REQUEST_* say otherwise) and a failed server is not
+called again for `retry_interval_s`, so an outage costs seconds, not an hour of retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Bounded retries unless the user chose otherwise (MLflow's default retries for minutes).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def default_tracking_uri(out: str) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite file beside the outputs (or in the working folder
+    when the outputs are remote)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = out if "://" not in out or out.startswith("file://") else os.getcwd()
+    folder = folder.removeprefix("file://")
+    os.makedirs(folder, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(os.path.join(folder, 'mlflow.db'))}"
+
+
+class Tracker:
+    """One MLflow run. Methods never raise; `report()` says what could not be logged."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, *, enabled: bool = True,
+                 run_id: str | None = None, tags: dict[str, str] | None = None,
+                 spool: str | None = None, retry_interval_s: float = 60.0):
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.enabled, self.run_id, self.tags = enabled, run_id, dict(tags or {})
+        self.spool, self.retry_interval_s = spool, retry_interval_s
+        self.client = None
+        self.errors: list[str] = []
+        self.pending: list[dict[str, Any]] = []
+        self._down_since: float | None = None
+        if enabled:
+            self._connect()
+
+    # -- connection ---------------------------------------------------------------------------
+    def _connect(self) -> bool:
+        try:
+            from mlflow.tracking import MlflowClient
+            client = MlflowClient(tracking_uri=self.uri)
+            if self.run_id is None:
+                exp = client.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+                parent = os.environ.get("SFA_MLFLOW_PARENT_RUN_ID")
+                tags = {**self.tags, **({"mlflow.parentRunId": parent} if parent else {})}
+                self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+            else:
+                client.get_run(self.run_id)
+            self.client = client
+            self._down_since = None
+            return True
+        except Exception as e:  # noqa: BLE001 - any tracking failure is non-fatal by design
+            self._failed("connect", e)
+            return False
+
+    def _failed(self, what: str, error: Exception) -> None:
+        message = f"{what}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if not self.errors or self.errors[-1] != message:
+            log.warning("MLflow unavailable (%s); training goes on, metrics are kept locally", message)
+        self.errors.append(message)
+        self._down_since = time.monotonic()
+
+    def _available(self) -> bool:
+        if not self.enabled:
+            return False
+        if self._down_since is not None and time.monotonic() - self._down_since < self.retry_interval_s:
+            return False
+        return self.client is not None or self._connect()
+
+    # -- logging ------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._submit({"kind": "params", "params": _flatten(params)})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._submit({"kind": "metrics", "metrics": clean, "step": step, "timestamp": int(time.time() * 1000)})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._submit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._submit({"kind": "end", "status": status})
+
+    def _submit(self, item: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.pending.append(item)
+        if self._available():
+            self._flush()
+        elif self.spool:
+            self._spool(item)
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric, Param
+        while self.pending:
+            item = self.pending[0]
+            try:
+                if item["kind"] == "params":
+                    params = [Param(k, v) for k, v in item["params"].items()]
+                    for i in range(0, len(params), 100):
+                        self.client.log_batch(self.run_id, params=params[i:i + 100])
+                elif item["kind"] == "metrics":
+                    self.client.log_batch(self.run_id, metrics=[
+                        Metric(k, v, item["timestamp"], item["step"]) for k, v in item["metrics"].items()])
+                elif item["kind"] == "tags":
+                    for k, v in item["tags"].items():
+                        self.client.set_tag(self.run_id, k, v)
+                else:
+                    self.client.set_terminated(self.run_id, status=item["status"])
+            except Exception as e:  # noqa: BLE001
+                self._failed(f"log {item['kind']}", e)
+                if self.spool:
+                    for queued in self.pending:
+                        self._spool(queued)
+                return
+            self.pending.pop(0)
+
+    def _spool(self, item: dict[str, Any]) -> None:
+        if item.get("_spooled"):
+            return
+        item["_spooled"] = True
+        try:
+            with open(self.spool, "a") as f:
+                f.write(json.dumps({k: v for k, v in item.items() if k != "_spooled"}) + "\n")
+        except OSError as e:
+            log.warning("cannot write the local MLflow spool %s: %s", self.spool, e)
+
+    def report(self) -> dict[str, Any]:
+        """What reached MLflow and what did not (for metrics.json and the final log line)."""
+        if self.enabled and self.pending and self._down_since is not None:
+            self._down_since = None      # one last attempt at the end of the run
+            if self._available():
+                self._flush()
+        unlogged = list(self.pending)
+        return {"tracking_uri": self.uri, "run_id": self.run_id, "enabled": self.enabled,
+                "errors": self.errors[:10], "num_errors": len(self.errors),
+                "unlogged": [{k: v for k, v in i.items() if k != "_spooled"} for i in unlogged],
+                "spool": self.spool if unlogged else None}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]   # MLflow's limit on a param value
+    return out

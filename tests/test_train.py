@@ -1,0 +1,228 @@
+"""The trainer: stage-2 surgery, exact resume, preemption, DDP, MLflow, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfa_vivit import checkpoints
+from sfa_vivit.data import synth
+from sfa_vivit.data.prep import PrepOptions, prepare
+from sfa_vivit.train import NonFiniteLoss, TrainError, Trainer, resolve
+
+TINY = ["model.width=32", "model.spatial_depth=1", "model.temporal_depth=1", "model.heads=2", "model.mlp_dim=64",
+        "model.patch=8", "image_size=32", "batch_size=4", "workers=0", "final_eval_views=1x1", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    paths = synth.generate(str(root / "raw"), synth.SynthOptions(num_train=24, num_val=8, num_frames=16, size=32,
+                                                                 fps=16, difficulty="easy"), progress=False)
+    prepare("synthetic", [paths["train"], paths["validation"]], paths["videos"], str(root / "shards"),
+            options=PrepOptions(fps=16, short_side=32, shard_size=6, workers=1), progress=False)
+    return str(root / "shards")
+
+
+def config(mode, *extra, epochs=1, frames=4):
+    return resolve(mode, "synthetic", sets=[*TINY, f"epochs={epochs}", f"num_frames={frames}", *extra])
+
+
+@pytest.fixture
+def no_mlflow_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def final_state(out):
+    return checkpoints.load(Path(out) / "model").model.state_dict()
+
+
+def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, tmp_path, no_mlflow_env):
+    s1 = tmp_path / "s1"
+    m1 = Trainer(config("stage1"), tiny_data, str(s1)).fit()
+    assert m1["mode"] == "stage1" and m1["trainable_parameters"] == m1["total_parameters"]
+    # Stage 2 at the same frame count starts exactly at the stage-1 function.
+    same = Trainer(config("stage2", frames=4), tiny_data, str(tmp_path / "same"), init=str(s1))
+    stage1_model = checkpoints.load(s1 / "model").model.eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    assert torch.equal(same.model.eval()(video), stage1_model(video))
+    # Stage 2 proper: 8 frames, spatial frozen, adapter on.
+    trainer = Trainer(config("stage2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(s1))
+    groups = {k: sum(p.numel() for _, p in v) for k, v in trainer.model.parameter_groups().items()}
+    m2 = trainer.fit()
+    assert m2["trainable_parameters"] == groups["adapter"] + groups["temporal"] + groups["head"]
+    assert m2["num_frames"] == 8 and m2["steps"] == 6
+    before, after = final_state(s1), final_state(tmp_path / "s2")
+    for name, tensor in after.items():
+        if name.startswith(("embedding", "spatial")):
+            assert torch.equal(tensor, before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("temporal.blocks"))
+    metrics = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    for key in ("mode", "num_frames", "epochs", "train_time_s", "epoch_time_s", "clips_per_s", "top1", "top5",
+                "final", "npp_epoch", "peak_memory_bytes", "trainable_parameters", "total_parameters"):
+        assert key in metrics, key
+    assert json.loads((tmp_path / "s2" / "config.json").read_text())["freeze_spatial"] is True
+
+
+def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path, no_mlflow_env):
+    args = ("checkpoint_every=2", "dropout=0.1", "drop_path=0.1", "mixup_alpha=0.2")
+    reference = Trainer(config("baseline", *args, epochs=2), tiny_data, str(tmp_path / "a")).fit()
+    # Hard kill at step 3: the last committed checkpoint is step 2, mid-epoch (6 steps per epoch).
+    out = tmp_path / "b"
+    assert Trainer(config("baseline", *args, epochs=2), tiny_data, str(out)).fit(
+        stop_after_steps=3, checkpoint_on_stop=False) == {"status": "stopped", "step": 3}
+    committed = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert committed == ["step-00000002"]
+    # An interrupted write of a later checkpoint: payload there, marker missing. It must be ignored.
+    torn = out / "checkpoints" / "step-00000004"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\0" * 100)
+    (torn / "config.json").write_text("{")
+    resumed = Trainer(config("baseline", *args, epochs=2), tiny_data, str(out))
+    assert resumed.progress.step == 2 and resumed.progress.step_in_epoch == 2
+    metrics = resumed.fit()
+    assert metrics["weights_sha256"] == reference["weights_sha256"]
+    a, b = final_state(tmp_path / "a"), final_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_the_rerun_finishes(tiny_data, tmp_path, no_mlflow_env):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sfa_vivit.cli", "train", "--mode", "baseline", "--recipe", "synthetic",
+           "--data", tiny_data, "--out", str(out), *[a for s in [*TINY, "epochs=30", "num_frames=4"]
+                                                      for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stderr:
+        if "step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "checkpoint committed" in err
+    (ckpt,) = [p for p in (out / "checkpoints").iterdir() if checkpoints.is_committed(p)]
+    step = int(ckpt.name.split("-")[1])
+    assert step >= 3
+    trainer = Trainer(config("baseline", epochs=30), tiny_data, str(out))
+    assert trainer.progress.step == step
+
+
+def test_nan_loss_stops_with_the_step_after_a_checkpoint(tiny_data, tmp_path, no_mlflow_env):
+    trainer = Trainer(config("baseline", "base_lr=1e38", "grad_clip=0", "warmup_epochs=0"), tiny_data,
+                      str(tmp_path / "nan"))
+    with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf|-inf) at step \d+ .* Last good state: .*step-"):
+        trainer.fit()
+    assert any(checkpoints.is_committed(p) for p in (tmp_path / "nan" / "checkpoints").iterdir())
+
+
+def test_bad_input_is_rejected_before_training(tiny_data, tmp_path, no_mlflow_env):
+    with pytest.raises(ValueError, match="unknown recipe 'k700'"):
+        resolve("stage1", "k700")
+    with pytest.raises(ValueError, match="unknown key 'epoch'"):
+        resolve("stage1", "synthetic", sets=["epoch=3"])
+    with pytest.raises(TrainError, match="stage2 needs --init"):
+        Trainer(config("stage2"), tiny_data, str(tmp_path / "x"))
+    s1 = tmp_path / "s1"
+    Trainer(config("stage1"), tiny_data, str(s1)).fit()
+    with pytest.raises(TrainError, match=r"another architecture .*width: checkpoint 32, run 64"):
+        Trainer(resolve("stage2", "synthetic", sets=[*TINY, "model.width=64", "epochs=1"]), tiny_data,
+                str(tmp_path / "y"), init=str(s1))
+    # Data with other classes: refused unless the head is explicitly re-initialised.
+    other = tmp_path / "other"
+    manifest = json.loads((Path(tiny_data) / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:5]
+    other.mkdir()
+    for p in Path(tiny_data).glob("*.tar"):
+        (other / p.name).symlink_to(p)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainError, match="predicts 12 classes but .* has 5; set reinit_head=true"):
+        Trainer(config("stage2"), str(other), str(tmp_path / "z"), init=str(s1))
+    trainer = Trainer(config("stage2", "reinit_head=true"), str(other), str(tmp_path / "z"), init=str(s1))
+    assert trainer.model.head.out_features == 5
+    with pytest.raises(TrainError, match="no committed checkpoint"):
+        Trainer(config("stage2"), tiny_data, str(tmp_path / "w"), init=str(tmp_path / "nothing"))
+    # Resuming a run folder with a different config is refused, not silently mixed.
+    with pytest.raises(TrainError, match="different config"):
+        Trainer(config("stage1", epochs=3), tiny_data, str(s1))
+
+
+def test_torchrun_two_ranks_on_cpu_hold_identical_weights(tiny_data, tmp_path, no_mlflow_env):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(_free_port()), "-m", "sfa_vivit.cli", "train", "--mode", "stage1", "--recipe", "synthetic",
+           "--data", tiny_data, "--out", str(out), *[a for s in [*TINY, "epochs=1", "num_frames=4"]
+                                                     for a in ("--set", s)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_identical"] is True
+    assert metrics["steps"] == 6     # 24 samples / global batch 4, each rank 2 per step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    import urllib.request
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield uri, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_server, monkeypatch):
+    uri, proc = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from mlflow.tracking import MlflowClient
+    metrics = Trainer(config("stage1", epochs=2), tiny_data, str(tmp_path / "ok")).fit()
+    client = MlflowClient(uri)
+    run = client.get_run(metrics["mlflow"]["run_id"])
+    assert run.data.params["mode"] == "stage1" and run.data.params["num_frames"] == "4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert "top1" in run.data.metrics and "train_time_s" in run.data.metrics
+    assert run.info.status == "FINISHED" and not metrics["mlflow"]["unlogged"]
+    # Stage 2 is linked to its stage-1 run.
+    m2 = Trainer(config("stage2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(tmp_path / "ok")).fit()
+    assert client.get_run(m2["mlflow"]["run_id"]).data.tags["sfa.stage1_run_id"] == run.info.run_id
+
+    # The server dies mid-run: training completes and reports what it could not log.
+    trainer = Trainer(config("stage1", epochs=3), tiny_data, str(tmp_path / "outage"))
+    trainer.fit(stop_after_steps=7)          # into epoch 2; epoch 1 was logged
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    start = time.time()
+    metrics = Trainer(config("stage1", epochs=3), tiny_data, str(tmp_path / "outage")).fit()
+    assert time.time() - start < 120
+    assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    report = metrics["mlflow"]
+    assert report["num_errors"] >= 1 and report["unlogged"]
+    assert any(item["kind"] == "metrics" and item["step"] == 3 for item in report["unlogged"])
+    spool = (tmp_path / "outage" / "mlflow_unlogged.jsonl").read_text().splitlines()
+    assert any(json.loads(line).get("step") == 3 for line in spool)
