@@ -226,3 +226,20 @@ def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_se
     assert any(item["kind"] == "metrics" and item["step"] == 3 for item in report["unlogged"])
     spool = (tmp_path / "outage" / "mlflow_unlogged.jsonl").read_text().splitlines()
     assert any(json.loads(line).get("step") == 3 for line in spool)
+
+
+@pytest.mark.slow
+def test_sfa_reaches_the_baseline_top1_in_less_time(tmp_path, no_mlflow_env):
+    """The paper's claim on the synthetic data (bench/sfa_vs_baseline.py records the full-size run):
+    stage 1 at 8 frames then stage 2 at 32 frames, same recipe and epochs as the baseline at 32."""
+    paths = synth.generate(str(tmp_path / "raw"), synth.SynthOptions(difficulty="medium"), progress=False)
+    data = str(tmp_path / "shards")
+    prepare("synthetic", [paths["train"], paths["validation"]], paths["videos"], data,
+            options=PrepOptions(fps=16, short_side=64, shard_size=64), progress=False)
+    from sfa_vivit.train import train
+    base = train(resolve("baseline", "synthetic", sets=["num_frames=32"]), data, str(tmp_path / "b"))
+    s1 = train(resolve("stage1", "synthetic", sets=["num_frames=8"]), data, str(tmp_path / "s1"))
+    s2 = train(resolve("stage2", "synthetic", sets=["num_frames=32"]), data, str(tmp_path / "s2"),
+               init=str(tmp_path / "s1"))
+    assert s2["final"]["top1"] >= base["final"]["top1"]
+    assert s1["train_time_s"] + s2["train_time_s"] < base["train_time_s"]

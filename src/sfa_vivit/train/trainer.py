@@ -365,6 +365,9 @@ class Trainer:
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), c.grad_clip)
         self.optimizer.step()
+        if self.device.type == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.mark_step()   # run the step's lazily built graph on the TPU
         p.step += 1
         p.step_in_epoch += 1
         return loss.item()
