@@ -26,7 +26,10 @@ import dataclasses
 import json
 from typing import Any
 
+from sfa_vivit.data.augment import AugmentConfig
 from sfa_vivit.models.vivit import VARIANTS, ViViTConfig
+
+_AUGMENT = AugmentConfig()
 
 MODES = ("baseline", "stage1", "stage2")
 TEMPORAL_INITS = ("scratch", "stage1")
@@ -69,13 +72,15 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     drop_path: float = 0.0
     dropout: float = 0.0
-    # Augmentation -------------------------------------------------------------------------------
-    min_scale: float = 0.9
-    max_scale: float = 1.33
-    flip_probability: float = 0.5
-    color_jitter_probability: float = 0.8
-    randaugment_layers: int = 0
-    randaugment_magnitude: float = 0.0
+    # Augmentation: AugmentConfig's fields, with its defaults (one source of truth) -------------------
+    min_scale: float = _AUGMENT.min_scale
+    max_scale: float = _AUGMENT.max_scale
+    flip_probability: float = _AUGMENT.flip_probability
+    color_jitter_probability: float = _AUGMENT.color_jitter_probability
+    randaugment_layers: int = _AUGMENT.randaugment_layers
+    randaugment_magnitude: float = _AUGMENT.randaugment_magnitude
+    mean: list[float] = dataclasses.field(default_factory=lambda: list(_AUGMENT.mean))  # of the image checkpoint
+    std: list[float] = dataclasses.field(default_factory=lambda: list(_AUGMENT.std))
     # Evaluation ---------------------------------------------------------------------------------
     eval_every: int = 1                      # epochs between validation passes (0: final only)
     eval_views: str = "1x1"                  # clips x crops during training
@@ -196,7 +201,7 @@ def _parse(key: str, text: str) -> Any:
             return int(text)
         if base == "float":
             return float(text)
-        if base.startswith("dict"):
+        if base.startswith(("dict", "list")):
             return json.loads(text)
     except ValueError as e:
         raise ValueError(f"--set {key}={text!r}: {e}") from None
@@ -239,6 +244,10 @@ def validate(c: TrainConfig) -> None:
     unknown = sorted(set(c.model) - set(_MODEL_FIELDS))
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; allowed: {sorted(_MODEL_FIELDS)}")
+    for name in ("mean", "std"):
+        value = getattr(c, name)
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise ValueError(f"{name}={value!r} must be three numbers (per RGB channel)")
     if c.warmup_epochs > c.epochs:
         raise ValueError(f"warmup_epochs={c.warmup_epochs} is longer than epochs={c.epochs}")
 
@@ -254,6 +263,12 @@ def parse_views(text: str, name: str = "views") -> tuple[int, int]:
     return clips, crops
 
 
+def augment_config(c: TrainConfig) -> AugmentConfig:
+    """The run's AugmentConfig: its fields are TrainConfig fields of the same names."""
+    values = {f.name: getattr(c, f.name) for f in dataclasses.fields(AugmentConfig)}
+    return AugmentConfig(**{**values, "mean": tuple(c.mean), "std": tuple(c.std)})
+
+
 def learning_rate(c: TrainConfig) -> float:
     """Peak learning rate after the batch-size scaling rule."""
     return c.base_lr * (c.batch_size / c.reference_batch_size if c.lr_scaling == "linear" else 1.0)
@@ -265,4 +280,5 @@ def field_help() -> dict[str, str]:
         f"model.{name}": str(f.type) for name, f in _MODEL_FIELDS.items()}
 
 
-__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "parse_views", "field_help"]
+__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "parse_views", "field_help",
+           "augment_config"]

@@ -33,11 +33,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sfa_vivit import checkpoints
-from sfa_vivit.data.augment import AugmentConfig, mixup, one_hot
+from sfa_vivit.data.augment import mixup, one_hot
 from sfa_vivit.data.reader import ClipDataset, load_manifest
 from sfa_vivit.models.vivit import Encoder, ViViT, ViViTConfig, vivit
 from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
-from sfa_vivit.train.config import TrainConfig, learning_rate, parse_views
+from sfa_vivit.train.config import TrainConfig, augment_config, learning_rate, parse_views
 from sfa_vivit.train.evaluation import evaluate_model
 from sfa_vivit.train.tracking import Tracker, default_tracking_uri
 
@@ -237,11 +237,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         c = self.config
-        self.augment = AugmentConfig(min_scale=c.min_scale, max_scale=c.max_scale,
-                                     flip_probability=c.flip_probability,
-                                     color_jitter_probability=c.color_jitter_probability,
-                                     randaugment_layers=c.randaugment_layers,
-                                     randaugment_magnitude=c.randaugment_magnitude)
+        self.augment = augment_config(c)
         n_train = self.manifest.split(c.train_split)["num_samples"]
         self.steps_per_epoch = c.steps_per_epoch or max(1, n_train // c.batch_size)
         self.total_steps = self.steps_per_epoch * c.epochs
