@@ -17,6 +17,7 @@ from sfa_vivit.data.annotations import DATASETS
 from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
 from sfa_vivit.data.reader import load_manifest, verify_shards
 from sfa_vivit.data.synth import SynthOptions, generate
+from sfa_vivit.evaluate import evaluate
 from sfa_vivit.models import VARIANTS, vivit
 from sfa_vivit.train.config import MODES, RECIPES, resolve
 from sfa_vivit.train.trainer import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted, train
@@ -123,6 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set batch_size=32 --set model.spatial_depth=4")
 
+    p = sub.add_parser("evaluate", help="multi-view top-1/top-5, per-class accuracy and confusion of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint (local or gs://)")
+    p.add_argument("--data", required=True, help="prepared dataset")
+    p.add_argument("--views", default="4x3", help="CLIPSxCROPS, logits averaged over them")
+    p.add_argument("--out", help="folder for metrics.json")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per batch (each with all its views)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -145,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             final = metrics.get("final", {})
             print(f"sfa train: {args.mode} done in {metrics['train_time_s']:.1f} s of training; "
                   f"final top1 {final.get('top1')} ({final.get('views')}); {args.out}/metrics.json")
+        elif args.command == "evaluate":
+            metrics = evaluate(args.checkpoint, args.data, views=args.views, out=args.out, split=args.split,
+                               batch_size=args.batch_size, workers=args.workers, device=args.device)
+            top5 = metrics.get("top5")
+            print(f"sfa evaluate: top1 {metrics['top1']:.2f}" + (f", top5 {top5:.2f}" if top5 is not None else "")
+                  + f" on {metrics['num_examples']} clips ({args.views} views)")
     except Preempted as e:
         print(f"sfa train: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
