@@ -91,10 +91,10 @@ class Trainer:
         self.model = self._build_model(resume)
         self._apply_switches()
         self.model.to(self.device)
-        trainable = self.model.trainable_parameters()
-        if not trainable:
+        self.trainable = self.model.trainable_parameters()
+        if not self.trainable:
             raise TrainError("nothing to train: every parameter is frozen (check freeze_spatial/freeze_temporal)")
-        self.optimizer = torch.optim.SGD(trainable, lr=learning_rate(config), momentum=config.momentum,
+        self.optimizer = torch.optim.SGD(self.trainable, lr=learning_rate(config), momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         if resume is not None:
             self._restore(resume)
@@ -163,6 +163,7 @@ class Trainer:
         expected = self._expected_model()
         if resume is not None:
             loaded, extra = checkpoints.load(resume)
+            self._resume_extra = extra
             stored = extra.get("config", {})
             changed = {k for k in set(stored) | set(c.to_dict())
                        if stored.get(k) != c.to_dict().get(k) and k not in _RESUMABLE_CHANGES}
@@ -252,7 +253,7 @@ class Trainer:
     # Checkpoints
     # ------------------------------------------------------------------------------------------
     def _restore(self, url: str) -> None:
-        extra = checkpoints.load(url).extra   # weights were loaded in _build_model
+        extra = self._resume_extra            # weights and extra were read in _build_model
         self.progress = _Progress(**extra["trainer"])
         state = checkpoints.load_state(url)
         optim = extra["optimizer"]
@@ -359,7 +360,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), c.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trainable, c.grad_clip)
         self.optimizer.step()
         if self.device.type == "xla":
             import torch_xla.core.xla_model as xm
