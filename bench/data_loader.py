@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, save  # noqa: E402
+from _common import RESULTS, line_plot, save  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -86,22 +86,12 @@ def bench_reader(shards: str, workers_list: list[int]) -> list[dict]:
 
 
 def plot(reader_rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    series = {}
     for workers in sorted({r["workers"] for r in reader_rows}):
         rs = [r for r in reader_rows if r["workers"] == workers]
-        ax.plot([r["frames"] for r in rs], [r["clips_per_s"] for r in rs], marker="o",
-                label=f"{workers} DataLoader workers")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("frames per clip (224x224, train augmentation)")
-    ax.set_ylabel("clips / s")
-    ax.set_title("sfa-vivit shard reader throughput")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        series[f"{workers} DataLoader workers"] = ([r["frames"] for r in rs], [r["clips_per_s"] for r in rs])
+    line_plot(path, series, xlabel="frames per clip (224x224, train augmentation)", ylabel="clips / s",
+              title="sfa-vivit shard reader throughput", log2_x=True)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, save  # noqa: E402
+from _common import RESULTS, line_plot, save  # noqa: E402
 
 from sfa_vivit.data import synth  # noqa: E402
 from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
@@ -56,21 +56,10 @@ def summarise(runs: dict) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, curve in summary["curves"].items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(f"synthetic: SFA {summary['sfa']['top1']:.1f}% in {summary['sfa']['train_time_s']:.0f}s vs "
-                 f"baseline {summary['baseline']['top1']:.1f}% in {summary['baseline']['train_time_s']:.0f}s",
-                 fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    series = {name: (list(range(1, len(curve) + 1)), curve) for name, curve in summary["curves"].items()}
+    line_plot(path, series, xlabel="epoch", ylabel="validation top-1 (%)",
+              title=f"synthetic: SFA {summary['sfa']['top1']:.1f}% in {summary['sfa']['train_time_s']:.0f}s vs "
+                    f"baseline {summary['baseline']['top1']:.1f}% in {summary['baseline']['train_time_s']:.0f}s")
 
 
 def main() -> None:
