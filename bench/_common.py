@@ -9,6 +9,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from sfa_vivit.plots import line_plot  # noqa: F401 - the benchmarks' plot helper
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -41,24 +43,3 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=1))
     print(f"command: {result['command']}\nmachine: {json.dumps(result['machine'])}\nwrote {path}")
     return path
-
-
-def line_plot(path: Path, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str, title: str,
-              log2_x: bool = False) -> None:
-    """One PNG of labelled lines (x, y), the house style of every benchmark plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
-    if log2_x:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,10 +1,15 @@
 """End to end on the synthetic dataset: the conventional recipe (baseline, 32 frames) against SFA
-(stage 1 at 8 frames, then stage 2 at 32 frames from it), same recipe and epochs for every run,
-on the same clock.
+(stage 1 at 8 frames, then stage 2 at 32 frames from it), and SFA with stage 2 trained from the
+frozen-feature cache, same recipe and epochs for every run, on the same clock. Then the paper's
+Table 1 ablation rows as stage-2 variants (from the same cache: the frozen part is the same):
+frozen spatial with the temporal encoder from scratch, without / with the adapter, and with the
+stage-1 temporal encoder but no adapter.
 
-    python bench/sfa_vs_baseline.py [--epochs 12] [--difficulty medium] [--frames 32] [--set key=value ...]
+    python bench/sfa_vs_baseline.py [--epochs 12] [--difficulty medium] [--frames 32] [--cache-views 2]
+                                    [--set key=value ...]
 
 Writes bench/results/sfa_vs_baseline.json and .png (validation top-1 per epoch of each run).
+A cached run's train_time_s includes building the cache's training views.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
 from sfa_vivit.train import resolve, train  # noqa: E402
 
 
-def run(epochs: int, difficulty: str, frames: int, sets: list[str], root: Path) -> dict:
+ABLATIONS = {  # Table 1 rows as stage-2 switches
+    "frozen_scratch_no_adapter": ["temporal_init=scratch", "adapter=false"],
+    "frozen_scratch_adapter": ["temporal_init=scratch", "adapter=true"],
+    "frozen_stage1_no_adapter": ["temporal_init=stage1", "adapter=false"],
+}
+
+
+def run(epochs: int, difficulty: str, frames: int, sets: list[str], root: Path, cache_views: int) -> dict:
     paths = synth.generate(str(root / "raw"), synth.SynthOptions(difficulty=difficulty), progress=False)
     data = str(root / "shards")
     prepare("synthetic", [paths["train"], paths["validation"]], paths["videos"], data,
@@ -35,20 +47,41 @@ def run(epochs: int, difficulty: str, frames: int, sets: list[str], root: Path) 
     runs["stage1"] = train(resolve("stage1", "synthetic", sets=[*common, "num_frames=8"]), data, str(root / "stage1"))
     runs["stage2"] = train(resolve("stage2", "synthetic", sets=[*common, f"num_frames={frames}"]), data,
                            str(root / "stage2"), init=str(root / "stage1"))
+    cache = [f"cache_views={cache_views}", f"num_frames={frames}"]
+    runs["stage2_cached"] = train(resolve("stage2", "synthetic", sets=[*common, *cache]), data,
+                                  str(root / "stage2_cached"), init=str(root / "stage1"))
+    shared = f"cache_dir={root / 'stage2_cached' / 'feature_cache'}"   # Table 1 rows reuse it
+    for name, switches in ABLATIONS.items():
+        runs[name] = train(resolve("stage2", "synthetic", sets=[*common, *cache, shared, *switches]), data,
+                           str(root / name), init=str(root / "stage1"))
     return runs
 
 
 def summarise(runs: dict) -> dict:
-    base, s1, s2 = runs["baseline"], runs["stage1"], runs["stage2"]
+    base, s1, s2, s2c = runs["baseline"], runs["stage1"], runs["stage2"], runs["stage2_cached"]
     sfa_time = s1["train_time_s"] + s2["train_time_s"]
+    cached_time = s1["train_time_s"] + s2c["train_time_s"]
     return {
         "baseline": {"train_time_s": base["train_time_s"], "top1": base["final"]["top1"],
                      "top5": base["final"]["top5"], "npp_epoch": base["npp_epoch"]},
         "sfa": {"train_time_s": round(sfa_time, 2), "stage1_train_time_s": s1["train_time_s"],
                 "stage2_train_time_s": s2["train_time_s"], "top1": s2["final"]["top1"], "top5": s2["final"]["top5"],
                 "stage1_top1": s1["final"]["top1"], "npp_epoch": s2["npp_epoch"]},
+        "sfa_cached": {"train_time_s": round(cached_time, 2), "stage2_train_time_s": s2c["train_time_s"],
+                       "cache_build_time_s": s2c["cache"]["train_build_time_s"],
+                       "cache_bytes_per_clip": s2c["cache"]["bytes_per_clip"],
+                       "cache_views": s2c["cache"]["train_views"], "top1": s2c["final"]["top1"],
+                       "top5": s2c["final"]["top5"], "npp_epoch": s2c["npp_epoch"],
+                       "epoch_time_s": s2c["epoch_time_s"]},
         "time_ratio_sfa_over_baseline": round(sfa_time / base["train_time_s"], 3),
+        "time_ratio_sfa_cached_over_baseline": round(cached_time / base["train_time_s"], 3),
+        "cached_epoch_over_baseline_epoch": round(
+            (sum(s2c["epoch_time_s"]) / len(s2c["epoch_time_s"])) / (sum(base["epoch_time_s"]) / len(base["epoch_time_s"])), 4),
         "top1_difference_sfa_minus_baseline": round(s2["final"]["top1"] - base["final"]["top1"], 2),
+        "top1_difference_sfa_cached_minus_baseline": round(s2c["final"]["top1"] - base["final"]["top1"], 2),
+        "table1_rows": {name: {"switches": ABLATIONS[name], "top1": runs[name]["final"]["top1"],
+                               "stage2_train_time_s": runs[name]["train_time_s"],
+                               "trainable_parameters": runs[name]["trainable_parameters"]} for name in ABLATIONS},
         "views": base["final"]["views"],
         "curves": {name: r["top1"] for name, r in runs.items()},
         "clips_per_s": {name: r["clips_per_s"] for name, r in runs.items()},
@@ -56,7 +89,8 @@ def summarise(runs: dict) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    series = {name: (list(range(1, len(curve) + 1)), curve) for name, curve in summary["curves"].items()}
+    series = {name: (list(range(1, len(curve) + 1)), curve) for name, curve in summary["curves"].items()
+              if name in ("baseline", "stage1", "stage2", "stage2_cached")}
     line_plot(path, series, xlabel="epoch", ylabel="validation top-1 (%)",
               title=f"synthetic: SFA {summary['sfa']['top1']:.1f}% in {summary['sfa']['train_time_s']:.0f}s vs "
                     f"baseline {summary['baseline']['top1']:.1f}% in {summary['baseline']['train_time_s']:.0f}s")
@@ -67,11 +101,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--difficulty", default="medium")
     parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--cache-views", type=int, default=2, help="augmented views per clip in the cache")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        summary = summarise(run(args.epochs, args.difficulty, args.frames, args.set, Path(tmp)))
+        summary = summarise(run(args.epochs, args.difficulty, args.frames, args.set, Path(tmp), args.cache_views))
     plot(summary, RESULTS / "sfa_vs_baseline.png")
     save("sfa_vs_baseline", summary)
     print({k: v for k, v in summary.items() if k not in ("curves", "clips_per_s")})

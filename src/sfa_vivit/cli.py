@@ -134,6 +134,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("membench", help="step time and peak memory of full vs SFA stage 2 per frame count, "
+                                        "each setting in a fresh child process; --budget-gib finds the max frames")
+    p.add_argument("--variant", default="S", choices=sorted(VARIANTS))
+    p.add_argument("--frames", default="8,16,32", help="comma-separated frame counts (multiples of the tubelet)")
+    p.add_argument("--modes", default="full,stage2,stage2-cached")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median reported)")
+    p.add_argument("--budget-gib", type=float, help="search the largest frame count per mode within this budget")
+    p.add_argument("--max-frames", type=int, default=2048, help="stop the budget search here")
+    p.add_argument("--spatial-chunk", type=int, default=4, help="tubelets per frozen-spatial chunk in stage 2")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                   help="a ViViT size override, e.g. --set spatial_depth=4")
+    p.add_argument("--out", required=True, help="JSON file; the .md table and .png plot are written beside it")
+
+    pipe = sub.add_parser("pipeline", help="Kubeflow: compile, run locally, submit, schedule").add_subparsers(
+        dest="pipeline_command", required=True)
+    p = pipe.add_parser("compile", help="write components/*.yaml, pipelines/*.yaml, k8s/profiles.yaml "
+                                        "(or one pipeline with --name/--profile/--out)")
+    p.add_argument("--root", default=".", help="repository root for the checked-in files")
+    p.add_argument("--name", choices=["sfa", "reproduce"])
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--target", default="kubeflow", choices=["kubeflow", "vertex"])
+    p.add_argument("--out", help="with --name: the YAML file to write")
+    p = pipe.add_parser("run", help="run the sfa pipeline here (kfp.local) on synthetic data")
+    p.add_argument("--runs", default="runs", help="artifacts go to RUNS/<run-id>/")
+    p.add_argument("--run-id")
+    p.add_argument("--size", default="default", choices=["default", "tiny"])
+    p.add_argument("--no-baseline", action="store_true")
+    p = pipe.add_parser("submit", help="send a compiled pipeline to a KFP endpoint or Vertex AI Pipelines")
+    p.add_argument("package", help="compiled pipeline YAML, e.g. pipelines/sfa-gpu-a100.yaml")
+    p.add_argument("--host", help="KFP endpoint, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--vertex", metavar="PROJECT/REGION")
+    p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="a pipeline parameter")
+    p.add_argument("--experiment", default="sfa-vivit")
+    p = pipe.add_parser("schedule", help="recurring reproduction runs, one per dataset")
+    p.add_argument("package", help="compiled sfa pipeline YAML")
+    p.add_argument("--host", required=True)
+    p.add_argument("--datasets", required=True, help="JSON file: {recipe: {annotations, videos, data_uri, ...}}")
+    p.add_argument("--cron", default="0 0 3 * * 0", help="KFP cron (with seconds); default Sundays 03:00")
+    p.add_argument("--pipeline-root")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -156,6 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             final = metrics.get("final", {})
             print(f"sfa train: {args.mode} done in {metrics['train_time_s']:.1f} s of training; "
                   f"final top1 {final.get('top1')} ({final.get('views')}); {args.out}/metrics.json")
+        elif args.command == "membench":
+            from sfa_vivit.membench import benchmark
+            sizes = {k.strip(): int(v) for k, _, v in (s.partition("=") for s in args.set)}
+            result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.modes.split(","),
+                               image_size=args.image_size, batch_size=args.batch_size, budget_gib=args.budget_gib,
+                               out=args.out, steps=args.steps, device=args.device, precision=args.precision,
+                               spatial_chunk=args.spatial_chunk, model=sizes, max_frames=args.max_frames)
+            from sfa_vivit.membench import markdown
+            print(markdown(result) + f"sfa membench: {args.out} (+ .md, .png)")
+        elif args.command == "pipeline":
+            return _pipeline(args)
         elif args.command == "evaluate":
             metrics = evaluate(args.checkpoint, args.data, views=args.views, out=args.out, split=args.split,
                                batch_size=args.batch_size, workers=args.workers, device=args.device)
@@ -173,6 +229,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"sfa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from sfa_vivit.kubeflow import runner
+    try:
+        if args.pipeline_command == "compile":
+            if args.name:
+                out = args.out or f"{args.name}-{args.profile}.yaml"
+                print(runner.compile_pipeline(args.name, args.profile, out, args.target))
+            else:
+                print("\n".join(runner.compile_all(args.root)))
+        elif args.pipeline_command == "run":
+            s = runner.run_local(args.runs, args.run_id, args.size, run_baseline=not args.no_baseline)
+            figures = s.get("figures", {})
+            print(f"sfa pipeline run: {s['run_id']} finished in {s['pipeline_seconds']:.0f} s")
+            if figures:
+                line = f"  SFA: top-1 {figures.get('sfa_top1', float('nan')):.1f}% in {figures['sfa_train_time_s']:.0f} s"
+                if "baseline_top1" in figures:
+                    line += (f"; baseline: top-1 {figures['baseline_top1']:.1f}% in "
+                             f"{figures['baseline_train_time_s']:.0f} s (SFA/baseline time "
+                             f"{figures['time_ratio_sfa_over_baseline']:.2f})")
+                print(line)
+            print(f"  report:  {s['report']}\n  open it: python -m webbrowser file://{s['report']}\n"
+                  f"  MLflow:  {sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri {s['tracking_uri']}"
+                  f"  (then http://127.0.0.1:5000)\n  summary: {s['root']}/summary.json")
+        elif args.pipeline_command == "submit":
+            params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
+            ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
+                                params=params, experiment=args.experiment)
+            print(f"sfa pipeline submit: {ref}")
+        elif args.pipeline_command == "schedule":
+            with open(args.datasets) as f:
+                datasets = json.load(f)
+            ids = runner.schedule(args.package, host=args.host, datasets=datasets, cron=args.cron,
+                                  pipeline_root=args.pipeline_root)
+            print(f"sfa pipeline schedule: {len(ids)} recurring runs: {', '.join(ids)}")
+    except runner.PipelineError as e:
+        print(f"sfa pipeline {args.pipeline_command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -99,8 +99,13 @@ class _ShardTask:
 
 
 def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, split: str | None = None,
-            options: PrepOptions = PrepOptions(), progress: bool = True) -> dict[str, Any]:
+            options: PrepOptions = PrepOptions(), progress: bool = True,
+            shard_range: tuple[int, int] | None = None) -> dict[str, Any]:
     """Turn `dataset`'s annotation files and the videos under `videos` into shards + manifest at `out`.
+
+    shard_range=(part, parts): write only shards part, part + parts, ... and no manifest (one piece
+    of a fan-out, e.g. a Kubeflow ParallelFor); returns {'part', 'parts', 'shards', 'num_samples',
+    'rejected'}. A final call without it finds those shards done and publishes the manifest.
 
     Returns the manifest. Raises AnnotationError for unusable annotation files, ValueError for bad
     options, and PrepError (after writing the shards, without publishing a manifest) when more than
@@ -124,6 +129,14 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
     rejected += missing
 
     tasks = _plan_shards(resolved, out, options)
+    if shard_range is not None:
+        part, parts = shard_range
+        if not (isinstance(parts, int) and parts >= 1 and isinstance(part, int) and 0 <= part < parts):
+            raise ValueError(f"shard_range={shard_range!r}: expected (part, parts) with 0 <= part < parts")
+        mine = tasks[part::parts]
+        done = _run_tasks(mine, options, progress=progress, total=sum(len(t.items) for t in mine))
+        return {"part": part, "parts": parts, "shards": len(mine), "num_samples": sum(r["num_samples"] for r in done),
+                "rejected": sum(len(r["rejected"]) for r in done)}
     results = _run_tasks(tasks, options, progress=progress, total=len(resolved))
     splits: dict[str, dict[str, Any]] = {}
     for task, result in sorted(zip(tasks, results), key=lambda tr: tr[0].name):

@@ -68,11 +68,15 @@ class Manifest:
             raise ManifestError(f"{self.root}: no split {name!r}; it has {sorted(self.data['splits'])}")
         return self.data["splits"][name]
 
+    def shard_url(self, path: str) -> str:
+        """A shard path of the manifest: relative to its folder, or an absolute URL / path."""
+        return path if "://" in path or path.startswith("/") else join(self.root, path)
+
     def shard_urls(self, split: str) -> list[str]:
-        return [join(self.root, s["path"]) for s in self.split(split)["shards"]]
+        return [self.shard_url(s["path"]) for s in self.split(split)["shards"]]
 
     def checksums(self, split: str) -> dict[str, str]:
-        return {join(self.root, s["path"]): s["sha256"] for s in self.split(split)["shards"]}
+        return {self.shard_url(s["path"]): s["sha256"] for s in self.split(split)["shards"]}
 
 
 def load_manifest(url: str) -> Manifest:
@@ -275,15 +279,18 @@ class ClipDataset(torch.utils.data.IterableDataset):
                 skip = len(range(worker, min(self.skip_batches, self.num_batches), workers)) * self.batch_size
                 stream = itertools.islice(stream, skip, quota)
         for sample in stream:
-            yield self._clip(sample)
+            yield self.clip(sample)
 
-    def _clip(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def clip(self, sample: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
+        """One sample of `iter_samples` → the clip (train) or views (eval) this dataset yields for it,
+        at `epoch` (default: the current one). Training view k of a clip is `clip(sample, epoch=k)`."""
+        epoch = self.epoch if epoch is None else epoch
         meta = sample["meta"]
         n = meta["num_frames"]
         label = meta["label"]
         label = (-1 if label is None else label) if not isinstance(label, dict) else dict(label)
         if self.mode == "train":
-            rng = random.Random(f"{self.seed}/{self.epoch}/{sample['pass']}/{sample['key']}")
+            rng = random.Random(f"{self.seed}/{epoch}/{sample.get('pass', 0)}/{sample['key']}")
             gen = torch.Generator().manual_seed(rng.getrandbits(62))
             idx = train_indices(n, self.num_frames, self.stride, rng)
             window = crop_window(meta["height"], meta["width"], self.image_size, self.augment, gen)

@@ -420,7 +420,9 @@ class ViViT(nn.Module):
         self.config = config
         self.embedding = TubeletEmbedding(config)
         self.spatial = Encoder(config, config.grid**2, config.spatial_depth, config.heads, config.mlp_dim)
-        self.adapter = Adapter(config) if config.adapter else None
+        # Registered even when absent, so that parameters keep one order whether the adapter came
+        # with the config or from add_adapter().
+        self.register_module("adapter", Adapter(config) if config.adapter else None)
         self.temporal = Encoder(config, config.num_tubelets, config.temporal_depth,
                                 config.temporal_heads or config.heads,
                                 config.temporal_mlp_dim or config.mlp_dim)
@@ -480,8 +482,12 @@ class ViViT(nn.Module):
             return dict(zip(classes, logits.split(list(classes.values()), dim=-1)))
         return logits
 
-    def forward(self, video: torch.Tensor) -> Logits:
-        return self.forward_head(self.spatial_features(video))
+    def forward(self, video: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> Logits:
+        """Logits of a video (B, T, C, H, W), or of precomputed spatial `features` (B, T', D), e.g.
+        from the stage-2 feature cache."""
+        if (video is None) == (features is None):
+            raise ValueError("give exactly one of video and features")
+        return self.forward_head(self.spatial_features(video) if features is None else features)
 
     # Stage-2 surgery ------------------------------------------------------------------------------
     def freeze_spatial(self) -> "ViViT":

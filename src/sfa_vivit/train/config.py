@@ -58,6 +58,11 @@ class TrainConfig:
     temporal_init: str | None = None         # 'scratch' | 'stage1'; stage2: 'stage1'
     reinit_head: bool = False                # allow --init from a dataset with other classes
     spatial_chunk: int = 0                   # tubelets per frozen-spatial chunk (0: all)
+    # Stage-2 fast path (frozen spatial encoder only) ------------------------------------------------
+    cache_views: int = 0                     # >0: train from cached features of this many views per clip
+    cache_dir: str | None = None             # default: <out>/feature_cache (shareable across runs)
+    cache_dtype: str = "float32"             # float32 | bfloat16 | float16 (halves the cache)
+    compile: bool = False                    # torch.compile the spatial and temporal encoders
     # Optimisation -------------------------------------------------------------------------------
     epochs: int = 30
     batch_size: int = 128                    # global, over all ranks
@@ -218,6 +223,10 @@ def validate(c: TrainConfig) -> None:
     choice("device", DEVICES)
     choice("precision", PRECISIONS)
     choice("lr_scaling", ("linear", "none"))
+    choice("cache_dtype", ("float32", "bfloat16", "float16"))
+    if c.cache_views and not c.freeze_spatial:
+        raise ValueError(f"cache_views={c.cache_views} needs freeze_spatial=true: only a frozen spatial "
+                         "encoder's features can be cached")
     if c.variant not in VARIANTS:
         raise ValueError(f"variant={c.variant!r} is not one of {list(VARIANTS)}")
     for name in ("num_frames", "stride", "image_size", "epochs", "batch_size", "reference_batch_size",
@@ -225,7 +234,7 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    for name in ("workers", "checkpoint_every", "eval_every", "spatial_chunk", "randaugment_layers"):
+    for name in ("workers", "checkpoint_every", "eval_every", "spatial_chunk", "randaugment_layers", "cache_views"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an integer >= 0")

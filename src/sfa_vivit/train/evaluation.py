@@ -50,10 +50,16 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_
     model.eval()
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     for batch in loader:
-        video = batch["video"].to(device, non_blocking=True)
-        B, V = video.shape[:2]
-        with ctx:
-            out = model(video.flatten(0, 1))
+        if "features" in batch:                     # cached spatial features (B, V, T', D)
+            features = batch["features"].to(device, non_blocking=True)
+            B, V = features.shape[:2]
+            with ctx:
+                out = model(features=features.flatten(0, 1))
+        else:
+            video = batch["video"].to(device, non_blocking=True)
+            B, V = video.shape[:2]
+            with ctx:
+                out = model(video.flatten(0, 1))
         if heads is None:
             logits = out.float().view(B, V, -1).mean(1)
             labels = batch["label"].to(device)

@@ -37,6 +37,7 @@ from sfa_vivit.data.augment import mixup, one_hot
 from sfa_vivit.data.reader import ClipDataset, load_manifest
 from sfa_vivit.models.vivit import Encoder, ViViT, ViViTConfig, vivit
 from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
+from sfa_vivit.train import cache
 from sfa_vivit.train.config import TrainConfig, augment_config, learning_rate, parse_views
 from sfa_vivit.train.evaluation import evaluate_model
 from sfa_vivit.train.tracking import Tracker, default_tracking_uri
@@ -91,6 +92,9 @@ class Trainer:
         self.model = self._build_model(resume)
         self._apply_switches()
         self.model.to(self.device)
+        if config.compile:
+            self.model.spatial.compile()
+            self.model.temporal.compile()
         self.trainable = self.model.trainable_parameters()
         if not self.trainable:
             raise TrainError("nothing to train: every parameter is frozen (check freeze_spatial/freeze_temporal)")
@@ -248,6 +252,44 @@ class Trainer:
         self.has_eval = c.eval_split in self.manifest.data["splits"]
         if not self.has_eval:
             log.warning("%s has no %r split: no validation metrics", self.data_url, c.eval_split)
+        self.cache_report: cache.CacheReport | None = None
+        self.cached_train: cache.CachedSplit | None = None
+        self.cached_eval: dict[str, cache.CachedSplit] = {}
+
+    def _eval_dataset(self, views: str) -> ClipDataset:
+        c = self.config
+        clips, crops = parse_views(views)
+        return ClipDataset(self.manifest, c.eval_split, mode="eval", num_frames=c.num_frames, stride=c.stride,
+                           image_size=c.image_size, augment=self.augment, num_clips=clips, num_crops=crops)
+
+    def _prepare_cache(self) -> None:
+        """Build (or reuse, or finish building) the frozen-feature cache and load it."""
+        c = self.config
+        url = c.cache_dir or join(self.out, "feature_cache")
+        views = list(dict.fromkeys([c.eval_views, c.final_eval_views])) if self.has_eval else []
+        eval_sets = {v: self._eval_dataset(v) for v in views}
+        self.cache_report = cache.build(self.model, url, train=self.train_data, views=c.cache_views,
+                                        eval_sets=eval_sets, dtype=c.cache_dtype, device=self.device,
+                                        autocast=self.autocast, batch_size=self.local_batch, rank=self.rank,
+                                        world=self.world, progress=self.is_main)
+        r = self.cache_report
+        self.cached_train = cache.CachedSplit(url, r.key, c.train_split, None, len(self.train_data.shards))
+        self.cached_eval = {v: cache.CachedSplit(url, r.key, d.split_name, v, len(d.shards))
+                            for v, d in eval_sets.items()}
+        if self.is_main:
+            log.info("feature cache %s: %d clips x %d views, %.1f MB (%.1f KB per clip), built in %.1f s "
+                     "(%d files now)", url, r.clips, r.train_views, r.size_bytes / 1e6, r.bytes_per_clip / 1e3,
+                     r.train_build_time_s + r.eval_build_time_s, r.built_now)
+
+    def _epoch_batches(self, epoch: int, skip: int):
+        c = self.config
+        if self.cached_train is not None:
+            return self.cached_train.train_batches(epoch=epoch, seed=c.seed, batch_size=c.batch_size,
+                                                   num_batches=self.steps_per_epoch, skip_batches=skip,
+                                                   rank=self.rank, world=self.world)
+        self.train_data.set_epoch(epoch, skip_batches=skip)
+        return torch.utils.data.DataLoader(self.train_data, batch_size=self.local_batch, num_workers=c.workers,
+                                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -259,9 +301,10 @@ class Trainer:
         optim = extra["optimizer"]
         for i, group in enumerate(optim["param_groups"]):
             self.optimizer.param_groups[i]["lr"] = group["lr"]
-        for key, tensor in state.items():
-            _, idx, name = key.split(".", 2)
-            self.optimizer.state[self.optimizer.param_groups[0]["params"][int(idx)]][name] = tensor.to(self.device)
+        params = dict(self.model.named_parameters())
+        for key, tensor in state.items():   # optimizer.<parameter name>.<buffer>: independent of order
+            name, buffer = key[len("optimizer."):].rsplit(".", 1)
+            self.optimizer.state[params[name]][buffer] = tensor.to(self.device)
         saved = extra.get("world", {})
         if saved and (saved.get("world_size"), saved.get("workers")) != (self.world, self.config.workers):
             log.warning("resuming with %d ranks x %d workers, the run was at %d x %d: the data order from here "
@@ -271,9 +314,8 @@ class Trainer:
     def _save_checkpoint(self) -> str | None:
         url = join(self.out, CHECKPOINTS, f"step-{self.progress.step:08d}")
         if self.is_main:
-            params = self.optimizer.param_groups[0]["params"]
-            state = {f"optimizer.{i}.{name}": value for i, p in enumerate(params)
-                     for name, value in self.optimizer.state.get(p, {}).items() if torch.is_tensor(value)}
+            state = {f"optimizer.{name}.{buffer}": value for name, p in self.model.named_parameters()
+                     for buffer, value in self.optimizer.state.get(p, {}).items() if torch.is_tensor(value)}
             extra = {"trainer": dataclasses.asdict(self.progress), "config": self.config.to_dict(),
                      "optimizer": {"param_groups": [{"lr": g["lr"]} for g in self.optimizer.param_groups]},
                      "world": {"world_size": self.world, "workers": self.config.workers}}
@@ -304,11 +346,10 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         steps_this_call = 0
         try:
+            if c.cache_views and self.cached_train is None:
+                self._prepare_cache()
             while p.epoch < c.epochs:
-                self.train_data.set_epoch(p.epoch, skip_batches=p.step_in_epoch)
-                loader = torch.utils.data.DataLoader(self.train_data, batch_size=self.local_batch,
-                                                     num_workers=c.workers, pin_memory=self.device.type == "cuda",
-                                                     persistent_workers=False)
+                loader = self._epoch_batches(p.epoch, p.step_in_epoch)
                 start = time.perf_counter()
                 session_start_elapsed = p.epoch_elapsed_s
                 for batch in loader:
@@ -340,15 +381,17 @@ class Trainer:
         # Every random draw of a step (dropout, drop-path, mixup) is a function of (seed, step, rank).
         step_seed = _seed(c.seed, p.step, self.rank)
         torch.manual_seed(step_seed)
-        video = batch["video"].to(self.device, non_blocking=True)
+        # Videos, or cached spatial features (mixup then mixes features: linear, like the first layer).
+        name = "features" if "features" in batch else "video"
+        inputs = batch[name].to(self.device, non_blocking=True)
         targets = self._targets(batch["label"])
         if c.mixup_alpha > 0:
-            video, targets = mixup(video, targets, c.mixup_alpha, torch.Generator().manual_seed(step_seed))
+            inputs, targets = mixup(inputs, targets, c.mixup_alpha, torch.Generator().manual_seed(step_seed))
         lr = self._lr(p.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast:
-            out = self.ddp_model(video)
+            out = self.ddp_model(**{name: inputs})
         loss = self._loss(out, targets)
         finite = torch.isfinite(loss.detach()).float()
         if self.world > 1:
@@ -421,10 +464,11 @@ class Trainer:
     def _evaluate(self, views: str) -> dict[str, Any]:
         c = self.config
         clips, crops = parse_views(views)
-        data = ClipDataset(self.manifest, c.eval_split, mode="eval", num_frames=c.num_frames, stride=c.stride,
-                           image_size=c.image_size, augment=self.augment, num_clips=clips, num_crops=crops)
-        loader = torch.utils.data.DataLoader(data, batch_size=max(1, self.local_batch // (clips * crops)),
-                                             num_workers=c.workers)
+        batch = max(1, self.local_batch // (clips * crops))
+        if views in self.cached_eval:
+            loader = self.cached_eval[views].eval_batches(batch, self.rank, self.world)
+        else:
+            loader = torch.utils.data.DataLoader(self._eval_dataset(views), batch_size=batch, num_workers=c.workers)
         return evaluate_model(self.model, loader, device=self.device, num_classes=self.num_classes,
                               autocast=self.autocast)
 
@@ -438,10 +482,15 @@ class Trainer:
         best = max((t for _, t in top1s), default=None)
         npp = next((e for e, t in top1s if best is not None and t >= best - 1.0), None)
         model = self.model
+        # The cache's training views are training work: their build time counts (summed over files,
+        # so over ranks too: an upper bound on the wall time with several ranks).
+        cache_time = self.cache_report.train_build_time_s if self.cache_report else 0.0
         metrics = {
             "mode": c.mode, "recipe": c.recipe, "num_frames": c.num_frames, "epochs": c.epochs,
             "steps": p.step, "batch_size": c.batch_size, "world_size": self.world,
-            "train_time_s": round(p.train_time_s, 3),
+            "train_time_s": round(p.train_time_s + cache_time, 3),
+            "steps_time_s": round(p.train_time_s, 3),
+            "cache": dataclasses.asdict(self.cache_report) if self.cache_report else None,
             "epoch_time_s": [h["epoch_time_s"] for h in p.history],
             "clips_per_s": [h["clips_per_s"] for h in p.history],
             "top1": [h.get("top1") for h in p.history], "top5": [h.get("top5") for h in p.history],
@@ -509,7 +558,8 @@ class Trainer:
 
 
 # Fields that may change between a run and its resumption without changing what it computes.
-_RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision"}
+_RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision",
+                      "cache_dir", "compile"}
 
 
 def vivit_config(variant: str, **kwargs: Any) -> ViViTConfig:
@@ -534,11 +584,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return cache.state_digest([model])
 
 
 def _seed(seed: int, step: int, rank: int) -> int:

@@ -1,0 +1,125 @@
+"""Kubeflow Pipelines v2 lightweight components: typed signatures, one library call each.
+
+Every body imports `sfa_vivit.kubeflow.steps` (installed in IMAGE) and makes one call; the logic
+lives in the library, where it is tested. Compiled YAML for each component is checked in under
+`components/` (load it with `kfp.components.load_component_from_file`); `sfa pipeline compile`
+rewrites it and a test fails when it is stale.
+"""
+
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from sfa_vivit import __version__
+
+# One image for every step, tagged with the package version (containers/Dockerfile.cuda: it runs
+# on CPU nodes too). TPU runs use the -tpu tag of the same version (containers/Dockerfile.tpu).
+IMAGE = f"ghcr.io/sfa-vivit/sfa-vivit:{__version__}-cuda"
+
+
+@dsl.component(base_image=IMAGE)
+def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str) -> str:
+    """Find or create the MLflow parent run of this pipeline run (tagged with the KFP run id).
+
+    Returns its id, or '' when MLflow is unreachable (the pipeline then runs untracked)."""
+    from sfa_vivit.kubeflow import steps
+    return steps.start_tracking(kfp_run_id, pipeline_name, tracking_uri)
+
+
+@dsl.component(base_image=IMAGE)
+def shard_parts(parts: int) -> List[int]:
+    """The items of the data-prep fan-out: 0 .. parts-1."""
+    from sfa_vivit.kubeflow import steps
+    return steps.shard_parts(parts)
+
+
+@dsl.component(base_image=IMAGE)
+def prepare_shards(dataset: str, annotations: str, videos: str, data_uri: str, part: int, parts: int, fps: float,
+                   short_side: int, shard_size: int, jpeg_quality: int, workers: int) -> int:
+    """One piece of data prep: decode the videos of shards part, part+parts, ... into WebDataset
+    shards at data_uri (resumable per shard). Returns the number of samples written."""
+    from sfa_vivit.kubeflow import steps
+    return steps.prepare_part(dataset, annotations, videos, data_uri, part, parts,
+                              dict(fps=fps, short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
+                                   workers=workers))
+
+
+@dsl.component(base_image=IMAGE)
+def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, fps: float, short_side: int,
+                 shard_size: int, jpeg_quality: int, workers: int, max_reject_fraction: float,
+                 parts_done: List[int], data: Output[Dataset]):
+    """Annotations + videos -> shards + manifest at data_uri (finishing any shard the fan-out left;
+    parts_done: the fan-out's sample counts, which also order this step after it); the Dataset
+    artifact holds the manifest. Fails, publishing nothing, when more than max_reject_fraction of
+    the videos are unusable."""
+    from sfa_vivit.kubeflow import steps
+    steps.prepare_data(dataset, annotations, videos, data_uri,
+                       dict(fps=fps, short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
+                            workers=workers, max_reject_fraction=max_reject_fraction), data, parts_done)
+
+
+@dsl.component(base_image=IMAGE)
+def train_stage1(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
+                 nproc: int, model: Output[Model], metrics: Output[Metrics]):
+    """SFA stage 1: the full ViViT-FE at few frames (8 by default). Resumes from its own checkpoints
+    when the pod is retried."""
+    from sfa_vivit.kubeflow import steps
+    steps.train("stage1", data, model, metrics, recipe=recipe, sets=sets, tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, nproc=nproc)
+
+
+@dsl.component(base_image=IMAGE)
+def train_stage2(data: Input[Dataset], stage1: Input[Model], recipe: str, sets: List[str], tracking_uri: str,
+                 parent_run_id: str, nproc: int, model: Output[Model], metrics: Output[Metrics]):
+    """SFA stage 2: spatial encoder frozen, adapter on, temporal encoder from stage 1, many frames."""
+    from sfa_vivit.kubeflow import steps
+    steps.train("stage2", data, model, metrics, recipe=recipe, sets=sets, init=stage1, tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, nproc=nproc)
+
+
+@dsl.component(base_image=IMAGE)
+def train_baseline(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
+                   nproc: int, model: Output[Model], metrics: Output[Metrics]):
+    """The conventional recipe: the full ViViT-FE trained at the final frame count."""
+    from sfa_vivit.kubeflow import steps
+    steps.train("baseline", data, model, metrics, recipe=recipe, sets=sets, tracking_uri=tracking_uri,
+                parent_run_id=parent_run_id, nproc=nproc)
+
+
+@dsl.component(base_image=IMAGE)
+def evaluate(data: Input[Dataset], model: Input[Model], views: str, name: str, tracking_uri: str,
+             parent_run_id: str, metrics: Output[Metrics], classification: Output[ClassificationMetrics],
+             results: Output[Artifact]):
+    """Multi-view evaluation (views CLIPSxCROPS): top-1/top-5, the confusion matrix, and metrics.json
+    with per-class accuracy (EPIC: verb, noun, action)."""
+    from sfa_vivit.kubeflow import steps
+    steps.evaluate(model, data, views=views, metrics=metrics, classification=classification, results=results,
+                   tracking_uri=tracking_uri, parent_run_id=parent_run_id, name=name)
+
+
+@dsl.component(base_image=IMAGE)
+def memory_benchmark(variant: str, frames: str, modes: str, image_size: int, batch_size: int, budget_gib: float,
+                     model_sizes: dict, tracking_uri: str, parent_run_id: str, table: Output[Markdown],
+                     plot: Output[HTML], results: Output[Artifact]):
+    """Step time and peak memory of full training vs SFA stage 2 (and from the feature cache) per
+    frame count, each in a fresh process; with budget_gib > 0 the largest frame count that fits."""
+    from sfa_vivit.kubeflow import steps
+    steps.memory_benchmark(variant=variant, frames=frames, modes=modes, image_size=image_size, batch_size=batch_size,
+                           budget_gib=budget_gib, table=table, plot=plot, results=results, model_sizes=model_sizes,
+                           tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+
+
+@dsl.component(base_image=IMAGE)
+def report(stage1: Input[Model], stage2: Input[Model], evaluation: Input[Artifact], membench: Input[Artifact],
+           tracking_uri: str, parent_run_id: str, page: Output[HTML], baseline: Input[Model] = None,
+           baseline_evaluation: Input[Artifact] = None):
+    """One HTML page: accuracy and training time of SFA vs the baseline, curves, memory vs frames."""
+    from sfa_vivit.kubeflow import steps
+    steps.report(stage1=stage1, stage2=stage2, evaluation=evaluation, membench=membench, out=page, baseline=baseline,
+                 baseline_evaluation=baseline_evaluation, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+
+
+COMPONENTS = {c.name: c for c in (start_tracking, shard_parts, prepare_shards, prepare_data, train_stage1,
+                                  train_stage2, train_baseline, evaluate, memory_benchmark, report)}

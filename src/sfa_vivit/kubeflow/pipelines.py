@@ -1,0 +1,130 @@
+"""The `sfa` pipeline (one dataset: prep -> stage 1 -> stage 2 -> evaluate -> memory benchmark ->
+report, with an optional baseline branch) and `reproduce` (the paper's six datasets, each with its
+recipe). Built per accelerator profile: the profile's resources, node selector, tolerations and
+/dev/shm go on the training and evaluation steps; the memory benchmark runs on the same pool.
+"""
+
+
+import inspect
+from typing import Any, Callable, List
+
+from kfp import dsl
+
+from sfa_vivit.kubeflow import components as c
+from sfa_vivit.kubeflow import profiles
+
+REPRODUCE_DATASETS = ("k400", "k600", "mit", "epic-kitchens", "ssv2", "something-else")
+# The annotation format of each recipe's dataset (sfa data prep's adapters).
+DATASET_OF_RECIPE = {"k400": "kinetics400", "k600": "kinetics600", "mit": "moments", "epic-kitchens": "epic-kitchens",
+                     "ssv2": "ssv2", "something-else": "something-else", "synthetic": "synthetic"}
+
+
+def _light(task: Any, cpu: str = "2", memory: str = "8G") -> Any:
+    return task.set_cpu_request(cpu).set_memory_request(memory)
+
+
+def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
+    """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES)."""
+    prof = profiles.get(profile)
+
+    def accelerated(task: Any) -> Any:
+        return profiles.apply(task, prof, target=target)
+
+    @dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
+                                          f"(accelerator profile {profile}).")
+    def sfa(dataset: str = "synthetic", annotations: str = "", videos: str = "", data_uri: str = "",
+            prep_parts: int = 1, fps: float = 12.5, short_side: int = 256, shard_size: int = 128,
+            jpeg_quality: int = 90, prep_workers: int = 4, max_reject_fraction: float = 0.05,
+            recipe: str = "k400", sets: List[str] = [], stage1_sets: List[str] = ["num_frames=8"],
+            stage2_sets: List[str] = ["num_frames=32"], baseline_sets: List[str] = ["num_frames=32"],
+            run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = "B",
+            membench_frames: str = "8,16,32,64,128", membench_image_size: int = 224, membench_batch_size: int = 1,
+            membench_budget_gib: float = 0.0, membench_model_sizes: dict = {}, tracking_uri: str = ""):
+        """dataset: the annotation format (kinetics400, kinetics600, moments, epic-kitchens, ssv2,
+        something-else); annotations: comma-separated annotation files; videos: the video folder;
+        data_uri: where shards + manifest go (gs:// on a cluster); prep_parts: data-prep fan-out width;
+        recipe: the training recipe (k400, k600, mit, epic-kitchens, ssv2, something-else); sets:
+        key=value overrides for every training step, *_sets for one step; run_baseline: also train the
+        conventional recipe for comparison; tracking_uri: MLflow (empty: MLFLOW_TRACKING_URI)."""
+        tracking = _light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
+                                           tracking_uri=tracking_uri), "1", "2G")
+        parent = tracking.output
+        prep_args = dict(dataset=dataset, annotations=annotations, videos=videos, data_uri=data_uri, fps=fps,
+                         short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
+                         workers=prep_workers)
+        parts = _light(c.shard_parts(parts=prep_parts), "1", "1G")
+        with dsl.ParallelFor(parts.output) as part:
+            piece = _light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G")
+        data = _light(c.prepare_data(max_reject_fraction=max_reject_fraction, parts_done=dsl.Collected(piece.output),
+                                     **prep_args), "8", "32G").output
+        stage1 = accelerated(c.train_stage1(data=data, recipe=recipe, sets=_concat(sets, stage1_sets, prof),
+                                            tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc))
+        stage2 = accelerated(c.train_stage2(data=data, stage1=stage1.outputs["model"], recipe=recipe,
+                                            sets=_concat(sets, stage2_sets, prof), tracking_uri=tracking_uri,
+                                            parent_run_id=parent, nproc=prof.nproc))
+        evaluation = accelerated(c.evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
+                                            name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent))
+        membench = accelerated(c.memory_benchmark(
+            variant=membench_variant, frames=membench_frames, modes="full,stage2,stage2-cached",
+            image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
+            model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent)).after(evaluation)
+        membench.set_caching_options(False)      # a measurement, not a pure function of its inputs
+        report_args = dict(stage1=stage1.outputs["model"], stage2=stage2.outputs["model"],
+                           evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
+                           tracking_uri=tracking_uri, parent_run_id=parent)
+        with dsl.If(run_baseline == True, "baseline"):  # noqa: E712 - a pipeline condition, not a Python test
+            baseline = accelerated(c.train_baseline(data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof),
+                                                    tracking_uri=tracking_uri, parent_run_id=parent,
+                                                    nproc=prof.nproc))
+            baseline_eval = accelerated(c.evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
+                                                   name="evaluate-baseline", tracking_uri=tracking_uri,
+                                                   parent_run_id=parent))
+            _light(c.report(baseline=baseline.outputs["model"], baseline_evaluation=baseline_eval.outputs["results"],
+                            **report_args))
+        with dsl.Else("no-baseline"):
+            _light(c.report(**report_args))
+
+    return sfa
+
+
+def _concat(a: Any, b: Any, prof: profiles.Profile) -> Any:
+    """Concatenation of two pipeline list parameters (resolved at run time by a tiny step), then the
+    profile's device where it must be explicit (TPU)."""
+    fixed = [f"device={prof.device}"] if prof.device == "xla" else []
+    return _light(join_sets(a=a, b=b, fixed=fixed), "1", "1G").output
+
+
+@dsl.component(base_image=c.IMAGE)
+def join_sets(a: List[str], b: List[str], fixed: List[str]) -> List[str]:
+    """Overrides for every step, then one step's, then the profile's (later wins)."""
+    return list(a) + list(b) + list(fixed)
+
+
+def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow") -> Callable:
+    """The `reproduce` pipeline: the `sfa` pipeline once per dataset of the paper, with that
+    dataset's recipe; a dataset whose `videos` parameter is empty is skipped."""
+    inner = build_sfa(profile, target)
+    params = []
+    for name in REPRODUCE_DATASETS:
+        key = name.replace("-", "_")
+        params += [inspect.Parameter(f"{key}_annotations", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
+                   inspect.Parameter(f"{key}_videos", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
+                   inspect.Parameter(f"{key}_data_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
+    params += [inspect.Parameter("prep_parts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=16, annotation=int),
+               inspect.Parameter("run_baseline", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=True, annotation=bool),
+               inspect.Parameter("tracking_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
+
+    def reproduce(*args: Any) -> None:
+        kw = dict(zip([p.name for p in params], args))   # KFP passes the parameters in signature order
+        for name in REPRODUCE_DATASETS:
+            key = name.replace("-", "_")
+            with dsl.If(kw[f"{key}_videos"] != "", name):
+                inner(dataset=DATASET_OF_RECIPE[name], annotations=kw[f"{key}_annotations"],
+                      videos=kw[f"{key}_videos"], data_uri=kw[f"{key}_data_uri"], prep_parts=kw["prep_parts"],
+                      recipe=name, run_baseline=kw["run_baseline"], tracking_uri=kw["tracking_uri"])
+
+    reproduce.__signature__ = inspect.Signature(params)
+    reproduce.__annotations__ = {p.name: p.annotation for p in params}
+    reproduce.__doc__ = ("The SFA paper's six datasets, each trained with its recipe (stage 1, stage 2, evaluation, "
+                         "memory benchmark, report; baseline optional). Leave a dataset's videos empty to skip it.")
+    return dsl.pipeline(name="reproduce", description=reproduce.__doc__)(reproduce)

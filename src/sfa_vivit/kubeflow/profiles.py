@@ -1,0 +1,101 @@
+"""Accelerator profiles: what a training step asks of the cluster, applied through kfp-kubernetes.
+
+    profile      accelerator (K8s resource x count)   node pool selector                          Vertex AI type
+    cpu          -                                   -                                           -
+    gpu-t4       nvidia.com/gpu x 1                  gke-accelerator=nvidia-tesla-t4              NVIDIA_TESLA_T4
+    gpu-a100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-tesla-a100            NVIDIA_TESLA_A100
+    gpu-h100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-h100-80gb             NVIDIA_H100_80GB
+    tpu-v3-8     cloud-tpus.google.com/v3 x 8        (TPU Node architecture: no selector)         TPU_V3
+    tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   TPU_V4_POD
+    tpu-v5e-8    google.com/tpu x 8                  gke-tpu-accelerator=tpu-v5-lite-podslice 2x4 TPU_V5_LITEPOD
+
+GPU profiles run training under torchrun with one process per GPU; TPU profiles select
+`device=xla`. Every profile mounts a memory-backed emptyDir at /dev/shm (DataLoader workers pass
+batches through shared memory; the container default of 64 MiB is too small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    cpu: str
+    memory: str
+    accelerator: str | None = None          # the Kubernetes resource name
+    accelerator_count: int = 0
+    vertex_accelerator: str | None = None   # the Vertex AI accelerator type
+    node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[tuple[str, str, str], ...] = ()   # key, operator, effect
+    device: str = "cpu"                     # the trainer's device setting
+    shm_size: str = "16Gi"
+
+    @property
+    def nproc(self) -> int:
+        """Training processes per pod: one per GPU; TPU and CPU run one (PJRT spreads over TPU cores)."""
+        return self.accelerator_count if self.accelerator == "nvidia.com/gpu" else 1
+
+
+_GPU_TAINT = (("nvidia.com/gpu", "Exists", "NoSchedule"),)
+_TPU_TAINT = (("google.com/tpu", "Exists", "NoSchedule"),)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile("cpu", cpu="8", memory="32G", shm_size="4Gi"),
+    Profile("gpu-t4", cpu="8", memory="48G", accelerator="nvidia.com/gpu", accelerator_count=1,
+            vertex_accelerator="NVIDIA_TESLA_T4", device="cuda", tolerations=_GPU_TAINT,
+            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-t4"),)),
+    Profile("gpu-a100", cpu="88", memory="640G", accelerator="nvidia.com/gpu", accelerator_count=8,
+            vertex_accelerator="NVIDIA_TESLA_A100", device="cuda", tolerations=_GPU_TAINT, shm_size="64Gi",
+            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),)),
+    Profile("gpu-h100", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
+            vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
+            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
+    Profile("tpu-v3-8", cpu="16", memory="300G", accelerator="cloud-tpus.google.com/v3", accelerator_count=8,
+            vertex_accelerator="TPU_V3", device="xla"),
+    Profile("tpu-v4-8", cpu="200", memory="400G", accelerator="google.com/tpu", accelerator_count=4,
+            vertex_accelerator="TPU_V4_POD", device="xla", tolerations=_TPU_TAINT,
+            node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v4-podslice"),
+                           ("cloud.google.com/gke-tpu-topology", "2x2x1"))),
+    Profile("tpu-v5e-8", cpu="200", memory="180G", accelerator="google.com/tpu", accelerator_count=8,
+            vertex_accelerator="TPU_V5_LITEPOD", device="xla", tolerations=_TPU_TAINT,
+            node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v5-lite-podslice"),
+                           ("cloud.google.com/gke-tpu-topology", "2x4"))),
+)}
+
+
+def get(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def apply(task: Any, profile: Profile, *, target: str = "kubeflow") -> Any:
+    """Set the profile's resources, node selector, tolerations and /dev/shm on a pipeline task.
+    target 'vertex' uses the Vertex AI accelerator type instead of the Kubernetes resource name."""
+    from kfp import kubernetes
+    task.set_cpu_request(profile.cpu).set_cpu_limit(profile.cpu)
+    task.set_memory_request(profile.memory).set_memory_limit(profile.memory)
+    if profile.accelerator:
+        accelerator = profile.vertex_accelerator if target == "vertex" else profile.accelerator
+        task.set_accelerator_type(accelerator).set_accelerator_limit(profile.accelerator_count)
+    for key, value in profile.node_selector:
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for key, operator, effect in profile.tolerations:
+        kubernetes.add_toleration(task, key=key, operator=operator, effect=effect)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=profile.shm_size)
+    return task
+
+
+def as_config_map(namespace: str = "sfa-vivit") -> dict[str, Any]:
+    """The profiles as a ConfigMap (k8s/profiles.yaml), so a cluster's operators can read them."""
+    import json
+    data = {name: json.dumps({**dataclasses.asdict(p), "nproc": p.nproc}, sort_keys=True)
+            for name, p in PROFILES.items()}
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "sfa-vivit-accelerator-profiles", "namespace": namespace,
+                         "labels": {"app.kubernetes.io/part-of": "sfa-vivit"}},
+            "data": data}

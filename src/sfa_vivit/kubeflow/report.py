@@ -1,0 +1,95 @@
+"""The pipeline's report: one self-contained HTML page comparing SFA with the conventional recipe."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import tempfile
+from typing import Any
+
+from sfa_vivit.plots import line_plot
+from sfa_vivit.storage import join, open_url
+
+
+def _json(url: str) -> dict[str, Any]:
+    with open_url(url, "rb") as f:
+        return json.load(f)
+
+
+def _png(series: dict[str, tuple[list, list]], **labels: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "plot.png")
+        line_plot(path, series, **labels)
+        with open(path, "rb") as f:
+            return base64.b64encode(f.read()).decode()
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def summarise(stage1: dict, stage2: dict, evaluation: dict, baseline: dict | None,
+              baseline_evaluation: dict | None) -> dict[str, float]:
+    sfa_time = stage1["train_time_s"] + stage2["train_time_s"]
+    summary = {"sfa_train_time_s": round(sfa_time, 2), "sfa_top1": evaluation.get("top1")}
+    if baseline is not None:
+        summary.update({"baseline_train_time_s": baseline["train_time_s"],
+                        "baseline_top1": (baseline_evaluation or {}).get("top1"),
+                        "time_ratio_sfa_over_baseline": round(sfa_time / baseline["train_time_s"], 4)})
+        if summary["baseline_top1"] is not None and summary["sfa_top1"] is not None:
+            summary["top1_difference"] = round(summary["sfa_top1"] - summary["baseline_top1"], 2)
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, out: str, baseline: str | None = None,
+                 baseline_evaluation: str | None = None) -> tuple[str, dict[str, float]]:
+    """Read the runs' metrics.json and the membench JSON; write `out` (HTML). Returns (out, summary)."""
+    s1, s2 = _json(join(stage1, "metrics.json")), _json(join(stage2, "metrics.json"))
+    ev = _json(join(evaluation, "metrics.json"))
+    base = _json(join(baseline, "metrics.json")) if baseline else None
+    base_ev = _json(join(baseline_evaluation, "metrics.json")) if baseline_evaluation else None
+    mem = _json(membench)
+    summary = summarise(s1, s2, ev, base, base_ev)
+    rows = [("SFA stage 1", s1, None), ("SFA stage 2", s2, ev), ("SFA total", None, ev)]
+    if base:
+        rows.append(("Baseline", base, base_ev))
+    table = ["<tr><th>run</th><th>frames</th><th>epochs</th><th>train time (s)</th><th>trainable params</th>"
+             "<th>top-1 (%)</th><th>top-5 (%)</th><th>views</th></tr>"]
+    for name, run, evaluated in rows:
+        if run is None:
+            table.append(f"<tr><td><b>{name}</b></td><td></td><td></td><td><b>{summary['sfa_train_time_s']:.1f}</b>"
+                         f"</td><td></td><td><b>{_fmt(ev.get('top1'))}</b></td><td>{_fmt(ev.get('top5'))}</td>"
+                         f"<td>{_fmt(ev.get('views'))}</td></tr>")
+            continue
+        final = evaluated or run.get("final", {})
+        table.append(f"<tr><td>{name}</td><td>{run['num_frames']}</td><td>{run['epochs']}</td>"
+                     f"<td>{run['train_time_s']:.1f}</td><td>{run['trainable_parameters']:,}</td>"
+                     f"<td>{_fmt(final.get('top1'))}</td><td>{_fmt(final.get('top5'))}</td>"
+                     f"<td>{_fmt(final.get('views'))}</td></tr>")
+    curves = {name: (list(range(1, len(r["top1"]) + 1)), r["top1"]) for name, r in
+              (("stage 1", s1), ("stage 2", s2), *((("baseline", base),) if base else ())) if any(r["top1"])}
+    memory = {}
+    for mode in dict.fromkeys(r["mode"] for r in mem["rows"]):
+        points = sorted((r["frames"], r["peak_memory_bytes"] / 2**30) for r in mem["rows"] if r["mode"] == mode
+                        and r.get("fits"))
+        if points:
+            memory[mode] = tuple(map(list, zip(*points)))
+    headline = (f"SFA: top-1 {_fmt(summary.get('sfa_top1'))}% in {summary['sfa_train_time_s']:.1f} s of training"
+                + (f"; baseline: top-1 {_fmt(summary.get('baseline_top1'))}% in {summary['baseline_train_time_s']:.1f}"
+                   f" s; SFA/baseline time {summary['time_ratio_sfa_over_baseline']:.2f}" if base else ""))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>sfa-vivit report</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:right}}
+td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
+</head><body><h1>SFA vs the conventional recipe</h1><p><b>{headline}</b></p>
+<table>{''.join(table)}</table>
+<h2>Validation top-1 per epoch</h2><img src="data:image/png;base64,{_png(curves, xlabel='epoch', ylabel='top-1 (%)', title='validation top-1 (training views)')}">
+<h2>Peak memory of a training step vs frames (ViViT-{html.escape(str(mem['variant']))}, {html.escape(mem['device'])})</h2>
+<img src="data:image/png;base64,{_png(memory, xlabel='frames', ylabel='peak memory (GiB)', title='memory vs frames')}">
+<p>Train time counts the training steps (data loading included) and, for a cached stage 2, building the
+feature cache; validation and checkpoint writes are not counted, for any run.</p></body></html>"""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(page)
+    return out, summary

@@ -1,0 +1,216 @@
+"""The pipeline steps as library functions: each Kubeflow component body is one call to one of these.
+
+They translate between KFP artifacts (objects with `.path`, `.uri`, `.metadata`, and for metrics
+`log_metric`) and the library, and link every step to the pipeline run's MLflow parent run.
+Artifacts on gs:// are written through their URI (fsspec), so a retried training pod resumes from
+the checkpoints its previous attempt committed; local artifacts through their path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "sfa-vivit"
+PARENT_TAG = "sfa.kfp_run_id"
+
+
+def artifact_url(artifact: Any) -> str:
+    """Where a step reads or writes an artifact: its gs:// URI on a cluster, its local path otherwise."""
+    uri = getattr(artifact, "uri", "") or ""
+    return uri if uri.startswith(("gs://", "s3://")) else artifact.path
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow: one parent run per pipeline run, one child run per step
+# ----------------------------------------------------------------------------------------------
+
+def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", experiment: str = EXPERIMENT) -> str:
+    """The MLflow parent run of pipeline run `kfp_run_id` (found by tag, else created); '' when MLflow
+    cannot be reached (the pipeline goes on untracked)."""
+    from sfa_vivit.train.tracking import Tracker
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    try:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            found = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{kfp_run_id}'", max_results=1)
+            if found:
+                return found[0].info.run_id
+    except Exception as e:  # noqa: BLE001 - tracking never stops the pipeline
+        log.warning("MLflow at %s unreachable (%s): this pipeline run is not tracked", uri, e)
+        return ""
+    tracker = Tracker(uri, experiment, f"{pipeline} {kfp_run_id}", tags={PARENT_TAG: kfp_run_id,
+                                                                         "sfa.pipeline": pipeline})
+    return tracker.run_id or ""
+
+
+@contextlib.contextmanager
+def _tracking(tracking_uri: str, parent_run_id: str) -> Iterator[None]:
+    """Environment under which the library's Tracker logs a child run of `parent_run_id`."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SFA_MLFLOW_PARENT_RUN_ID")}
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if parent_run_id:
+        os.environ["SFA_MLFLOW_PARENT_RUN_ID"] = parent_run_id
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:
+    from sfa_vivit.train.tracking import Tracker
+    with _tracking(tracking_uri, parent_run_id):
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        tracker = Tracker(uri, EXPERIMENT, name, tags=tags)
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+        tracker.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def shard_parts(parts: int) -> list[int]:
+    """The ParallelFor items of a data-prep fan-out: 0 .. parts-1."""
+    if parts < 1:
+        raise ValueError(f"prep_parts={parts} must be >= 1")
+    return list(range(parts))
+
+
+def _prep_options(options: dict[str, Any]):
+    from sfa_vivit.data.prep import PrepOptions
+    return PrepOptions(**options)
+
+
+def prepare_part(dataset: str, annotations: str, videos: str, data_uri: str, part: int, parts: int,
+                 options: dict[str, Any]) -> int:
+    """One piece of the fan-out: shards part, part+parts, ... at `data_uri`. Returns its sample count."""
+    from sfa_vivit.data.prep import prepare
+    result = prepare(dataset, _split_list(annotations), videos, data_uri, options=_prep_options(options),
+                     shard_range=(part, parts))
+    return int(result["num_samples"])
+
+
+def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, options: dict[str, Any],
+                 out: Any, parts_done: list[int] | None = None) -> dict[str, Any]:
+    """Finish the shards at `data_uri` (those the fan-out left), publish the manifest there, and put a
+    copy whose shard paths are absolute into the Dataset artifact `out`."""
+    from sfa_vivit.data.prep import MANIFEST_FILE, prepare
+    from sfa_vivit.storage import join, write_bytes_atomic
+    if parts_done:
+        log.info("data prep fan-out: %d parts wrote %d samples", len(parts_done), sum(parts_done))
+    manifest = prepare(dataset, _split_list(annotations), videos, data_uri, options=_prep_options(options))
+    pointer = json.loads(json.dumps(manifest))
+    for split in pointer["splits"].values():
+        for shard in split["shards"]:
+            shard["path"] = join(data_uri, shard["path"])
+    write_bytes_atomic(join(artifact_url(out), MANIFEST_FILE), json.dumps(pointer, indent=1).encode())
+    out.metadata.update({"dataset": dataset, "data_uri": data_uri, "rejected": len(manifest["rejected"]),
+                         **{f"{s}_samples": v["num_samples"] for s, v in manifest["splits"].items()}})
+    return manifest
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, evaluation, memory benchmark
+# ----------------------------------------------------------------------------------------------
+
+def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: list[str], init: Any = None,
+          tracking_uri: str = "", parent_run_id: str = "", nproc: int = 1) -> dict[str, Any]:
+    """Train `mode` on the Dataset artifact into the Model artifact; log the figures to the Metrics
+    artifact and to an MLflow child run. nproc > 1: torchrun with that many processes (GPUs)."""
+    from sfa_vivit.storage import join, open_url
+    from sfa_vivit.train import resolve
+    from sfa_vivit.train import train as train_run
+    out = artifact_url(model)
+    init_url = artifact_url(init) if init is not None else None
+    config = resolve(mode, recipe, sets=list(sets))       # bad settings fail here, before any work
+    with _tracking(tracking_uri, parent_run_id):
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "sfa_vivit.cli",
+                   "train", "--mode", mode, "--recipe", recipe, "--data", artifact_url(data), "--out", out,
+                   *(["--init", init_url] if init_url else []), *[a for s in sets for a in ("--set", s)]]
+            subprocess.run(cmd, check=True)
+            with open_url(join(out, "metrics.json"), "rb") as f:
+                result = json.load(f)
+        else:
+            result = train_run(config, artifact_url(data), out, init=init_url)
+    final = result.get("final", {})
+    figures = {"train_time_s": result["train_time_s"], "top1": final.get("top1"), "top5": final.get("top5"),
+               "num_frames": result["num_frames"], "epochs": result["epochs"],
+               "trainable_parameters": result["trainable_parameters"], "peak_memory_bytes": result["peak_memory_bytes"]}
+    for key, value in figures.items():
+        if value is not None:
+            metrics.log_metric(key, value)
+    model.metadata.update({"mode": mode, "recipe": recipe, "num_frames": result["num_frames"],
+                           "framework": "pytorch", "mlflow_run_id": (result.get("mlflow") or {}).get("run_id")})
+    return result
+
+
+def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification: Any, results: Any,
+             tracking_uri: str = "", parent_run_id: str = "", name: str = "evaluate") -> dict[str, Any]:
+    """Multi-view evaluation of the Model artifact: Metrics, ClassificationMetrics (confusion
+    matrix) and the full metrics.json in `results`."""
+    from sfa_vivit.evaluate import evaluate as evaluate_checkpoint
+    result = evaluate_checkpoint(artifact_url(model), artifact_url(data), views=views, out=artifact_url(results),
+                                 workers=0)
+    for key in ("top1", "top5", "num_examples"):
+        if result.get(key) is not None:
+            metrics.log_metric(key, result[key])
+    if isinstance(result.get("confusion"), list) and result.get("classes"):
+        classification.log_confusion_matrix(list(result["classes"]), result["confusion"])
+    _child_run(name, tracking_uri, parent_run_id, {k: result.get(k) for k in ("top1", "top5")},
+               {"sfa.step": name, "sfa.views": views})
+    return result
+
+
+def memory_benchmark(*, variant: str, frames: str, modes: str, image_size: int, batch_size: int, budget_gib: float,
+                     table: Any, plot: Any, results: Any, tracking_uri: str = "", parent_run_id: str = "",
+                     steps: int = 2, model_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`sfa membench` as a step: JSON in `results`, the Markdown table, and an HTML page with the plot."""
+    import base64
+    from pathlib import Path
+    from sfa_vivit.membench import benchmark, markdown
+    folder = Path(results.path)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "membench.json"
+    result = benchmark(variant, [int(f) for f in frames.split(",")], modes.split(","), image_size=image_size,
+                       batch_size=batch_size, budget_gib=budget_gib or None, out=str(out), steps=steps,
+                       device="auto", model={k: int(v) for k, v in (model_sizes or {}).items()})  # JSON: floats
+    Path(table.path).write_text(markdown(result))
+    png = base64.b64encode(out.with_suffix(".png").read_bytes()).decode()
+    Path(plot.path).write_text(f"<html><body><h3>Peak memory per training step</h3>"
+                               f"<img src='data:image/png;base64,{png}'/><pre>{markdown(result)}</pre></body></html>")
+    slopes = {f"{m}_mib_per_frame": v / 2**20 for m, v in result["per_frame_bytes"].items() if v is not None}
+    _child_run("memory_benchmark", tracking_uri, parent_run_id, slopes, {"sfa.step": "memory_benchmark"})
+    return result
+
+
+def report(*, stage1: Any, stage2: Any, evaluation: Any, membench: Any, out: Any, baseline: Any = None,
+           baseline_evaluation: Any = None, tracking_uri: str = "", parent_run_id: str = "") -> str:
+    """One HTML page: SFA vs baseline accuracy and time, training curves, memory vs frames."""
+    from sfa_vivit.kubeflow.report import write_report
+    html_path, summary = write_report(
+        stage1=artifact_url(stage1), stage2=artifact_url(stage2), evaluation=artifact_url(evaluation),
+        membench=os.path.join(membench.path, "membench.json"), out=out.path,
+        baseline=artifact_url(baseline) if baseline is not None else None,
+        baseline_evaluation=artifact_url(baseline_evaluation) if baseline_evaluation is not None else None)
+    _child_run("report", tracking_uri, parent_run_id, summary, {"sfa.step": "report"})
+    return html_path

@@ -1,0 +1,275 @@
+"""`sfa membench`: training-step time and peak memory of full training vs SFA stage 2, per frame count.
+
+Each configuration runs in a fresh child process (so one configuration's allocations cannot
+inflate another's peak): build the model, a warm-up step, then `steps` timed SGD steps on random
+inputs. Peak memory is the CUDA allocator's peak on a GPU and the child's peak resident set on
+CPU (which includes the interpreter and torch, reported apart as `base_rss_bytes`).
+
+Modes:
+    full           every parameter trained (the conventional recipe, SFA stage 1)
+    stage2         tubelet + spatial frozen (no_grad, eval mode, chunks of `spatial_chunk` tubelets),
+                   adapter + temporal + head trained, from videos
+    stage2-cached  the same trainable part, from precomputed spatial features (the feature cache)
+
+With a budget, it searches, per mode, the largest frame count whose step fits (the paper's
+Table 4): doubling from the smallest, then bisection to `resolution` frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfa_vivit.plots import line_plot
+
+log = logging.getLogger(__name__)
+
+MODES = ("full", "stage2", "stage2-cached")
+
+
+@dataclasses.dataclass
+class Setting:
+    variant: str = "S"
+    mode: str = "full"
+    frames: int = 16
+    image_size: int = 224
+    batch_size: int = 1
+    num_classes: int = 400
+    steps: int = 3
+    warmup: int = 1
+    spatial_chunk: int = 4          # tubelets per frozen-spatial chunk in stage 2
+    device: str = "cpu"
+    precision: str = "fp32"         # fp32 | bf16 (autocast)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        for name in ("frames", "image_size", "batch_size", "steps", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r} is not fp32 or bf16")
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(s: Setting) -> dict[str, Any]:
+    """Run one setting in this process; returns times and peaks. (The CLI runs it in a child.)"""
+    from sfa_vivit.models import vivit
+    s.validate()
+    base_rss = _rss_bytes()
+    device = torch.device(s.device)
+    model = vivit(s.variant, num_frames=s.frames, image_size=s.image_size, num_classes=s.num_classes,
+                  spatial_chunk=s.spatial_chunk, **s.model)
+    if s.mode != "full":
+        model.add_adapter().freeze_spatial()
+    model.to(device).train()
+    params = model.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    c = model.config
+    if s.mode == "stage2-cached":
+        inputs = {"features": torch.randn(s.batch_size, c.num_tubelets, c.width, device=device)}
+    else:
+        inputs = {"video": torch.randn(s.batch_size, s.frames, 3, s.image_size, s.image_size, device=device)}
+    labels = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(s.warmup + s.steps):
+        start = time.perf_counter()
+        with autocast:
+            logits = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= s.warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else _rss_bytes()
+    return {**dataclasses.asdict(s), "step_s": round(step, 5), "clips_per_s": round(s.batch_size / step, 4),
+            "peak_memory_bytes": peak, "base_rss_bytes": base_rss, "fits": True,
+            "trainable_parameters": sum(p.numel() for p in params), "total_parameters": model.num_parameters(),
+            "loss_finite": bool(torch.isfinite(loss))}
+
+
+def run_child(s: Setting, timeout: float | None = None) -> dict[str, Any]:
+    """`measure(s)` in a fresh Python process. Out of memory (or killed) → {'fits': False, 'error'}."""
+    cmd = [sys.executable, "-m", "sfa_vivit.membench", json.dumps(dataclasses.asdict(s))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**dataclasses.asdict(s), "fits": False, "error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    oom = proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower()
+    return {**dataclasses.asdict(s), "fits": False, "error": "out of memory" if oom else tail,
+            "returncode": proc.returncode}
+
+
+def _fits(row: dict[str, Any], budget_bytes: float) -> bool:
+    return bool(row.get("fits")) and row["peak_memory_bytes"] <= budget_bytes
+
+
+def search_max_frames(base: Setting, budget_gib: float, *, max_frames: int = 2048, resolution: int = 8,
+                      timeout: float | None = None) -> dict[str, Any]:
+    """Largest frame count (a multiple of `resolution`) whose step peaks under `budget_gib`."""
+    budget = budget_gib * 2**30
+    probes: list[dict[str, Any]] = []
+
+    def probe(frames: int) -> bool:
+        row = run_child(dataclasses.replace(base, frames=frames, steps=1, warmup=0), timeout)
+        probes.append(row)
+        log.info("  %s %d frames: %s", base.mode, frames,
+                 f"{row['peak_memory_bytes'] / 2**30:.2f} GiB" if row.get("fits") else row.get("error"))
+        return _fits(row, budget)
+
+    low, high = 0, None
+    frames = resolution
+    while frames <= max_frames:
+        if probe(frames):
+            low, frames = frames, frames * 2
+        else:
+            high = frames
+            break
+    if high is not None and low:
+        while high - low > resolution:
+            mid = (low + high) // 2 // resolution * resolution
+            if probe(mid):
+                low = mid
+            else:
+                high = mid
+    return {"mode": base.mode, "budget_gib": budget_gib, "max_frames": low or None,
+            "capped": high is None, "probes": probes}
+
+
+def benchmark(variant: str, frames: list[int], modes: list[str], *, image_size: int = 224, batch_size: int = 1,
+              budget_gib: float | None = None, out: str | None = None, steps: int = 3, device: str = "cpu",
+              precision: str = "fp32", spatial_chunk: int = 4, model: dict[str, Any] | None = None,
+              max_frames: int = 2048, timeout: float | None = 1800) -> dict[str, Any]:
+    """Measure every (mode, frames), optionally search the budget; write JSON + Markdown + PNG at `out`."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"--modes: {mode!r} is not one of {list(MODES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for mode in modes:
+        for f in frames:
+            s = Setting(variant=variant, mode=mode, frames=f, image_size=image_size, batch_size=batch_size,
+                        steps=steps, device=device, precision=precision, spatial_chunk=spatial_chunk,
+                        model=dict(model or {}))
+            s.validate()
+            row = run_child(s, timeout)
+            rows.append(row)
+            log.info("%s %s %3d frames: %s", variant, mode, f,
+                     f"{row['step_s']:.3f} s/step, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB"
+                     if row.get("fits") else row.get("error"))
+    result: dict[str, Any] = {"variant": variant, "device": device, "image_size": image_size,
+                              "batch_size": batch_size, "precision": precision, "rows": rows,
+                              "ratios": ratios(rows), "per_frame_bytes": per_frame_bytes(rows)}
+    if budget_gib:
+        result["budget"] = [search_max_frames(Setting(variant=variant, mode=m, image_size=image_size,
+                                                      batch_size=batch_size, device=device, precision=precision,
+                                                      spatial_chunk=spatial_chunk, model=dict(model or {})),
+                                              budget_gib, max_frames=max_frames, timeout=timeout) for m in modes]
+    if out:
+        write_outputs(result, out)
+    return result
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step time and peak of each mode over `full` at the same frame count (same run)."""
+    full = {r["frames"]: r for r in rows if r["mode"] == "full" and r.get("fits")}
+    out = []
+    for r in rows:
+        ref = full.get(r["frames"])
+        if r["mode"] != "full" and ref and r.get("fits"):
+            out.append({"mode": r["mode"], "frames": r["frames"], "step_ratio": round(r["step_s"] / ref["step_s"], 4),
+                        "peak_ratio": round(r["peak_memory_bytes"] / ref["peak_memory_bytes"], 4)})
+    return out
+
+
+def per_frame_bytes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Least-squares slope of peak memory over frames, per mode (bytes per added frame)."""
+    slopes: dict[str, float | None] = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        points = [(r["frames"], r["peak_memory_bytes"]) for r in rows if r["mode"] == mode and r.get("fits")]
+        if len(points) < 2:
+            slopes[mode] = None
+            continue
+        mx = sum(x for x, _ in points) / len(points)
+        my = sum(y for _, y in points) / len(points)
+        var = sum((x - mx) ** 2 for x, _ in points)
+        slopes[mode] = round(sum((x - mx) * (y - my) for x, y in points) / var, 1) if var else None
+    return slopes
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"ViViT-{result['variant']} on {result['device']}, {result['image_size']} px, batch "
+             f"{result['batch_size']}, {result['precision']}", "",
+             "| mode | frames | step (s) | clips/s | peak memory (GiB) | step / full | peak / full |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rel = {(r["mode"], r["frames"]): r for r in result["ratios"]}
+    for r in result["rows"]:
+        ratio = rel.get((r["mode"], r["frames"]), {})
+        if r.get("fits"):
+            lines.append(f"| {r['mode']} | {r['frames']} | {r['step_s']:.3f} | {r['clips_per_s']:.2f} | "
+                         f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratio.get('step_ratio', '')} | "
+                         f"{ratio.get('peak_ratio', '')} |")
+        else:
+            lines.append(f"| {r['mode']} | {r['frames']} | - | - | {r.get('error')} | | |")
+    lines += ["", "Peak memory per added frame: " + ", ".join(
+        f"{m} {v / 2**20:.2f} MiB" if v is not None else f"{m} -" for m, v in result["per_frame_bytes"].items())]
+    for b in result.get("budget", []):
+        lines.append(f"- {b['mode']}: at most {b['max_frames']} frames in {b['budget_gib']} GiB"
+                     + (" (search cap reached)" if b["capped"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], out: str) -> None:
+    """`out` (JSON), and beside it the same name with .md and .png."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown(result))
+    series = {}
+    for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
+        points = sorted((r["frames"], r["peak_memory_bytes"] / 2**30) for r in result["rows"]
+                        if r["mode"] == mode and r.get("fits"))
+        if points:
+            series[mode] = tuple(map(list, zip(*points)))
+    budgets = {f"budget {b['budget_gib']} GiB": b["budget_gib"] for b in result.get("budget", [])}
+    line_plot(path.with_suffix(".png"), series, xlabel="frames", ylabel="peak memory (GiB)", hlines=budgets,
+              title=f"ViViT-{result['variant']} training step, {result['device']}, batch {result['batch_size']}")
+
+
+def main(argv: list[str]) -> int:
+    """Child entry point: one JSON Setting in, one JSON row out."""
+    torch.set_num_threads(int(os.environ.get("SFA_MEMBENCH_THREADS", torch.get_num_threads())))
+    print(json.dumps(measure(Setting(**json.loads(argv[0])))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

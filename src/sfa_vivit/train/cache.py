@@ -1,0 +1,295 @@
+"""Frozen-feature cache for stage 2: compute the frozen spatial encoder once, train from its outputs.
+
+In stage 2 the tubelet embedding and spatial encoder are frozen, so a clip's spatial features
+depend only on the clip's view (frames, crop, flip, colour) and on the frozen weights. The cache
+computes them for K augmented views of every training clip (view k is the clip the reader would
+give at epoch k) and for every evaluation view, once, and stage 2 then trains adapter + temporal
+encoder + head from them, drawing one of the K views per clip per epoch.
+
+Layout at the cache URL (default `<run>/feature_cache`, any fsspec URL):
+
+    cache.json                         format, identity (below) and its sha256 key
+    train-00003.safetensors            one file per data shard: features (N, K, T', D), labels, keys
+    validation-2x1-00000.safetensors   evaluation views of one data shard: features (N, V, T', D)
+
+Identity: the sha256 of the frozen weights (tubelet embedding + spatial encoder), the model sizes
+that shape the features, the data (dataset and each shard's sha256), and every view parameter
+(frames, stride, image size, augmentation, seed, K, eval views, dtype). A cache whose identity is
+not the run's is refused with the fields that differ; it is never silently used or overwritten.
+Every file carries the key too, and is written atomically, so building is resumable: a restarted
+build keeps the files already written and computes the rest. Under DDP rank r builds files
+r, r + world, ...
+
+Memory: training holds the training cache in host memory (see `size_bytes`); at fp32 a clip costs
+K * T' * D * 4 bytes (ViViT-B, 32 frames, K=4: 786 KB; bf16 halves it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm import tqdm
+
+from sfa_vivit.data.reader import ClipDataset, Manifest, iter_samples
+from sfa_vivit.models.vivit import ViViT
+from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "sfa-feature-cache/1"
+INDEX_FILE = "cache.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StaleCacheError(ValueError):
+    """The cache at a URL was built for other weights, data or views than this run's."""
+
+
+def state_digest(modules: list[torch.nn.Module]) -> str:
+    """sha256 over the named tensors of `modules` (names and bytes, in a fixed order)."""
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(f"{i}.{name}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_identity(model: ViViT, manifest: Manifest, *, train: ClipDataset, views: int,
+                   eval_sets: dict[str, ClipDataset], dtype: str) -> dict[str, Any]:
+    """Everything the cached features depend on, as JSON."""
+    c = model.config
+    return {
+        "frozen_sha256": state_digest([model.embedding, model.spatial]),
+        "model": {k: getattr(c, k) for k in ("width", "patch", "tubelet", "image_size", "num_frames", "in_channels")},
+        "data": {"dataset": manifest.dataset,
+                 "shards": {split: [s["sha256"] for s in manifest.split(split)["shards"]]
+                            for split in [train.split_name] + [d.split_name for d in eval_sets.values()]}},
+        "train": {"split": train.split_name, "views": views, "seed": train.seed, "stride": train.stride,
+                  "augment": dataclasses.asdict(train.augment)},
+        "eval": {name: {"split": d.split_name, "clips": d.num_clips, "crops": d.num_crops, "stride": d.stride}
+                 for name, d in eval_sets.items()},
+        "dtype": dtype,
+    }
+
+
+def _key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _open_index(url: str, identity: dict[str, Any], write: bool) -> None:
+    fs, path = url_to_fs(join(url, INDEX_FILE))
+    key = _key(identity)
+    if fs.exists(path):
+        with open_url(join(url, INDEX_FILE), "rb") as f:
+            stored = json.load(f)
+        if stored.get("format") != CACHE_FORMAT or stored.get("key") != key:
+            fields = _differences(stored.get("identity", {}), identity) or ["format"]
+            raise StaleCacheError(
+                f"the feature cache at {url} was built for other inputs than this run's ({', '.join(fields)} "
+                f"differ{'s' if len(fields) == 1 else ''}); it is not used. Delete it, or set cache_dir elsewhere")
+        return
+    if write:
+        write_bytes_atomic(join(url, INDEX_FILE), json.dumps(
+            {"format": CACHE_FORMAT, "key": key, "identity": identity}, indent=1).encode())
+
+
+def _file(split: str, views: str | None, index: int) -> str:
+    return f"{split}-{views}-{index:05d}.safetensors" if views else f"{split}-{index:05d}.safetensors"
+
+
+def _exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def _read(url: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A cache file's tensors and metadata, or None when it is missing or of another key."""
+    if not _exists(url):
+        return None
+    with open_url(url, "rb") as f:
+        blob = f.read()
+    header_len = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
+    if meta.get("key") != key:
+        raise StaleCacheError(f"{url} belongs to another cache (key {meta.get('key', '?')[:12]}..., expected "
+                              f"{key[:12]}...); delete the cache folder")
+    return load_safetensors(blob), meta
+
+
+def _labels(labels: list[Any]) -> dict[str, torch.Tensor]:
+    if labels and isinstance(labels[0], dict):
+        return {f"label.{h}": torch.tensor([lb[h] for lb in labels], dtype=torch.long) for h in labels[0]}
+    return {"label": torch.tensor(labels, dtype=torch.long)}
+
+
+@dataclasses.dataclass
+class CacheReport:
+    url: str
+    key: str
+    train_views: int
+    clips: int
+    size_bytes: int
+    bytes_per_clip: float
+    train_build_time_s: float      # summed over the files, whichever session or rank built them
+    eval_build_time_s: float
+    built_now: int                 # files computed by this call (0: the cache was complete)
+
+
+def build(model: ViViT, url: str, *, train: ClipDataset, views: int, eval_sets: dict[str, ClipDataset],
+          dtype: str = "float32", device: torch.device | str = "cpu", autocast: Any = None, batch_size: int = 8,
+          rank: int = 0, world: int = 1, progress: bool = True) -> CacheReport:
+    """Compute the features of `views` training views of every clip of `train` and of every view of
+    each `eval_sets` dataset (name: views text such as '2x1'), with `model`'s frozen spatial encoder,
+    at `url`. Files already there are kept (resume); a cache of other inputs raises StaleCacheError."""
+    if not model.spatial_frozen:
+        raise ValueError("the feature cache needs a frozen spatial encoder (freeze_spatial=true)")
+    if views < 1:
+        raise ValueError(f"cache_views={views} must be >= 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"cache_dtype={dtype!r} is not one of {list(DTYPES)}")
+    identity = cache_identity(model, train.manifest, train=train, views=views, eval_sets=eval_sets, dtype=dtype)
+    key = _key(identity)
+    if rank == 0:
+        _open_index(url, identity, write=True)
+    if world > 1:
+        dist.barrier()
+    _open_index(url, identity, write=False)
+    jobs = [(train.split_name, None, train, i) for i in range(len(train.shards))]
+    jobs += [(d.split_name, name, d, i) for name, d in eval_sets.items() for i in range(len(d.shards))]
+    built = 0
+    todo = [job for j, job in enumerate(jobs) if j % world == rank and not _exists(join(url, _file(*job[:2], job[3])))]
+    bar = tqdm(todo, desc="feature cache", unit="shard", disable=not progress or rank != 0)
+    for split, name, dataset, index in bar:
+        start = time.perf_counter()
+        tensors = _compute(model, dataset, index, views if name is None else None, DTYPES[dtype], device,
+                           autocast, batch_size)
+        meta = {"key": key, "build_time_s": f"{time.perf_counter() - start:.4f}", "source": dataset.shards[index]}
+        write_bytes_atomic(join(url, _file(split, name, index)), save_safetensors(tensors, metadata=meta))
+        built += 1
+    if world > 1:
+        dist.barrier()
+    report = describe(url, key, jobs)
+    report.built_now = built
+    return report
+
+
+@torch.no_grad()
+def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, dtype: torch.dtype,
+             device: torch.device | str, autocast: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """Features of one data shard: train (views given) → (N, views, T', D); eval → (N, V, T', D)."""
+    features, labels, keys = [], [], []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            video = torch.stack(pending).to(device)
+            with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+                out = model.spatial_features(video)
+            features.extend(out.to("cpu", dtype))
+            pending.clear()
+
+    for sample in iter_samples([dataset.shards[index]], dataset.checksums):
+        if views is None:
+            clip = dataset.clip(sample)
+            pending.extend(clip["video"])
+        else:
+            clip = dataset.clip(sample, epoch=0)
+            pending.extend([clip["video"]] + [dataset.clip(sample, epoch=k)["video"] for k in range(1, views)])
+        labels.append(clip["label"])
+        keys.append(clip["key"])
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    per_clip = views or dataset.num_clips * dataset.num_crops
+    stacked = torch.stack(features).view(len(keys), per_clip, *features[0].shape) if keys else torch.empty(0)
+    key_bytes = torch.tensor(list("\n".join(keys).encode()), dtype=torch.uint8)
+    return {"features": stacked.contiguous(), "keys": key_bytes, **_labels(labels)}
+
+
+def describe(url: str, key: str, jobs: list[tuple[str, str | None, ClipDataset, int]]) -> CacheReport:
+    """Sizes and build times of a complete cache (reads only the file headers' metadata)."""
+    size, clips, train_time, eval_time, views = 0, 0, 0.0, 0.0, 0
+    for split, name, _, index in jobs:
+        file_url = join(url, _file(split, name, index))
+        fs, path = url_to_fs(file_url)
+        size += fs.size(path)
+        with open_url(file_url, "rb") as f:
+            head = f.read(8)
+            meta = json.loads(f.read(int.from_bytes(head, "little")))
+        if meta["__metadata__"].get("key") != key:
+            raise StaleCacheError(f"{file_url} belongs to another cache; delete the cache folder")
+        seconds = float(meta["__metadata__"]["build_time_s"])
+        if name is None:
+            shape = meta["features"]["shape"]
+            clips += shape[0]
+            views = shape[1] if shape[0] else views
+            train_time += seconds
+        else:
+            eval_time += seconds
+    return CacheReport(url=url, key=key, train_views=views, clips=clips, size_bytes=size,
+                       bytes_per_clip=round(size / clips, 1) if clips else 0.0, train_build_time_s=round(train_time, 3),
+                       eval_build_time_s=round(eval_time, 3), built_now=0)
+
+
+class CachedSplit:
+    """One split of a built cache, held in host memory: features (N, V, T', D), labels, keys."""
+
+    def __init__(self, url: str, key: str, split: str, views: str | None, num_shards: int):
+        parts = []
+        for index in range(num_shards):
+            file_url = join(url, _file(split, views, index))
+            got = _read(file_url, key)
+            if got is None:
+                raise FileNotFoundError(f"{file_url} is missing: the cache was not completely built")
+            parts.append(got[0])
+        parts = [p for p in parts if p["features"].numel()]
+        self.features = torch.cat([p["features"] for p in parts])
+        label_names = [k for k in parts[0] if k.startswith("label")]
+        self.labels = {k: torch.cat([p[k] for p in parts]) for k in label_names}
+        self.keys = [k for p in parts for k in bytes(p["keys"].tolist()).decode().split("\n")]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def _label(self, index: torch.Tensor) -> Any:
+        if "label" in self.labels:
+            return self.labels["label"][index]
+        return {k[len("label."):]: v[index] for k, v in self.labels.items()}
+
+    def train_batches(self, *, epoch: int, seed: int, batch_size: int, num_batches: int, skip_batches: int = 0,
+                      rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
+        """Batches of one epoch: clips in an order drawn from (seed, epoch), one of the V views of each
+        drawn from (seed, epoch) too; global batch b holds positions b*B..(b+1)*B (wrapping) and each
+        rank takes its slice. Batches before `skip_batches` are skipped (exact resume)."""
+        n, views = self.features.shape[:2]
+        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}/{epoch}/cache".encode()).hexdigest()[:15], 16))
+        order = torch.randperm(n, generator=gen)
+        view = torch.randint(views, (n,), generator=gen)
+        local = batch_size // world
+        for b in range(skip_batches, num_batches):
+            positions = torch.arange(b * batch_size + rank * local, b * batch_size + (rank + 1) * local) % n
+            index = order[positions]
+            yield {"features": self.features[index, view[index]].float(), "label": self._label(index)}
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
+        """Every clip with all its views, clip i on rank i % world: {'features': (B, V, T', D), 'label'}."""
+        mine = torch.arange(rank, len(self), world)
+        for start in range(0, len(mine), batch_size):
+            index = mine[start:start + batch_size]
+            yield {"features": self.features[index].float(), "label": self._label(index)}
