@@ -1,6 +1,7 @@
 # Two commands set up a fresh machine:
 #   make test   create .venv, install through constraints.txt, run the default (CPU) test tier
-#   make run    the main job (for now: one training step per variant, full and SFA stage 2)
+#   make run    the main job: the sfa Kubeflow pipeline run locally (kfp.local) on synthetic data,
+#               SFA vs the conventional recipe, MLflow in runs/<run-id>/mlflow.db
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,7 +25,7 @@ test-all: install
 	$(PY) -m pytest -m ''
 
 run: install
-	$(VENV)/bin/sfa smoke
+	$(VENV)/bin/sfa pipeline run
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs

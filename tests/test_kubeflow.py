@@ -1,0 +1,148 @@
+"""Kubeflow: compiled files are current, profiles reach the compiled pipeline, components are one
+library call each, manifests and Dockerfiles are valid, the local pipeline runs end to end, and
+submission to an unreachable endpoint fails in one line."""
+
+import ast
+import inspect
+import json
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sfa_vivit.kubeflow import profiles, runner
+from sfa_vivit.kubeflow.components import COMPONENTS, IMAGE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_checked_in_components_pipelines_and_profiles_are_current(tmp_path):
+    written = runner.compile_all(tmp_path)
+    assert len(written) == len(COMPONENTS) + len(runner.COMPILED_PIPELINES) + 1
+    stale = [str(Path(p).relative_to(tmp_path)) for p in written
+             if not (ROOT / Path(p).relative_to(tmp_path)).exists()
+             or (ROOT / Path(p).relative_to(tmp_path)).read_text() != Path(p).read_text()]
+    assert not stale, f"stale compiled files (run `sfa pipeline compile`): {stale}"
+    from kfp import components
+    loaded = components.load_component_from_file(str(ROOT / "components" / "train_stage2.yaml"))
+    assert set(loaded.component_spec.inputs) >= {"data", "stage1", "recipe", "sets"}
+
+
+def _platform(spec: dict) -> dict:
+    return spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.mark.parametrize("profile", ["gpu-a100", "tpu-v4-8"])
+def test_the_compiled_pipeline_holds_the_profile(tmp_path, profile):
+    path = runner.compile_pipeline("sfa", profile, str(tmp_path / "p.yaml"))
+    pipeline_spec, platform_spec = list(yaml.safe_load_all(Path(path).read_text()))
+    prof = profiles.get(profile)
+    executors = pipeline_spec["deploymentSpec"]["executors"]
+    train = executors["exec-train-stage2"]["container"]["resources"]
+    assert train["accelerator"]["resourceType"] == prof.accelerator
+    assert int(train["accelerator"]["resourceCount"]) == prof.accelerator_count
+    k8s = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-stage2"]
+    assert {s["key"]: s["value"] for s in [{"key": k, "value": v} for k, v in k8s["nodeSelector"]["labels"].items()]} \
+        == dict(prof.node_selector)
+    assert [(t["key"], t["operator"], t["effect"]) for t in k8s["tolerations"]] == list(prof.tolerations)
+    assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    # Light steps stay off the accelerator pool.
+    assert "accelerator" not in executors["exec-prepare-data"]["container"].get("resources", {})
+    assert all(e["container"]["image"] == IMAGE for e in executors.values())
+
+
+def test_every_component_body_is_one_library_call():
+    for name, component in COMPONENTS.items():
+        func = component.python_func
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+        body = tree.body[0].body
+        assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), f"{name}: no docstring"
+        statements = body[1:]
+        assert len(statements) == 2, f"{name}: expected an import and one call"
+        imp, call = statements
+        assert isinstance(imp, ast.ImportFrom) and imp.module == "sfa_vivit.kubeflow", name
+        value = call.value
+        assert isinstance(call, (ast.Expr, ast.Return)) and isinstance(value, ast.Call), name
+        assert isinstance(value.func, ast.Attribute) and value.func.value.id == "steps", name
+        hints = {k for k in func.__annotations__ if k != "return"}
+        assert hints == set(inspect.signature(func).parameters), f"{name}: untyped parameters"
+
+
+def test_k8s_manifests_pass_strict_validation():
+    files = sorted(str(p) for p in (ROOT / "k8s").glob("*.yaml"))
+    assert len(files) >= 4
+    proc = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", *files],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kinds = {d["kind"] for f in files for d in yaml.safe_load_all(Path(f).read_text())}
+    assert kinds >= {"Namespace", "ServiceAccount", "Deployment", "Service", "ConfigMap"}
+    sa = yaml.safe_load((ROOT / "k8s" / "service-account.yaml").read_text())
+    assert "iam.gke.io/gcp-service-account" in sa["metadata"]["annotations"]
+
+
+def test_dockerfiles_copy_existing_files_pin_digests_and_run_as_non_root():
+    import tomllib
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for kind in ("cpu", "cuda", "tpu"):
+        text = (ROOT / "containers" / f"Dockerfile.{kind}").read_text()
+        assert re.search(r"^FROM \S+@sha256:[0-9a-f]{64}", text, re.M), kind
+        for line in re.findall(r"^COPY (.+)$", text, re.M):
+            for source in line.split()[:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile.{kind} copies missing {source}"
+        assert re.search(r"^USER 1000$", text, re.M), kind
+        entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))
+        assert entry[0] in scripts
+        assert "constraints.txt" in text
+
+
+def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]          # closed again: nothing listens there
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "sfa_vivit.cli", "pipeline", "submit",
+                           str(ROOT / "pipelines" / "sfa-cpu.yaml"), "--host", f"http://127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unreachable" in lines[0] and f"127.0.0.1:{port}" in lines[0], proc.stderr
+
+
+def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = runner.run_local(str(tmp_path / "runs"), "e2e", size="tiny")
+    root = Path(summary["root"])
+    page = Path(summary["report"]).read_text()
+    assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 2
+    assert (root / "data" / "manifest.json").exists()
+    artifacts = root / "artifacts"
+    for name in ("train-stage1", "train-stage2", "train-baseline", "evaluate", "memory-benchmark"):
+        assert list(artifacts.glob(f"*/{name}*")), name
+    assert list(artifacts.glob("*/train-stage2/model/model/COMMITTED"))
+    assert list(artifacts.glob("*/train-stage2/model/feature_cache/cache.json"))
+    db = sqlite3.connect(str(root / "mlflow.db"))
+    runs = dict(db.execute("select name, run_uuid from runs"))
+    parent = [name for name in runs if name.startswith("sfa ")]
+    assert len(parent) == 1
+    parent_id = runs[parent[0]]
+    children = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                               "where t.key = 'mlflow.parentRunId'"))
+    assert set(children) == {"stage1-4f", "stage2-8f", "baseline-8f", "evaluate-sfa", "evaluate-baseline",
+                             "memory_benchmark", "report"}
+    assert set(children.values()) == {parent_id}
+    kfp_tag = db.execute("select value from tags where run_uuid = ? and key = 'sfa.kfp_run_id'", (parent_id,)).fetchone()
+    assert kfp_tag and kfp_tag[0]
+    metrics = {(n, k) for n, k in db.execute("select r.name, m.key from metrics m join runs r on r.run_uuid = m.run_uuid")}
+    for expected in [("stage2-8f", "top1"), ("stage2-8f", "train_time_s"), ("baseline-8f", "train_time_s"),
+                     ("evaluate-sfa", "top1"), ("report", "time_ratio_sfa_over_baseline"),
+                     ("memory_benchmark", "full_mib_per_frame")]:
+        assert expected in metrics, expected
+    assert summary["figures"]["sfa_train_time_s"] > 0 and "baseline_top1" in summary["figures"]
