@@ -64,6 +64,15 @@ class Setting:
 
 
 def _rss_bytes() -> int:
+    """This process's peak resident set. VmHWM (Linux) belongs to this process image alone; ru_maxrss
+    survives exec, so a child started from a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
