@@ -118,18 +118,28 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def _header(url: str, key: str, blob: bytes | None = None) -> dict[str, Any]:
+    """A cache file's safetensors header (from `blob`, or read from `url`); raises StaleCacheError
+    when the file belongs to another cache."""
+    if blob is None:
+        with open_url(url, "rb") as f:
+            head = f.read(8)
+            blob = head + f.read(int.from_bytes(head, "little"))
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    found = header.get("__metadata__", {}).get("key", "?")
+    if found != key:
+        raise StaleCacheError(f"{url} belongs to another cache (key {found[:12]}..., expected {key[:12]}...); "
+                              "delete the cache folder")
+    return header
+
+
 def _read(url: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """A cache file's tensors and metadata, or None when it is missing or of another key."""
+    """A cache file's tensors and metadata, or None when it is missing; StaleCacheError for another key."""
     if not _exists(url):
         return None
     with open_url(url, "rb") as f:
         blob = f.read()
-    header_len = int.from_bytes(blob[:8], "little")
-    meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
-    if meta.get("key") != key:
-        raise StaleCacheError(f"{url} belongs to another cache (key {meta.get('key', '?')[:12]}..., expected "
-                              f"{key[:12]}...); delete the cache folder")
-    return load_safetensors(blob), meta
+    return load_safetensors(blob), _header(url, key, blob)["__metadata__"]
 
 
 def _labels(labels: list[Any]) -> dict[str, torch.Tensor]:
@@ -229,11 +239,7 @@ def describe(url: str, key: str, jobs: list[tuple[str, str | None, ClipDataset, 
         file_url = join(url, _file(split, name, index))
         fs, path = url_to_fs(file_url)
         size += fs.size(path)
-        with open_url(file_url, "rb") as f:
-            head = f.read(8)
-            meta = json.loads(f.read(int.from_bytes(head, "little")))
-        if meta["__metadata__"].get("key") != key:
-            raise StaleCacheError(f"{file_url} belongs to another cache; delete the cache folder")
+        meta = _header(file_url, key)
         seconds = float(meta["__metadata__"]["build_time_s"])
         if name is None:
             shape = meta["features"]["shape"]
