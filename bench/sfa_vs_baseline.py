@@ -133,8 +133,8 @@ def plot(summary: dict, path: Path) -> None:
               if name in ("baseline", "stage1", "stage2", "stage2_cached")}
     m, n = summary["mean"], len(summary["seeds"])
     line_plot(path, series, xlabel="epoch", ylabel=f"validation top-1 (%), seed {summary['seeds'][0]}",
-              title=f"synthetic, mean of {n} seed(s): SFA {m['sfa_top1']:.1f}% ({m['time_ratio_sfa_over_baseline']:.2f}x time), "
-                    f"cached {m['sfa_cached_top1']:.1f}% ({m['time_ratio_sfa_cached_over_baseline']:.2f}x), "
+              title=f"mean of {n} seed(s): SFA {m['sfa_top1']:.1f}% ({m['time_ratio_sfa_over_baseline']:.2f}x), "
+                    f"+cache {m['sfa_cached_top1']:.1f}% ({m['time_ratio_sfa_cached_over_baseline']:.2f}x), "
                     f"baseline {m['baseline_top1']:.1f}%")
 
 
