@@ -35,8 +35,8 @@ def artifact_url(artifact: Any) -> str:
 def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", experiment: str = EXPERIMENT) -> str:
     """The MLflow parent run of pipeline run `kfp_run_id` (found by tag, else created); '' when MLflow
     cannot be reached (the pipeline goes on untracked)."""
-    from sfa_vivit.train.tracking import Tracker
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    from sfa_vivit.train.tracking import Tracker, default_tracking_uri
+    uri = tracking_uri or default_tracking_uri(os.getcwd())
     try:
         from mlflow.tracking import MlflowClient
         client = MlflowClient(tracking_uri=uri)
@@ -72,9 +72,9 @@ def _tracking(tracking_uri: str, parent_run_id: str) -> Iterator[None]:
 
 
 def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:
-    from sfa_vivit.train.tracking import Tracker
+    from sfa_vivit.train.tracking import Tracker, default_tracking_uri
     with _tracking(tracking_uri, parent_run_id):
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        uri = default_tracking_uri(os.getcwd())
         tracker = Tracker(uri, EXPERIMENT, name, tags=tags)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
         tracker.finish()
