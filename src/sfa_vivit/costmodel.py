@@ -59,7 +59,7 @@ def step_flops(config: ViViTConfig) -> dict[str, float]:
 def run_ratios(config: ViViTConfig, epochs: int, cache_views: int, stage1_frames: int = 8) -> dict[str, float]:
     """Total training cost of SFA and of SFA with the cache, each over the conventional recipe at
     `config.num_frames` for the same epochs; and stage 1's share."""
-    target, stage1 = step_flops(config), step_flops(_with_frames(config, stage1_frames))
+    target, stage1 = step_flops(config), step_flops(dataclasses.replace(config, num_frames=stage1_frames))
     spatial = forward_flops(config)["S"]
     conventional = epochs * target["full"]
     first = epochs * stage1["full"]
@@ -67,6 +67,3 @@ def run_ratios(config: ViViTConfig, epochs: int, cache_views: int, stage1_frames
             "sfa": (first + epochs * target["stage2"]) / conventional,
             "sfa_cached": (first + cache_views * spatial + epochs * target["stage2-cached"]) / conventional}
 
-
-def _with_frames(config: ViViTConfig, frames: int) -> ViViTConfig:
-    return dataclasses.replace(config, num_frames=frames)
