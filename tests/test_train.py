@@ -88,8 +88,9 @@ def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, tmp_path, no
     assert json.loads((tmp_path / "s2" / "config.json").read_text())["freeze_spatial"] is True
 
 
-def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path, no_mlflow_env):
-    args = ("checkpoint_every=2", "dropout=0.1", "drop_path=0.1", "mixup_alpha=0.2")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path, no_mlflow_env, optimizer):
+    args = ("checkpoint_every=2", "dropout=0.1", "drop_path=0.1", "mixup_alpha=0.2", f"optimizer={optimizer}")
     reference = Trainer(config("baseline", *args, epochs=2), tiny_data, str(tmp_path / "a")).fit()
     # Hard kill at step 3: the last committed checkpoint is step 2, mid-epoch (6 steps per epoch).
     out = tmp_path / "b"

@@ -20,6 +20,8 @@ from sfa_vivit.data.synth import SynthOptions, generate
 from sfa_vivit.evaluate import evaluate
 from sfa_vivit.models import VARIANTS, vivit
 from sfa_vivit.train.config import MODES, RECIPES, resolve
+from sfa_vivit.train.image_vit import ImageViTOptions
+from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
 from sfa_vivit.train.trainer import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted, train
 
 
@@ -111,6 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for field in dataclasses.fields(SynthOptions):
         p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(synth_defaults, field.name)),
                        default=getattr(synth_defaults, field.name))
+
+    p = data.add_parser("synth-vit", help="train the synthetic recipe's image ViT (its spatial init, as the "
+                        "paper's ImageNet checkpoint); use it with --set image_checkpoint=DIR")
+    p.add_argument("--out", required=True, help="local output folder (a Hugging Face ViT folder)")
+    vit_defaults = ImageViTOptions()
+    for field in dataclasses.fields(ImageViTOptions):
+        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(vit_defaults, field.name)),
+                       default=getattr(vit_defaults, field.name))
+    p.add_argument("--recipe", default="synthetic", help="the recipe whose spatial encoder sizes it takes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (sizes)")
 
     p = data.add_parser("verify", help="check every shard of a prepared dataset against its sha256")
     p.add_argument("url", help="prep output folder or its manifest.json")
@@ -285,6 +297,12 @@ def _data(args: argparse.Namespace) -> int:
         names = [f.name for f in dataclasses.fields(SynthOptions)]
         paths = generate(args.out, SynthOptions(**{n: getattr(args, n) for n in names}))
         print(f"sfa data synth: {paths['videos']} + {paths['train']}, {paths['validation']}")
+    elif args.data_command == "synth-vit":
+        names = [f.name for f in dataclasses.fields(ImageViTOptions)]
+        report = pretrain_image_vit(args.out, ImageViTOptions(**{n: getattr(args, n) for n in names}),
+                                    recipe=args.recipe, sets=args.set)
+        print(f"sfa data synth-vit: {args.out}: held-out accuracy {report['val_accuracy']}% "
+              f"(chance {report['chance_accuracy']}%), {report['time_s']} s")
     elif args.data_command == "verify":
         manifest = load_manifest(args.url)
         bad = verify_shards(manifest)

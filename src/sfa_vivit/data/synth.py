@@ -57,6 +57,25 @@ class SynthOptions:
 
 def render(label: int, options: SynthOptions, rng: random.Random) -> np.ndarray:
     """One video of class `label`: uint8 (T, H, W, 3)."""
+    return draw(scene(label, options, rng), options, rng)
+
+
+@dataclasses.dataclass
+class Scene:
+    """What a video shows: each object's colour and top-left corner per frame, in draw order."""
+    objects: list[tuple[tuple[int, int, int], list[tuple[float, float]]]]
+    side: int      # square side in pixels
+    target: int    # index in `objects` of the target square
+
+    def target_cell(self, t: int, size: int, grid: int) -> int:
+        """Row-major cell of a grid x grid partition of the frame holding the target's centre at frame t."""
+        x, y = self.objects[self.target][1][t]
+        col, row = (min(grid - 1, max(0, int((v + self.side / 2) * grid / size))) for v in (x, y))
+        return row * grid + col
+
+
+def scene(label: int, options: SynthOptions, rng: random.Random) -> Scene:
+    """The objects and paths of one video of class `label` (draws from `rng`)."""
     p = DIFFICULTY[options.difficulty]
     T, S = options.num_frames, options.size
     first, second = CLASSES[label].split(" then ")
@@ -74,7 +93,8 @@ def render(label: int, options: SynthOptions, rng: random.Random) -> np.ndarray:
         return [tuple(start + o) for o in offsets]
 
     turn = rng.randint(round(0.35 * T), round(0.65 * T))
-    objects = [((255, 255, 255), path(first, second, turn))]
+    target = ((255, 255, 255), path(first, second, turn))
+    objects = [target]
     for i in range(p["distractors"]):
         white = i < p["white"]
         color = (255, 255, 255) if white else tuple(rng.randint(60, 200) for _ in range(3))
@@ -84,16 +104,21 @@ def render(label: int, options: SynthOptions, rng: random.Random) -> np.ndarray:
         dturn = rng.choice([rng.randint(1, round(0.25 * T)), rng.randint(round(0.75 * T), T - 1)])
         objects.append((color, path(d1, d2, dturn)))
     rng.shuffle(objects)   # draw order carries no information
+    return Scene(objects, side, next(i for i, o in enumerate(objects) if o is target))
 
+
+def draw(s: Scene, options: SynthOptions, rng: random.Random) -> np.ndarray:
+    """The frames of a scene, with pixel noise: uint8 (T, H, W, 3)."""
+    T, S, noise = options.num_frames, options.size, DIFFICULTY[options.difficulty]["noise"]
     frames = np.empty((T, S, S, 3), np.uint8)
     noise_rng = np.random.default_rng(rng.getrandbits(63))
     for t in range(T):
         canvas = np.full((S, S, 3), 30.0)
-        for color, positions in objects:
+        for color, positions in s.objects:
             x, y = positions[t]
             x0, y0 = int(round(x)), int(round(y))
-            canvas[y0:y0 + side, x0:x0 + side] = color
-        canvas += noise_rng.normal(0, p["noise"], canvas.shape)
+            canvas[y0:y0 + s.side, x0:x0 + s.side] = color
+        canvas += noise_rng.normal(0, noise, canvas.shape)
         frames[t] = np.clip(canvas, 0, 255).astype(np.uint8)
     return frames
 

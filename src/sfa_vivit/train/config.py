@@ -35,6 +35,7 @@ MODES = ("baseline", "stage1", "stage2")
 TEMPORAL_INITS = ("scratch", "stage1")
 DEVICES = ("auto", "cpu", "cuda", "xla")
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclasses.dataclass
@@ -70,7 +71,8 @@ class TrainConfig:
     reference_batch_size: int = 128          # the batch base_lr is quoted for
     lr_scaling: str = "linear"               # 'linear' | 'none'
     warmup_epochs: float = 2.5
-    momentum: float = 0.9
+    optimizer: str = "sgd"                   # 'sgd' (the paper's, with momentum) | 'adamw'
+    momentum: float = 0.9                    # SGD momentum; AdamW's beta1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
@@ -223,6 +225,7 @@ def validate(c: TrainConfig) -> None:
     choice("device", DEVICES)
     choice("precision", PRECISIONS)
     choice("lr_scaling", ("linear", "none"))
+    choice("optimizer", OPTIMIZERS)
     choice("cache_dtype", ("float32", "bfloat16", "float16"))
     if c.cache_views and not c.freeze_spatial:
         raise ValueError(f"cache_views={c.cache_views} needs freeze_spatial=true: only a frozen spatial "
@@ -283,11 +286,23 @@ def learning_rate(c: TrainConfig) -> float:
     return c.base_lr * (c.batch_size / c.reference_batch_size if c.lr_scaling == "linear" else 1.0)
 
 
+def make_optimizer(c: TrainConfig, params: list) -> "torch.optim.Optimizer":
+    """The run's optimizer at its peak learning rate (the schedule scales it per step). SGD with
+    momentum is the paper's; AdamW (beta1 = `momentum`, decoupled `weight_decay`) is for training a
+    small model from scratch, where SGD waits at chance for a seed-dependent number of epochs."""
+    import torch
+
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate(c), betas=(c.momentum, 0.999),
+                                 weight_decay=c.weight_decay)
+    return torch.optim.SGD(params, lr=learning_rate(c), momentum=c.momentum, weight_decay=c.weight_decay)
+
+
 def field_help() -> dict[str, str]:
     """Field → type text, for `sfa train --help-keys`."""
     return {name: str(f.type) for name, f in _FIELDS.items()} | {
         f"model.{name}": str(f.type) for name, f in _MODEL_FIELDS.items()}
 
 
-__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "parse_views", "field_help",
+__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "make_optimizer", "parse_views", "field_help",
            "augment_config"]

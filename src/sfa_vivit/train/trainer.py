@@ -38,7 +38,7 @@ from sfa_vivit.data.reader import ClipDataset, load_manifest
 from sfa_vivit.models.vivit import Encoder, ViViT, ViViTConfig, vivit
 from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
 from sfa_vivit.train import cache
-from sfa_vivit.train.config import TrainConfig, augment_config, learning_rate, parse_views
+from sfa_vivit.train.config import TrainConfig, augment_config, learning_rate, make_optimizer, parse_views
 from sfa_vivit.train.evaluation import evaluate_model
 from sfa_vivit.train.tracking import Tracker, default_tracking_uri
 
@@ -98,8 +98,7 @@ class Trainer:
         self.trainable = self.model.trainable_parameters()
         if not self.trainable:
             raise TrainError("nothing to train: every parameter is frozen (check freeze_spatial/freeze_temporal)")
-        self.optimizer = torch.optim.SGD(self.trainable, lr=learning_rate(config), momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(config, self.trainable)
         if resume is not None:
             self._restore(resume)
         self.ddp_model = self.model

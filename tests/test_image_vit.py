@@ -1,0 +1,70 @@
+"""The synthetic recipe's image ViT: its labels, its format (a Hugging Face ViT the loader maps) and reuse."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfa_vivit import checkpoints
+from sfa_vivit.cli import main
+from sfa_vivit.data import synth
+from sfa_vivit.models.vivit import vivit
+from sfa_vivit.train import image_vit, resolve
+
+SIZES = ["model.width=32", "model.spatial_depth=2", "model.heads=2", "model.mlp_dim=64", "model.patch=8",
+         "image_size=32"]
+TINY = image_vit.ImageViTOptions(videos=6, val_videos=2, frames_per_video=2, steps=3, batch_size=4, warmup_steps=1)
+
+
+def test_each_frame_is_labelled_with_the_cell_of_the_target():
+    """Easy scenes have no distractor: the white pixels' centre must lie in the labelled cell."""
+    options = synth.SynthOptions(size=64, difficulty="easy")
+    for i in range(24):
+        rng = random.Random(i)
+        scene = synth.scene(i % len(synth.CLASSES), options, rng)
+        video = torch.from_numpy(synth.draw(scene, options, rng)).float()
+        for t in (0, 15, 31):
+            white = (video[t].min(-1).values > 200).nonzero().float()   # (row, col) of white pixels
+            row, col = (white.mean(0) * 4 / 64).long().tolist()
+            assert scene.target_cell(t, 64, 4) == row * 4 + col, (i, t)
+
+
+def test_frames_are_deterministic_and_balanced_over_cells():
+    x, y = image_vit.frames(TINY, "train", 32)
+    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (12,)
+    x2, y2 = image_vit.frames(TINY, "train", 32)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    _, labels = image_vit.frames(image_vit.ImageViTOptions(videos=120), "train", 64)
+    counts = torch.bincount(labels, minlength=16)
+    assert counts.min() > 0, counts   # the target visits every cell
+
+
+def test_pretrained_folder_loads_into_the_recipes_spatial_encoder_and_is_reused(tmp_path):
+    out = tmp_path / "vit"
+    report = image_vit.pretrain(str(out), TINY, sets=SIZES, progress=False)
+    assert 0 <= report["val_accuracy"] <= 100 and report["chance_accuracy"] == 6.25
+    assert json.loads((out / image_vit.REPORT).read_text()) == report
+    hf = load_file(out / "model.safetensors")
+
+    config = resolve("baseline", "synthetic", sets=[*SIZES, f"image_checkpoint={out}"])
+    model = vivit(config.variant, num_frames=4, image_size=32, num_classes=12, **config.model)
+    assert checkpoints.detect_image_format(str(out)) == "hf"
+    checkpoints.load_image_vit(model, str(out))
+    kernel = hf["vit.embeddings.patch_embeddings.projection.weight"]
+    assert torch.equal(model.embedding.weight[:, :, 1], kernel)          # central frame of the tubelet
+    assert torch.equal(model.spatial.pos_embedding, hf["vit.embeddings.position_embeddings"])
+    assert model.config.activation == "gelu"
+
+    # Same options: reused as it is. Other options: refused, nothing overwritten.
+    assert image_vit.pretrain(str(out), TINY, sets=SIZES, progress=False) == report
+    with pytest.raises(ValueError, match="other options"):
+        image_vit.pretrain(str(out), image_vit.ImageViTOptions(steps=4), sets=SIZES, progress=False)
+    assert load_file(out / "model.safetensors").keys() == hf.keys()
+
+
+def test_cli_rejects_bad_options_before_any_work(tmp_path, capsys):
+    assert main(["data", "synth-vit", "--out", str(tmp_path / "v"), "--difficulty", "impossible"]) != 0
+    assert "difficulty='impossible'" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
