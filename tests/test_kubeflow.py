@@ -124,6 +124,11 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 2
     assert (root / "data" / "manifest.json").exists()
     artifacts = root / "artifacts"
+    # Stage 1 and the baseline start from the run's image ViT, as the paper's runs from an image checkpoint.
+    assert (root / "image_vit" / "image_vit.json").exists()
+    for name in ("train-stage1", "train-baseline"):
+        config = json.loads(next(artifacts.glob(f"*/{name}/model/config.json")).read_text())
+        assert config["image_checkpoint"] == str(root / "image_vit"), name
     for name in ("train-stage1", "train-stage2", "train-baseline", "evaluate", "memory-benchmark"):
         assert list(artifacts.glob(f"*/{name}*")), name
     assert list(artifacts.glob("*/train-stage2/model/model/COMMITTED"))

@@ -17,7 +17,11 @@ the global batch (Goyal et al. 2017): lr = base_lr * batch_size / 128, so a run 
 with a smaller batch keeps the per-example step size (`lr_scaling=none` turns this off).
 
 `synthetic` is for CPU runs on `sfa data synth` data: a small ViViT (width 96, 4+2 blocks,
-64x64 frames in 8x8 patches), trained from scratch.
+64x64 frames in 8x8 patches). Give it the image ViT of `sfa data synth-vit` as `image_checkpoint`,
+as the paper's runs start from an image checkpoint; without one the spatial encoder starts from
+scratch and a run waits at chance for a seed-dependent number of epochs.
+
+`optimizer=adamw` (beta1 = `momentum`) is there for runs from scratch; every recipe uses SGD.
 """
 
 from __future__ import annotations
