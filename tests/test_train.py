@@ -61,12 +61,15 @@ def test_config_layers_and_augmentation_fields():
             resolve("stage1", "k400", sets=bad)
 
 
-def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, tmp_path, no_mlflow_env):
+def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, tmp_path, no_mlflow_env, caplog):
     s1 = tmp_path / "s1"
     m1 = Trainer(config("stage1"), tiny_data, str(s1)).fit()
     assert m1["mode"] == "stage1" and m1["trainable_parameters"] == m1["total_parameters"]
-    # Stage 2 at the same frame count starts exactly at the stage-1 function.
-    same = Trainer(config("stage2", frames=4), tiny_data, str(tmp_path / "same"), init=str(s1))
+    # Stage 2 at the same frame count starts exactly at the stage-1 function (an image checkpoint
+    # given as well is not used, and the log says so).
+    same = Trainer(config("stage2", "image_checkpoint=unused-vit", frames=4), tiny_data, str(tmp_path / "same"),
+                   init=str(s1))
+    assert "image_checkpoint=unused-vit is not used" in caplog.text
     stage1_model = checkpoints.load(s1 / "model").model.eval()
     video = torch.randn(2, 4, 3, 32, 32)
     assert torch.equal(same.model.eval()(video), stage1_model(video))

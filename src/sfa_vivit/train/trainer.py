@@ -186,6 +186,9 @@ class Trainer:
             elif c.freeze_spatial:
                 log.warning("freeze_spatial without --init or image_checkpoint freezes a random spatial encoder")
             return model
+        if c.image_checkpoint:
+            log.warning("image_checkpoint=%s is not used: --init %s supplies every weight, the spatial "
+                        "encoder included", c.image_checkpoint, self.init)
         return self._model_from_init(expected)
 
     def _model_from_init(self, expected: ViViTConfig) -> ViViT:
