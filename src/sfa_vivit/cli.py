@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -109,18 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = data.add_parser("synth", help="write the synthetic motion-order dataset in the Kinetics layout")
     p.add_argument("--out", required=True, help="local output folder")
-    synth_defaults = SynthOptions()
-    for field in dataclasses.fields(SynthOptions):
-        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(synth_defaults, field.name)),
-                       default=getattr(synth_defaults, field.name))
+    _add_options(p, SynthOptions)
 
     p = data.add_parser("synth-vit", help="train the synthetic recipe's image ViT (its spatial init, as the "
                         "paper's ImageNet checkpoint); use it with --set image_checkpoint=DIR")
     p.add_argument("--out", required=True, help="local output folder (a Hugging Face ViT folder)")
-    vit_defaults = ImageViTOptions()
-    for field in dataclasses.fields(ImageViTOptions):
-        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(vit_defaults, field.name)),
-                       default=getattr(vit_defaults, field.name))
+    _add_options(p, ImageViTOptions)
     p.add_argument("--recipe", default="synthetic", help="the recipe whose spatial encoder sizes it takes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (sizes)")
 
@@ -285,6 +279,19 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_options(parser: argparse.ArgumentParser, options: type) -> None:
+    """One --flag per field of the options dataclass, typed and defaulted by its defaults."""
+    defaults = options()
+    for field in dataclasses.fields(options):
+        value = getattr(defaults, field.name)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value)
+
+
+def _options(args: argparse.Namespace, options: type) -> Any:
+    """The options dataclass from the flags `_add_options` declared."""
+    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options)})
+
+
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "prep":
         options = PrepOptions(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
@@ -294,12 +301,10 @@ def _data(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")
     elif args.data_command == "synth":
-        names = [f.name for f in dataclasses.fields(SynthOptions)]
-        paths = generate(args.out, SynthOptions(**{n: getattr(args, n) for n in names}))
+        paths = generate(args.out, _options(args, SynthOptions))
         print(f"sfa data synth: {paths['videos']} + {paths['train']}, {paths['validation']}")
     elif args.data_command == "synth-vit":
-        names = [f.name for f in dataclasses.fields(ImageViTOptions)]
-        report = pretrain_image_vit(args.out, ImageViTOptions(**{n: getattr(args, n) for n in names}),
+        report = pretrain_image_vit(args.out, _options(args, ImageViTOptions),
                                     recipe=args.recipe, sets=args.set)
         print(f"sfa data synth-vit: {args.out}: held-out accuracy {report['val_accuracy']}% "
               f"(chance {report['chance_accuracy']}%), {report['time_s']} s")
