@@ -3,6 +3,7 @@ clip sampling, augmentation, and the synthetic dataset."""
 
 import csv
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -441,6 +442,29 @@ def test_reader_crop_then_decode_equals_augmenting_the_whole_frames(kinetics_fol
     window = augment.crop_window(meta["height"], meta["width"], 32, cfg, gen)
     crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window)
     assert torch.equal(augment.finish_train(crops, 32, cfg, gen), expected)
+
+
+def test_decode_frames_matches_pillow_and_names_a_bad_frame(kinetics_folder):
+    """The reader's decoder gives Pillow's pixels exactly (both are libjpeg-turbo), crops included, and a
+    frame whose bytes are not a JPEG is named in the error."""
+    from PIL import Image
+    root, csv_path, videos = kinetics_folder
+    prepare("kinetics400", [csv_path], videos, str(root / "out"), options=SMALL, progress=False)
+    sample = next(iter_samples(load_manifest(str(root / "out")).shard_urls("train")))
+    jpgs, offsets = sample["jpgs"], sample["meta"]["offsets"]
+    idx = [0, 2, 2, len(offsets) - 2]
+    window = (3, 5, 20)
+    for crop in (None, window):
+        ours = decode_frames(jpgs, offsets, idx, crop).numpy()
+        for n, i in enumerate(idx):
+            with Image.open(io.BytesIO(jpgs[offsets[i]:offsets[i + 1]])) as image:
+                if crop is not None:
+                    image = image.crop((crop[1], crop[0], crop[1] + crop[2], crop[0] + crop[2]))
+                assert np.array_equal(ours[n], np.asarray(image.convert("RGB")))
+    broken = bytearray(jpgs)
+    broken[offsets[1]:offsets[1] + 16] = b"\x00" * 16
+    with pytest.raises(ValueError, match=r"frame 1 \(bytes"):
+        decode_frames(bytes(broken), offsets, [0, 1])
 
 
 def test_colour_jitter_is_the_composition_of_its_four_operations():

@@ -96,7 +96,7 @@ def local_arguments(size: str = "default") -> tuple[dict[str, Any], dict[str, An
                      membench_variant="Ti", membench_frames="4,8", membench_image_size=32,
                      membench_model_sizes={"spatial_depth": 1, "temporal_depth": 1}, fps=16.0, prep_workers=1))
     return (dict(num_train=240, num_val=96, num_frames=32, size=64, fps=16, difficulty="medium"),
-            dict(sets=["epochs=10", "workers=1"], stage1_sets=["num_frames=8"],
+            dict(sets=["epochs=10"], stage1_sets=["num_frames=8"],
                  stage2_sets=["num_frames=32", "cache_views=2"], baseline_sets=["num_frames=32"], eval_views="2x1",
                  short_side=64, shard_size=64, prep_parts=2, membench_variant="Ti", membench_frames="8,16,32",
                  membench_image_size=64, membench_model_sizes={"width": 96, "spatial_depth": 4, "temporal_depth": 2,

@@ -21,6 +21,10 @@ with a smaller batch keeps the per-example step size (`lr_scaling=none` turns th
 as the paper's runs start from an image checkpoint; without one the spatial encoder starts from
 scratch and a run waits at chance for a seed-dependent number of epochs.
 
+It reads clips in the training process (`workers=0`): on a CPU device a DataLoader worker takes
+cores from the model's threads, and on 2 cores it made stage-1 epochs 1.5x slower and no epoch
+faster (README, "Data loading on a CPU device").
+
 `optimizer=adamw` (beta1 = `momentum`) is there for runs from scratch; every recipe uses SGD.
 """
 
@@ -129,7 +133,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "synthetic": dict(variant="Ti", model=dict(width=96, spatial_depth=4, temporal_depth=2, heads=4, mlp_dim=192,
                                                patch=8),
                       image_size=64, batch_size=16, base_lr=0.8, epochs=12, warmup_epochs=0.5,
-                      color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15, workers=1,
+                      color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15, workers=0,
                       final_eval_views="2x1", eval_views="1x1"),
 }
 
