@@ -19,7 +19,7 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "sfa_vivit": version("sfa-vivit")}
-    for package in ("av", "webdataset", "pillow"):
+    for package in ("av", "webdataset", "pillow", "simplejpeg"):
         try:
             info[package] = version(package)
         except Exception:  # noqa: BLE001 - optional
