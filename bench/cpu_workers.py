@@ -1,5 +1,5 @@
 """Training epochs on a CPU device with the clips read in the training process (workers=0) or by
-DataLoader worker processes (workers=1, 2): stage 1 at 8 frames and the baseline at 32, side by side.
+DataLoader worker processes (workers=1 or more): stage 1 at 8 frames and the baseline at 32, side by side.
 
     python bench/cpu_workers.py [--epochs 2] [--workers 0,1] [--difficulty medium]
 

@@ -16,7 +16,9 @@ comparison mostly measures the seed.
 
 Every run is repeated for each training seed (the dataset stays the same): 120 validation clips make one
 clip 0.83 points, and a single seed's difference between two recipes is within its seed-to-seed spread.
-The summary gives each seed's figures and their mean and standard deviation.
+The summary gives each seed's figures, their mean, standard deviation and 95% t interval of the mean,
+and judges the claims of `CLAIMS` on those intervals: met, not met, or undetermined (the interval
+straddles the bound: the seeds cannot tell).
 
 Writes bench/results/sfa_vs_baseline.json and .png (validation top-1 per epoch of each run, first seed).
 A cached run's train_time_s includes building the cache's training views.
@@ -120,9 +122,37 @@ AGGREGATE = {
 }
 
 
+# The issue's claims on the seed means: figure -> (bound, "le" | "ge").
+CLAIMS = {
+    "time_ratio_sfa_cached_over_baseline": (0.35, "le"),
+    "top1_difference_sfa_cached_minus_baseline": (-0.5, "ge"),
+    "top1_difference_sfa_minus_baseline": (-0.5, "ge"),
+}
+
+
+def interval95(values: list[float]) -> list[float] | None:
+    """Two-sided 95% t interval of the mean of `values` (seeds are independent repeats)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
+    return [round(statistics.fmean(values) - half, 3), round(statistics.fmean(values) + half, 3)]
+
+
+def verdict(ci: list[float] | None, bound: float, sense: str) -> str:
+    """'met' when the whole interval satisfies the claim, 'not met' when none of it does, else
+    'undetermined' (the seeds cannot tell)."""
+    if ci is None:
+        return "undetermined"
+    ok = (lambda v: v <= bound) if sense == "le" else (lambda v: v >= bound)
+    return "met" if ok(ci[0]) and ok(ci[1]) else "not met" if not ok(ci[0]) and not ok(ci[1]) else "undetermined"
+
+
 def aggregate(per_seed: dict[int, dict]) -> dict:
-    """Mean and (sample) standard deviation over seeds of every AGGREGATE figure."""
-    mean, std = {}, {}
+    """Mean, (sample) standard deviation and 95% interval of the mean over seeds of every AGGREGATE
+    figure (the top-1 differences are paired: both runs of a seed see the same data order), and the
+    issue's claims judged on those intervals."""
+    mean, std, ci = {}, {}, {}
     for name, path in AGGREGATE.items():
         values = []
         for summary in per_seed.values():
@@ -131,7 +161,10 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
             values.append(summary)
         mean[name] = round(statistics.fmean(values), 3)
         std[name] = round(statistics.stdev(values), 3) if len(values) > 1 else None
-    return {"seeds": list(per_seed), "mean": mean, "std": std}
+        ci[name] = interval95(values)
+    claims = {name: {"bound": bound, "sense": "<=" if sense == "le" else ">=", "mean": mean[name], "ci95": ci[name],
+                     "verdict": verdict(ci[name], bound, sense)} for name, (bound, sense) in CLAIMS.items()}
+    return {"seeds": list(per_seed), "mean": mean, "std": std, "ci95": ci, "claims": claims}
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -179,7 +212,7 @@ def main() -> None:
     summary = {**aggregate(per_seed), "image_vit": image_vit or args.image_vit, "per_seed": {str(k): v for k, v in per_seed.items()}}
     plot(summary, RESULTS / "sfa_vs_baseline.png")
     save("sfa_vs_baseline", summary)
-    print(json.dumps({"mean": summary["mean"], "std": summary["std"]}, indent=1))
+    print(json.dumps({"mean": summary["mean"], "std": summary["std"], "claims": summary["claims"]}, indent=1))
 
 
 if __name__ == "__main__":

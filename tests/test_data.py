@@ -467,6 +467,26 @@ def test_decode_frames_matches_pillow_and_names_a_bad_frame(kinetics_folder):
         decode_frames(bytes(broken), offsets, [0, 1])
 
 
+def test_views_that_share_decoded_frames_equal_views_decoded_apart(kinetics_folder, monkeypatch):
+    """Training views of one clip decoded through one `decoded` dict are the views decoded one by one,
+    and the decoder ran once per distinct frame, which the dict holds whole."""
+    from sfa_vivit.data import reader
+    root, csv_path, videos = kinetics_folder
+    prepare("kinetics400", [csv_path], videos, str(root / "out"), options=SMALL, progress=False)
+    data = ClipDataset(str(root / "out"), "train", mode="train", num_frames=8, stride=1, image_size=32)
+    sample = next(iter_samples(data.shards))
+    apart = [data.clip(sample, epoch=epoch)["video"] for epoch in range(3)]
+    calls = []
+    real = reader.simplejpeg.decode_jpeg
+    monkeypatch.setattr(reader.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    decoded: dict = {}
+    for epoch in range(3):
+        assert torch.equal(data.clip(sample, epoch=epoch, decoded=decoded)["video"], apart[epoch])
+    meta = sample["meta"]
+    assert len(calls) == len(decoded) < 3 * 8
+    assert all(frame.shape == (meta["height"], meta["width"], 3) for frame in decoded.values())
+
+
 def test_colour_jitter_is_the_composition_of_its_four_operations():
     x = 0.3 + 0.4 * torch.rand(2, 3, 8, 8)   # mid-range: no clamping inside the chain
     gen = torch.Generator().manual_seed(3)

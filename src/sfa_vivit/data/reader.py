@@ -149,27 +149,30 @@ def iter_samples(urls: list[str], checksums: dict[str, str] | None = None) -> It
 
 
 def decode_frames(jpgs: bytes, offsets: list[int], indices: list[int],
-                  window: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  window: tuple[int, int, int] | None = None,
+                  decoded: dict[int, np.ndarray] | None = None) -> torch.Tensor:
     """Decode only the frames at `indices` (repeats decoded once), optionally keeping only the square
-    `window` (top, left, side) of each: → uint8 (T, H, W, C).
+    `window` (top, left, side) of each: → uint8 (T, H, W, C). `decoded` (frame index → whole decoded
+    frame) carries decoded frames across calls on the same video: pass one dict to every call that
+    crops views of it, and each frame is decoded once.
 
     libjpeg-turbo through simplejpeg: the same decoder as Pillow's (the pixels are identical) at a
     fraction of the per-frame Python overhead, which dominates for small frames (6x faster at 64 px).
     A frame that does not decode raises ValueError naming its index."""
     data = memoryview(jpgs)
-    cache: dict[int, np.ndarray] = {}
+    whole: dict[int, np.ndarray] = {} if decoded is None else decoded
     out: np.ndarray | None = None
     for n, i in enumerate(indices):
-        frame = cache.get(i)
+        frame = whole.get(i)
         if frame is None:
             try:
                 frame = simplejpeg.decode_jpeg(data[offsets[i]:offsets[i + 1]], colorspace="RGB")
             except ValueError as e:
                 raise ValueError(f"frame {i} (bytes {offsets[i]}-{offsets[i + 1]}) is not a decodable JPEG: {e}") from None
-            if window is not None:
-                top, left, side = window
-                frame = frame[top:top + side, left:left + side]
-            cache[i] = frame
+            whole[i] = frame
+        if window is not None:
+            top, left, side = window
+            frame = frame[top:top + side, left:left + side]
         if out is None:
             out = np.empty((len(indices),) + frame.shape, np.uint8)
         out[n] = frame
@@ -290,9 +293,11 @@ class ClipDataset(torch.utils.data.IterableDataset):
         for sample in stream:
             yield self.clip(sample)
 
-    def clip(self, sample: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
+    def clip(self, sample: dict[str, Any], epoch: int | None = None,
+             decoded: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
         """One sample of `iter_samples` → the clip (train) or views (eval) this dataset yields for it,
-        at `epoch` (default: the current one). Training view k of a clip is `clip(sample, epoch=k)`."""
+        at `epoch` (default: the current one). Training view k of a clip is `clip(sample, epoch=k)`;
+        calls that share a `decoded` dict (see `decode_frames`) decode each frame of the sample once."""
         epoch = self.epoch if epoch is None else epoch
         meta = sample["meta"]
         n = meta["num_frames"]
@@ -303,11 +308,11 @@ class ClipDataset(torch.utils.data.IterableDataset):
             gen = torch.Generator().manual_seed(rng.getrandbits(62))
             idx = train_indices(n, self.num_frames, self.stride, rng)
             window = crop_window(meta["height"], meta["width"], self.image_size, self.augment, gen)
-            crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window)
+            crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window, decoded)
             video = finish_train(crops, self.image_size, self.augment, gen, allow_flip=self.manifest.horizontal_flip)
         else:
             clips = eval_indices(n, self.num_frames, self.stride, self.num_clips)
-            flat = decode_frames(sample["jpgs"], meta["offsets"], [i for clip in clips for i in clip])
+            flat = decode_frames(sample["jpgs"], meta["offsets"], [i for clip in clips for i in clip], decoded=decoded)
             views = [eval_views(flat[c * self.num_frames:(c + 1) * self.num_frames], self.image_size,
                                 self.num_crops, self.augment) for c in range(self.num_clips)]
             video = torch.cat(views)                     # (clips*crops, T, C, S, S)

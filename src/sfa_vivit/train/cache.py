@@ -219,8 +219,10 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
             clip = dataset.clip(sample)
             pending.extend(clip["video"])
         else:
-            clip = dataset.clip(sample, epoch=0)
-            pending.extend([clip["video"]] + [dataset.clip(sample, epoch=k)["video"] for k in range(1, views)])
+            decoded: dict[int, Any] = {}     # the views share the sample's decoded frames
+            clip = dataset.clip(sample, epoch=0, decoded=decoded)
+            pending.extend([clip["video"]] + [dataset.clip(sample, epoch=k, decoded=decoded)["video"]
+                                              for k in range(1, views)])
         labels.append(clip["label"])
         keys.append(clip["key"])
         if len(pending) >= batch_size:
