@@ -135,8 +135,9 @@ def interval95(values: list[float]) -> list[float] | None:
     if len(values) < 2:
         return None
     from scipy import stats
+    mean = statistics.fmean(values)
     half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-    return [round(statistics.fmean(values) - half, 3), round(statistics.fmean(values) + half, 3)]
+    return [round(mean - half, 3), round(mean + half, 3)]
 
 
 def verdict(ci: list[float] | None, bound: float, sense: str) -> str:

@@ -220,9 +220,9 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
             pending.extend(clip["video"])
         else:
             decoded: dict[int, Any] = {}     # the views share the sample's decoded frames
-            clip = dataset.clip(sample, epoch=0, decoded=decoded)
-            pending.extend([clip["video"]] + [dataset.clip(sample, epoch=k, decoded=decoded)["video"]
-                                              for k in range(1, views)])
+            clips = [dataset.clip(sample, epoch=k, decoded=decoded) for k in range(views)]
+            pending.extend(c["video"] for c in clips)
+            clip = clips[0]
         labels.append(clip["label"])
         keys.append(clip["key"])
         if len(pending) >= batch_size:
