@@ -34,7 +34,9 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_
     heads = list(num_classes) if isinstance(num_classes, dict) else None
     sizes = dict(num_classes) if heads else {"": num_classes}
     matrices = {h: torch.zeros(k, k, dtype=torch.float64, device=device) for h, k in sizes.items()} if confusion else {}
-    counts: dict[str, float] = {}
+    # Every name from the start: under DDP a rank that got no clips still reduces the same tensor.
+    names = ["n", "top1", "top5"] if heads is None else ["n", "top1", *(f"{h}_top{k}" for h in heads for k in (1, 5))]
+    counts: dict[str, float] = dict.fromkeys(names, 0.0)
 
     def confuse(head: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         if confusion:
@@ -44,7 +46,7 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_
             matrices[head] += torch.bincount(index, minlength=k * k).view(k, k).to(torch.float64)
 
     def add(name: str, value: torch.Tensor) -> None:
-        counts[name] = counts.get(name, 0.0) + float(value.sum())
+        counts[name] += float(value.sum())
 
     was_training = model.training
     model.eval()
@@ -84,7 +86,6 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_
             add("top1", all_right & keep)
     model.train(was_training)
 
-    names = sorted(counts)
     totals = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
