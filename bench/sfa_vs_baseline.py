@@ -7,6 +7,7 @@ stage-1 temporal encoder but no adapter.
 
     python bench/sfa_vs_baseline.py [--epochs 12] [--difficulty medium] [--frames 32] [--cache-views 2]
                                     [--seeds 0,1,2] [--image-vit auto|none|PATH] [--set key=value ...]
+                                    [--name sfa_vs_baseline]
 
 As in the paper, every run's spatial encoder starts from an image ViT: by default the synthetic one
 (`sfa_vivit.train.image_vit`, trained first on frames of the same kind of scenes; its time is
@@ -20,7 +21,8 @@ The summary gives each seed's figures, their mean, standard deviation and 95% t 
 and judges the claims of `CLAIMS` on those intervals: met, not met, or undetermined (the interval
 straddles the bound: the seeds cannot tell).
 
-Writes bench/results/sfa_vs_baseline.json and .png (validation top-1 per epoch of each run, first seed).
+Writes bench/results/<name>.json and .png (`--name`, default sfa_vs_baseline; the PNG: validation top-1 per
+epoch of each run, first seed).
 A cached run's train_time_s includes building the cache's training views.
 """
 
@@ -190,6 +192,7 @@ def main() -> None:
                         help="spatial init of every run: 'auto' trains the synthetic image ViT first "
                              "(sfa data synth-vit), 'none' trains from scratch, or an image checkpoint path")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--name", default="sfa_vs_baseline", help="results/<name>.json and .png")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -211,8 +214,8 @@ def main() -> None:
             print(f"seed {seed}:", {k: v for k, v in per_seed[seed].items() if k not in ("curves", "clips_per_s")},
                   flush=True)
     summary = {**aggregate(per_seed), "image_vit": image_vit or args.image_vit, "per_seed": {str(k): v for k, v in per_seed.items()}}
-    plot(summary, RESULTS / "sfa_vs_baseline.png")
-    save("sfa_vs_baseline", summary)
+    plot(summary, RESULTS / f"{args.name}.png")
+    save(args.name, summary)
     print(json.dumps({"mean": summary["mean"], "std": summary["std"], "claims": summary["claims"]}, indent=1))
 
 
