@@ -421,6 +421,31 @@ def test_cached_and_uncached_stage2_compute_the_same_logits(tiny_data, stage1_ru
         assert torch.allclose(model(views), model(features=cached_eval.features[j]), atol=1e-5)
 
 
+def test_ddp_ranks_hold_disjoint_parts_of_the_cache(tiny_data, stage1_run, tmp_path, no_mlflow_env):
+    from sfa_vivit.train.cache import CachedSplit
+    trainer = Trainer(config("stage2", "cache_views=2", frames=8), tiny_data, str(tmp_path / "s2"), init=stage1_run)
+    trainer._prepare_cache()
+    whole, key, url = trainer.cached_train, trainer.cache_report.key, str(tmp_path / "s2" / "feature_cache")
+    shards = len(trainer.train_data.shards)
+    parts = [CachedSplit(url, key, "train", None, shards, rank, 2) for rank in (0, 1)]
+    assert [len(p) for p in parts] == [12, 12] and not set(parts[0].keys) & set(parts[1].keys)
+    for part in parts:
+        for i, clip in enumerate(part.keys):
+            j = whole.keys.index(clip)
+            assert torch.equal(part.features[i], whole.features[j]) and part.labels["label"][i] == whole.labels["label"][j]
+        # One epoch of a rank: local batches of batch_size // world clips, every clip it holds once.
+        batches = list(part.train_batches(epoch=0, seed=0, batch_size=4, num_batches=6, rank=0, world=2))
+        assert all(b["features"].shape == (2, 4, 32) for b in batches)
+        seen = torch.cat([b["features"] for b in batches])
+        clip_of = [next(i for i in range(12) for v in (0, 1) if torch.equal(f, part.features[i, v])) for f in seen]
+        assert sorted(clip_of) == list(range(12))
+    evals = [CachedSplit(url, key, "validation", "1x1", len(trainer._eval_dataset("1x1").shards), r, 2) for r in (0, 1)]
+    assert sorted(evals[0].keys + evals[1].keys) == sorted(trainer.cached_eval["1x1"].keys)
+    lonely = CachedSplit(url, key, "train", None, shards, 29, 30)       # more ranks than clips
+    with pytest.raises(ValueError, match="more ranks than clips"):
+        next(lonely.train_batches(epoch=0, seed=0, batch_size=30, num_batches=1, rank=29, world=30))
+
+
 def test_cache_resumes_its_build_and_rejects_another_checkpoint(tiny_data, stage1_run, tmp_path, no_mlflow_env):
     from sfa_vivit.train.cache import StaleCacheError
     shared = tmp_path / "cache"

@@ -20,7 +20,8 @@ Every file carries the key too, and is written atomically, so building is resuma
 build keeps the files already written and computes the rest. Under DDP rank r builds files
 r, r + world, ...
 
-Memory: training holds the training cache in host memory (see `size_bytes`); at fp32 a clip costs
+Memory: training holds the training cache in host memory (see `size_bytes`), each DDP rank its
+1/world of the clips (the ranks of a node hold one copy between them); at fp32 a clip costs
 K * T' * D * 4 bytes (ViViT-B, 32 frames, K=4: 786 KB; bf16 halves it).
 """
 
@@ -256,21 +257,34 @@ def describe(url: str, key: str, jobs: list[tuple[str, str | None, ClipDataset, 
 
 
 class CachedSplit:
-    """One split of a built cache, held in host memory: features (N, V, T', D), labels, keys."""
+    """One split of a built cache, this rank's part held in host memory: features (N, V, T', D),
+    labels, keys. Of the split's clips in file order, rank r of `world` holds clips r, r + world, ...
+    (each file is read and cut in turn), so the ranks of a node hold one copy between them."""
 
-    def __init__(self, url: str, key: str, split: str, views: str | None, num_shards: int):
-        parts = []
+    def __init__(self, url: str, key: str, split: str, views: str | None, num_shards: int,
+                 rank: int = 0, world: int = 1):
+        parts, offset = [], 0
         for index in range(num_shards):
             file_url = join(url, _file(split, views, index))
             got = _read(file_url, key)
             if got is None:
                 raise FileNotFoundError(f"{file_url} is missing: the cache was not completely built")
-            parts.append(got[0])
-        parts = [p for p in parts if p["features"].numel()]
+            part = got[0]
+            n = part["features"].shape[0] if part["features"].numel() else 0
+            if n == 0:
+                continue
+            mine = [i for i in range(n) if (offset + i) % world == rank]   # may be none: rows (0, ...)
+            offset += n
+            keys = bytes(part["keys"].tolist()).decode().split("\n")
+            rows = torch.tensor(mine, dtype=torch.long)
+            parts.append({**{k: v[rows].clone() for k, v in part.items() if k != "keys"},
+                          "keys": [keys[i] for i in mine]})
+        if not parts:
+            raise ValueError(f"the {split} cache at {url} holds no clips")
         self.features = torch.cat([p["features"] for p in parts])
         label_names = [k for k in parts[0] if k.startswith("label")]
         self.labels = {k: torch.cat([p[k] for p in parts]) for k in label_names}
-        self.keys = [k for p in parts for k in bytes(p["keys"].tolist()).decode().split("\n")]
+        self.keys = [k for p in parts for k in p["keys"]]
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -282,22 +296,24 @@ class CachedSplit:
 
     def train_batches(self, *, epoch: int, seed: int, batch_size: int, num_batches: int, skip_batches: int = 0,
                       rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
-        """Batches of one epoch: clips in an order drawn from (seed, epoch), one of the V views of each
-        drawn from (seed, epoch) too; global batch b holds positions b*B..(b+1)*B (wrapping) and each
-        rank takes its slice. Batches before `skip_batches` are skipped (exact resume)."""
+        """This rank's batches of one epoch (batch_size // world clips each, from the clips it holds):
+        clips in an order drawn from (seed, epoch, rank), one of the V views of each drawn with it;
+        batch b holds positions b*B'..(b+1)*B' (wrapping). Batches before `skip_batches` are skipped
+        (exact resume)."""
         n, views = self.features.shape[:2]
-        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}/{epoch}/cache".encode()).hexdigest()[:15], 16))
+        if n == 0:
+            raise ValueError(f"rank {rank} of {world} holds no clips of the training cache: more ranks than clips")
+        stream = f"{seed}/{epoch}/cache" + (f"/{rank}" if world > 1 else "")
+        gen = torch.Generator().manual_seed(int(hashlib.sha256(stream.encode()).hexdigest()[:15], 16))
         order = torch.randperm(n, generator=gen)
         view = torch.randint(views, (n,), generator=gen)
         local = batch_size // world
         for b in range(skip_batches, num_batches):
-            positions = torch.arange(b * batch_size + rank * local, b * batch_size + (rank + 1) * local) % n
-            index = order[positions]
+            index = order[torch.arange(b * local, (b + 1) * local) % n]
             yield {"features": self.features[index, view[index]].float(), "label": self._label(index)}
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
-        """Every clip with all its views, clip i on rank i % world: {'features': (B, V, T', D), 'label'}."""
-        mine = torch.arange(rank, len(self), world)
-        for start in range(0, len(mine), batch_size):
-            index = mine[start:start + batch_size]
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """Every clip this rank holds with all its views: {'features': (B, V, T', D), 'label'}."""
+        for start in range(0, len(self), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self)))
             yield {"features": self.features[index].float(), "label": self._label(index)}

@@ -275,8 +275,9 @@ class Trainer:
                                         autocast=self.autocast, batch_size=self.local_batch, rank=self.rank,
                                         world=self.world, progress=self.is_main)
         r = self.cache_report
-        self.cached_train = cache.CachedSplit(url, r.key, c.train_split, None, len(self.train_data.shards))
-        self.cached_eval = {v: cache.CachedSplit(url, r.key, d.split_name, v, len(d.shards))
+        self.cached_train = cache.CachedSplit(url, r.key, c.train_split, None, len(self.train_data.shards),
+                                              self.rank, self.world)
+        self.cached_eval = {v: cache.CachedSplit(url, r.key, d.split_name, v, len(d.shards), self.rank, self.world)
                             for v, d in eval_sets.items()}
         if self.is_main:
             log.info("feature cache %s: %d clips x %d views, %.1f MB (%.1f KB per clip), built in %.1f s "
@@ -468,7 +469,7 @@ class Trainer:
         clips, crops = parse_views(views)
         batch = max(1, self.local_batch // (clips * crops))
         if views in self.cached_eval:
-            loader = self.cached_eval[views].eval_batches(batch, self.rank, self.world)
+            loader = self.cached_eval[views].eval_batches(batch)
         else:
             loader = torch.utils.data.DataLoader(self._eval_dataset(views), batch_size=batch, num_workers=c.workers)
         return evaluate_model(self.model, loader, device=self.device, num_classes=self.num_classes,
