@@ -434,7 +434,7 @@ def test_ddp_ranks_hold_disjoint_parts_of_the_cache(tiny_data, stage1_run, tmp_p
             j = whole.keys.index(clip)
             assert torch.equal(part.features[i], whole.features[j]) and part.labels["label"][i] == whole.labels["label"][j]
         # One epoch of a rank: local batches of batch_size // world clips, every clip it holds once.
-        batches = list(part.train_batches(epoch=0, seed=0, batch_size=4, num_batches=6, rank=0, world=2))
+        batches = list(part.train_batches(epoch=0, seed=0, batch_size=4, num_batches=6))
         assert all(b["features"].shape == (2, 4, 32) for b in batches)
         seen = torch.cat([b["features"] for b in batches])
         clip_of = [next(i for i in range(12) for v in (0, 1) if torch.equal(f, part.features[i, v])) for f in seen]
@@ -443,7 +443,7 @@ def test_ddp_ranks_hold_disjoint_parts_of_the_cache(tiny_data, stage1_run, tmp_p
     assert sorted(evals[0].keys + evals[1].keys) == sorted(trainer.cached_eval["1x1"].keys)
     lonely = CachedSplit(url, key, "train", None, shards, 29, 30)       # more ranks than clips
     with pytest.raises(ValueError, match="more ranks than clips"):
-        next(lonely.train_batches(epoch=0, seed=0, batch_size=30, num_batches=1, rank=29, world=30))
+        next(lonely.train_batches(epoch=0, seed=0, batch_size=30, num_batches=1))
 
 
 def test_cache_resumes_its_build_and_rejects_another_checkpoint(tiny_data, stage1_run, tmp_path, no_mlflow_env):

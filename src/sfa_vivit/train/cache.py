@@ -263,6 +263,7 @@ class CachedSplit:
 
     def __init__(self, url: str, key: str, split: str, views: str | None, num_shards: int,
                  rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
         parts, offset = [], 0
         for index in range(num_shards):
             file_url = join(url, _file(split, views, index))
@@ -273,12 +274,11 @@ class CachedSplit:
             n = part["features"].shape[0] if part["features"].numel() else 0
             if n == 0:
                 continue
-            mine = [i for i in range(n) if (offset + i) % world == rank]   # may be none: rows (0, ...)
+            rows = torch.arange(n)[torch.arange(offset, offset + n) % world == rank]   # may be none
             offset += n
             keys = bytes(part["keys"].tolist()).decode().split("\n")
-            rows = torch.tensor(mine, dtype=torch.long)
-            parts.append({**{k: v[rows].clone() for k, v in part.items() if k != "keys"},
-                          "keys": [keys[i] for i in mine]})
+            parts.append({**{k: v[rows] for k, v in part.items() if k != "keys"},     # indexing copies
+                          "keys": [keys[i] for i in rows.tolist()]})
         if not parts:
             raise ValueError(f"the {split} cache at {url} holds no clips")
         self.features = torch.cat([p["features"] for p in parts])
@@ -294,13 +294,14 @@ class CachedSplit:
             return self.labels["label"][index]
         return {k[len("label."):]: v[index] for k, v in self.labels.items()}
 
-    def train_batches(self, *, epoch: int, seed: int, batch_size: int, num_batches: int, skip_batches: int = 0,
-                      rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
+    def train_batches(self, *, epoch: int, seed: int, batch_size: int, num_batches: int,
+                      skip_batches: int = 0) -> Iterator[dict[str, Any]]:
         """This rank's batches of one epoch (batch_size // world clips each, from the clips it holds):
         clips in an order drawn from (seed, epoch, rank), one of the V views of each drawn with it;
         batch b holds positions b*B'..(b+1)*B' (wrapping). Batches before `skip_batches` are skipped
         (exact resume)."""
         n, views = self.features.shape[:2]
+        rank, world = self.rank, self.world
         if n == 0:
             raise ValueError(f"rank {rank} of {world} holds no clips of the training cache: more ranks than clips")
         stream = f"{seed}/{epoch}/cache" + (f"/{rank}" if world > 1 else "")

@@ -288,8 +288,7 @@ class Trainer:
         c = self.config
         if self.cached_train is not None:
             return self.cached_train.train_batches(epoch=epoch, seed=c.seed, batch_size=c.batch_size,
-                                                   num_batches=self.steps_per_epoch, skip_batches=skip,
-                                                   rank=self.rank, world=self.world)
+                                                   num_batches=self.steps_per_epoch, skip_batches=skip)
         self.train_data.set_epoch(epoch, skip_batches=skip)
         return torch.utils.data.DataLoader(self.train_data, batch_size=self.local_batch, num_workers=c.workers,
                                            pin_memory=self.device.type == "cuda", persistent_workers=False)
