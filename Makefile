@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine:
-#   make test   create .venv, install through constraints.txt, run the default (CPU) test tier
+#   make test   create .venv, install through constraints.txt, lint (ruff), run the default (CPU) test tier
 #   make run    the main job: the sfa Kubeflow pipeline run locally (kfp.local) on synthetic data,
 #               SFA vs the conventional recipe, MLflow in runs/<run-id>/mlflow.db
 PYTHON ?= python3
@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-all: install

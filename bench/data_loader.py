@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from _common import RESULTS, line_plot, save  # noqa: E402
 
-import torch  # noqa: E402
-
+from sfa_vivit.data.manifest import load_manifest  # noqa: E402
 from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
-from sfa_vivit.data.reader import ClipDataset, load_manifest  # noqa: E402
+from sfa_vivit.data.reader import ClipDataset  # noqa: E402
 
 
 def make_videos(root: Path, copies: int) -> tuple[str, str, float]:

@@ -44,7 +44,6 @@ from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
 from sfa_vivit.train import image_vit as image_vit_module  # noqa: E402
 from sfa_vivit.train import resolve, train  # noqa: E402
 
-
 ABLATIONS = {  # Table 1 rows as stage-2 switches
     "frozen_scratch_no_adapter": ["temporal_init=scratch", "adapter=false"],
     "frozen_scratch_adapter": ["temporal_init=scratch", "adapter=true"],
@@ -98,7 +97,8 @@ def summarise(runs: dict) -> dict:
         "time_ratio_sfa_over_baseline": round(sfa_time / base["train_time_s"], 3),
         "time_ratio_sfa_cached_over_baseline": round(cached_time / base["train_time_s"], 3),
         "cached_epoch_over_baseline_epoch": round(
-            (sum(s2c["epoch_time_s"]) / len(s2c["epoch_time_s"])) / (sum(base["epoch_time_s"]) / len(base["epoch_time_s"])), 4),
+            (sum(s2c["epoch_time_s"]) / len(s2c["epoch_time_s"]))
+            / (sum(base["epoch_time_s"]) / len(base["epoch_time_s"])), 4),
         "top1_difference_sfa_minus_baseline": round(s2["final"]["top1"] - base["final"]["top1"], 2),
         "top1_difference_sfa_cached_minus_baseline": round(s2c["final"]["top1"] - base["final"]["top1"], 2),
         "table1_rows": {name: {"switches": ABLATIONS[name], "top1": runs[name]["final"]["top1"],
@@ -213,7 +213,8 @@ def main() -> None:
             per_seed[seed] = summarise(runs)
             print(f"seed {seed}:", {k: v for k, v in per_seed[seed].items() if k not in ("curves", "clips_per_s")},
                   flush=True)
-    summary = {**aggregate(per_seed), "image_vit": image_vit or args.image_vit, "per_seed": {str(k): v for k, v in per_seed.items()}}
+    summary = {**aggregate(per_seed), "image_vit": image_vit or args.image_vit,
+               "per_seed": {str(k): v for k, v in per_seed.items()}}
     plot(summary, RESULTS / f"{args.name}.png")
     save(args.name, summary)
     print(json.dumps({"mean": summary["mean"], "std": summary["std"], "claims": summary["claims"]}, indent=1))

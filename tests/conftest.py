@@ -23,3 +23,21 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
         else:
             p.copy_(scale * torch.randn_like(p))
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Synthetic shards (24 train, 8 validation clips of 16 frames at 32x32), built once and only read."""
+    from sfa_vivit.data import synth
+    from sfa_vivit.data.prep import PrepOptions, prepare
+    root = tmp_path_factory.mktemp("synth")
+    paths = synth.generate(str(root / "raw"), synth.SynthOptions(num_train=24, num_val=8, num_frames=16, size=32,
+                                                                 fps=16, difficulty="easy"), progress=False)
+    prepare("synthetic", [paths["train"], paths["validation"]], paths["videos"], str(root / "shards"),
+            options=PrepOptions(fps=16, short_side=32, shard_size=6, workers=1), progress=False)
+    return str(root / "shards")
+
+
+@pytest.fixture
+def no_mlflow_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -9,8 +9,9 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from conftest import randomize_, tiny_overrides
-from sfa_vivit import checkpoints
-from sfa_vivit.checkpoints import CheckpointError, load_image_vit
+from sfa_vivit import checkpoints, importers
+from sfa_vivit.checkpoints import CheckpointError
+from sfa_vivit.importers import load_image_vit
 from sfa_vivit.models import vivit
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE = 64, 2, 4, 128, 8, 32
@@ -65,7 +66,8 @@ def write_flax_npz(w: dict[str, np.ndarray], path, layout: str) -> None:
         b = {
             "LayerNorm_0/scale": w[h + "layernorm_before.weight"], "LayerNorm_0/bias": w[h + "layernorm_before.bias"],
             f"{ln2}/scale": w[h + "layernorm_after.weight"], f"{ln2}/bias": w[h + "layernorm_after.bias"],
-            f"{mlp}/Dense_0/kernel": w[h + "intermediate.dense.weight"].T, f"{mlp}/Dense_0/bias": w[h + "intermediate.dense.bias"],
+            f"{mlp}/Dense_0/kernel": w[h + "intermediate.dense.weight"].T,
+            f"{mlp}/Dense_0/bias": w[h + "intermediate.dense.bias"],
             f"{mlp}/Dense_1/kernel": w[h + "output.dense.weight"].T, f"{mlp}/Dense_1/bias": w[h + "output.dense.bias"],
             f"{mha}/out/kernel": w[h + "attention.output.dense.weight"].T.reshape(nh, D // nh, D),
             f"{mha}/out/bias": w[h + "attention.output.dense.bias"],
@@ -93,16 +95,20 @@ def write_timm_state_dict(w: dict[str, np.ndarray], path) -> None:
          "head.weight": np.zeros((10, WIDTH), np.float32), "head.bias": np.zeros(10, np.float32)}
     for i in range(DEPTH):
         h = f"encoder.layer.{i}."
-        t[f"blocks.{i}.norm1.weight"], t[f"blocks.{i}.norm1.bias"] = w[h + "layernorm_before.weight"], w[h + "layernorm_before.bias"]
-        t[f"blocks.{i}.norm2.weight"], t[f"blocks.{i}.norm2.bias"] = w[h + "layernorm_after.weight"], w[h + "layernorm_after.bias"]
+        t[f"blocks.{i}.norm1.weight"], t[f"blocks.{i}.norm1.bias"] = (
+            w[h + "layernorm_before.weight"], w[h + "layernorm_before.bias"])
+        t[f"blocks.{i}.norm2.weight"], t[f"blocks.{i}.norm2.bias"] = (
+            w[h + "layernorm_after.weight"], w[h + "layernorm_after.bias"])
         t[f"blocks.{i}.attn.qkv.weight"] = np.concatenate(
             [w[h + f"attention.attention.{n}.weight"] for n in ("query", "key", "value")])
         t[f"blocks.{i}.attn.qkv.bias"] = np.concatenate(
             [w[h + f"attention.attention.{n}.bias"] for n in ("query", "key", "value")])
         t[f"blocks.{i}.attn.proj.weight"] = w[h + "attention.output.dense.weight"]
         t[f"blocks.{i}.attn.proj.bias"] = w[h + "attention.output.dense.bias"]
-        t[f"blocks.{i}.mlp.fc1.weight"], t[f"blocks.{i}.mlp.fc1.bias"] = w[h + "intermediate.dense.weight"], w[h + "intermediate.dense.bias"]
-        t[f"blocks.{i}.mlp.fc2.weight"], t[f"blocks.{i}.mlp.fc2.bias"] = w[h + "output.dense.weight"], w[h + "output.dense.bias"]
+        t[f"blocks.{i}.mlp.fc1.weight"], t[f"blocks.{i}.mlp.fc1.bias"] = (
+            w[h + "intermediate.dense.weight"], w[h + "intermediate.dense.bias"])
+        t[f"blocks.{i}.mlp.fc2.weight"], t[f"blocks.{i}.mlp.fc2.bias"] = (
+            w[h + "output.dense.weight"], w[h + "output.dense.bias"])
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}
     if str(path).endswith(".safetensors"):
         safetensors.torch.save_file(tensors, path)
@@ -190,13 +196,16 @@ def test_average_inflation_embeds_a_static_video_like_the_image(tmp_path):
 def test_image_vit_errors_name_the_problem(tmp_path):
     peer = peer_vit()
     peer.save_pretrained(tmp_path / "vit")
-    with pytest.raises(CheckpointError, match=r"embedding kernel .* has shape \(64, 3, 8, 8\) .* needs \(64, 3, 16, 16\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"embedding kernel .* has shape \(64, 3, 8, 8\) .* needs \(64, 3, 16, 16\)"):
         load_image_vit(video_model(patch=16, image_size=32), tmp_path / "vit")
-    with pytest.raises(CheckpointError, match=r"patch embedding kernel .* has shape \(64, 3, 8, 8\) .* needs \(96, 3, 8, 8\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"patch embedding kernel .* has shape \(64, 3, 8, 8\) .* needs \(96, 3, 8, 8\)"):
         load_image_vit(video_model(width=96, heads=4), tmp_path / "vit")
     model = video_model(mlp_dim=96)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"tensor spatial.blocks.0.mlp.fc1.weight has shape \(128, 64\) .* needs \(96, 64\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"tensor spatial.blocks.0.mlp.fc1.weight has shape \(128, 64\) .* needs \(96, 64\)"):
         load_image_vit(model, tmp_path / "vit")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-copied
     with pytest.raises(CheckpointError, match="image ViT has 2 blocks but .* spatial_depth=3"):
@@ -308,7 +317,7 @@ def test_save_and_load_through_an_fsspec_url():
 
 def test_every_parameter_has_one_distinct_scenic_name():
     model = vivit("B", num_frames=32, image_size=224, num_classes={"verb": 97, "noun": 300}, adapter=True)
-    names = {n: checkpoints.scenic_name(n) for n, _ in model.named_parameters()}
+    names = {n: importers.scenic_name(n) for n, _ in model.named_parameters()}
     assert len(set(names.values())) == len(names)
     assert names["spatial.blocks.3.attn.query.weight"] == \
         "SpatialTransformer/encoderblock_3/MultiHeadDotProductAttention_0/query/kernel"

@@ -3,10 +3,9 @@ clip sampling, augmentation, and the synthetic dataset."""
 
 import csv
 import hashlib
-import io
 import importlib.util
+import io
 import json
-import os
 import random
 import shutil
 import socket
@@ -23,9 +22,9 @@ import torch
 from sfa_vivit.cli import main
 from sfa_vivit.data import augment, synth
 from sfa_vivit.data.annotations import AnnotationError, read_annotations
-from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
-from sfa_vivit.data.reader import (ClipDataset, ShardChecksumError, decode_frames, eval_indices, iter_samples,
-                                   load_manifest, train_indices, verify_shards)
+from sfa_vivit.data.manifest import ShardChecksumError, load_manifest, verify_shards
+from sfa_vivit.data.prep import PrepOptions, prepare
+from sfa_vivit.data.reader import ClipDataset, decode_frames, eval_indices, iter_samples, train_indices
 
 
 def real_clips() -> Path:
@@ -48,7 +47,8 @@ def write_csv(path, header, rows):
 # ---------------------------------------------------------------------------------------------
 
 def test_kinetics_csv(tmp_path):
-    f = write_csv(tmp_path / "kinetics_400_train.csv", ["label", "youtube_id", "time_start", "time_end", "split", "is_cc"], [
+    f = write_csv(tmp_path / "kinetics_400_train.csv",
+                  ["label", "youtube_id", "time_start", "time_end", "split", "is_cc"], [
         ["zumba", "abc-1_x", 10, 20, "train", 0], ["abseiling", "q9", 0, 10, "train", 1],
         ["zumba", "zz", "oops", 10, "train", 0]])
     v = write_csv(tmp_path / "kinetics_400_val.csv", ["label", "youtube_id", "time_start", "time_end", "split"],
@@ -57,7 +57,8 @@ def test_kinetics_csv(tmp_path):
     assert ann.classes == ["abseiling", "zumba"] and ann.horizontal_flip
     by_key = {r.key: r for r in ann.records}
     r = by_key["abc-1_x_000010_000020"]
-    assert (r.label, r.split, r.start, r.end, r.videos) == (1, "train", 10.0, 20.0, ("abc-1_x_000010_000020", "abc-1_x"))
+    assert (r.label, r.split, r.start, r.end, r.videos) == (
+        1, "train", 10.0, 20.0, ("abc-1_x_000010_000020", "abc-1_x"))
     assert by_key["vv_000003_000013"].split == "validation"
     assert len(ann.rejected) == 1 and "malformed annotation row 4" in ann.rejected[0].reason
     assert [r.key for r in read_annotations("kinetics400", [f, v], split="validation").records] == ["vv_000003_000013"]
@@ -158,7 +159,8 @@ def kinetics_folder(tmp_path):
             ["phoning", "carp1", 0, 4, "train"], ["phoning", "card1", 0, 4, "validate"],
             ["riding", "missing1", 0, 10, "train"], ["riding", "empty1", 0, 10, "train"],
             ["cartoon", "text1", 0, 10, "train"], ["riding", "trunc1", 0, 10, "train"]]
-    csv_path = write_csv(tmp_path / "kinetics_400_train.csv", ["label", "youtube_id", "time_start", "time_end", "split"], rows)
+    csv_path = write_csv(tmp_path / "kinetics_400_train.csv",
+                         ["label", "youtube_id", "time_start", "time_end", "split"], rows)
     return tmp_path, csv_path, str(videos)
 
 
@@ -266,6 +268,7 @@ def gcs_emulator():
     proc.wait(10)
 
 
+@pytest.mark.integration
 def test_prep_and_reader_over_gcs(kinetics_folder, gcs_emulator, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     from sfa_vivit.storage import url_to_fs

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sfa_vivit import checkpoints
+from sfa_vivit import importers
 from sfa_vivit.cli import main
 from sfa_vivit.data import synth
 from sfa_vivit.models.vivit import vivit
@@ -50,8 +50,8 @@ def test_pretrained_folder_loads_into_the_recipes_spatial_encoder_and_is_reused(
 
     config = resolve("baseline", "synthetic", sets=[*SIZES, f"image_checkpoint={out}"])
     model = vivit(config.variant, num_frames=4, image_size=32, num_classes=12, **config.model)
-    assert checkpoints.detect_image_format(str(out)) == "hf"
-    checkpoints.load_image_vit(model, str(out))
+    assert importers.detect_image_format(str(out)) == "hf"
+    importers.load_image_vit(model, str(out))
     kernel = hf["vit.embeddings.patch_embeddings.projection.weight"]
     assert torch.equal(model.embedding.weight[:, :, 1], kernel)          # central frame of the tubelet
     assert torch.equal(model.spatial.pos_embedding, hf["vit.embeddings.position_embeddings"])

@@ -116,6 +116,7 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
     assert len(lines) == 1 and "unreachable" in lines[0] and f"127.0.0.1:{port}" in lines[0], proc.stderr
 
 
+@pytest.mark.integration
 def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     summary = runner.run_local(str(tmp_path / "runs"), "e2e", size="tiny")
@@ -143,9 +144,11 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     assert set(children) == {"stage1-4f", "stage2-8f", "baseline-8f", "evaluate-sfa", "evaluate-baseline",
                              "memory_benchmark", "report"}
     assert set(children.values()) == {parent_id}
-    kfp_tag = db.execute("select value from tags where run_uuid = ? and key = 'sfa.kfp_run_id'", (parent_id,)).fetchone()
+    kfp_tag = db.execute("select value from tags where run_uuid = ? and key = 'sfa.kfp_run_id'",
+                         (parent_id,)).fetchone()
     assert kfp_tag and kfp_tag[0]
-    metrics = {(n, k) for n, k in db.execute("select r.name, m.key from metrics m join runs r on r.run_uuid = m.run_uuid")}
+    metrics = {(n, k) for n, k in db.execute(
+        "select r.name, m.key from metrics m join runs r on r.run_uuid = m.run_uuid")}
     for expected in [("stage2-8f", "top1"), ("stage2-8f", "train_time_s"), ("baseline-8f", "train_time_s"),
                      ("evaluate-sfa", "top1"), ("report", "time_ratio_sfa_over_baseline"),
                      ("memory_benchmark", "full_mib_per_frame")]:

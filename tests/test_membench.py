@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from sfa_vivit.cli import main
 from sfa_vivit.membench import Setting, run_child, search_max_frames
 
@@ -24,7 +22,8 @@ def test_full_mode_peaks_higher_with_more_frames_and_stage2_grows_less():
 
 
 def test_a_failing_child_is_reported_not_raised():
-    row = run_child(Setting(variant="Ti", mode="full", frames=7, image_size=64, model=SMALL))  # 7: not a tubelet multiple
+    row = run_child(Setting(variant="Ti", mode="full", frames=7,  # 7: not a tubelet multiple
+                            image_size=64, model=SMALL))
     assert row["fits"] is False and "tubelet" in row["error"]
 
 

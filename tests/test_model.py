@@ -9,7 +9,6 @@ from transformers import ViTConfig, ViTModel
 from conftest import randomize_, tiny_overrides
 from sfa_vivit.models import VARIANTS, ViViT, ViViTConfig, vivit
 
-
 # ---------------------------------------------------------------------------------------------
 # Sizes
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch
 
 from sfa_vivit.checkpoints import CheckpointError
 from sfa_vivit.data.annotations import DATASETS
+from sfa_vivit.data.manifest import load_manifest, verify_shards
 from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
-from sfa_vivit.data.reader import load_manifest, verify_shards
 from sfa_vivit.data.synth import SynthOptions, generate
 from sfa_vivit.evaluate import evaluate
 from sfa_vivit.models import VARIANTS, vivit
@@ -266,7 +266,8 @@ def _pipeline(args: argparse.Namespace) -> int:
             figures = s.get("figures", {})
             print(f"sfa pipeline run: {s['run_id']} finished in {s['pipeline_seconds']:.0f} s")
             if figures:
-                line = f"  SFA: top-1 {figures.get('sfa_top1', float('nan')):.1f}% in {figures['sfa_train_time_s']:.0f} s"
+                line = (f"  SFA: top-1 {figures.get('sfa_top1', float('nan')):.1f}% in "
+                        f"{figures['sfa_train_time_s']:.0f} s")
                 if "baseline_top1" in figures:
                     line += (f"; baseline: top-1 {figures['baseline_top1']:.1f}% in "
                              f"{figures['baseline_train_time_s']:.0f} s (SFA/baseline time "

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from sfa_vivit import checkpoints
+from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import AugmentConfig
-from sfa_vivit.data.reader import ClipDataset, load_manifest
+from sfa_vivit.data.manifest import load_manifest
+from sfa_vivit.data.reader import ClipDataset
 from sfa_vivit.storage import join, write_bytes_atomic
 from sfa_vivit.train.config import parse_views
 from sfa_vivit.train.evaluation import evaluate_model
-from sfa_vivit.train.trainer import resolve_init
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +33,25 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     when the data's classes are not the model's, or views do not parse.
     """
     clips, crops = parse_views(views, "views")
-    url = resolve_init(checkpoint)
+    url = checkpoints.resolve_model(checkpoint)
     model, extra = checkpoints.load(url)
     manifest = load_manifest(data)
     if model.config.num_classes != manifest.num_classes:
         raise ValueError(f"{url} predicts {model.config.num_classes} classes but {data} has {manifest.num_classes}")
     run = extra.get("config", {})
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    model.to(dev)
-    augment = AugmentConfig(mean=tuple(run.get("mean", AugmentConfig.mean)), std=tuple(run.get("std", AugmentConfig.std)))
+    rt = runtime.start(device)
+    model.to(rt.device)
+    augment = AugmentConfig(mean=tuple(run.get("mean", AugmentConfig.mean)),
+                            std=tuple(run.get("std", AugmentConfig.std)))
     dataset = ClipDataset(manifest, split, mode="eval", num_frames=model.config.num_frames,
                           stride=run.get("stride", 1), image_size=model.config.image_size, augment=augment,
                           num_clips=clips, num_crops=crops)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-    metrics = evaluate_model(model, loader, device=dev, num_classes=manifest.num_classes, autocast=autocast,
+    metrics = evaluate_model(model, loader, device=rt.device, num_classes=manifest.num_classes, autocast=rt.autocast,
                              confusion=True)
     metrics.update({"checkpoint": url, "data": data, "split": split, "views": views,
                     "classes": manifest.data.get("classes"), "heads": manifest.data.get("heads")})
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if out and rank == 0:
+    if out and rt.is_main:
         write_bytes_atomic(join(out, "metrics.json"), json.dumps(metrics, indent=1).encode())
         log.info("evaluation of %s on %s/%s (%s views): top1 %s -> %s", url, data, split, views, metrics["top1"],
                  join(out, "metrics.json"))

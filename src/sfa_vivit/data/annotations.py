@@ -219,7 +219,8 @@ def _mit(dataset: str, texts: dict[str, str]) -> Annotations:
                 continue
             category = rel.split("/", 1)[0]
             if category not in index:
-                rejected.append(Rejection(rel, f"unknown label {category!r} (not in {os.path.basename(categories[0])})"))
+                rejected.append(Rejection(
+                    rel, f"unknown label {category!r} (not in {os.path.basename(categories[0])})"))
                 continue
             folder = {"train": "training", "validation": "validation"}.get(split, split)
             records.append(VideoRecord(key=safe_key(os.path.splitext(rel)[0]), videos=(rel, f"{folder}/{rel}"),

@@ -47,11 +47,6 @@ class AugmentConfig:
             raise ValueError("randaugment_layers and randaugment_magnitude must be >= 0")
 
 
-def to_float(frames: torch.Tensor) -> torch.Tensor:
-    """(T, H, W, C) uint8 → (T, C, H, W) float in [0, 1]."""
-    return frames.permute(0, 3, 1, 2).float().div_(255)
-
-
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """(x - mean) / std per channel, in place. x: (..., C, H, W) float."""
     m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)

@@ -26,15 +26,20 @@ import tarfile
 import time
 from typing import Any, Iterable
 
-from sfa_vivit.data.annotations import (EXPECTED_CLASSES, VIDEO_EXTENSIONS, Annotations, Rejection, VideoRecord,
-                                        read_annotations)
+from sfa_vivit.data.annotations import (
+    EXPECTED_CLASSES,
+    VIDEO_EXTENSIONS,
+    Annotations,
+    Rejection,
+    VideoRecord,
+    read_annotations,
+)
+from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT
 from sfa_vivit.data.video import VideoRejected, decode_segment
 from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "sfa-vivit-shards/1"
 
 
 @dataclasses.dataclass(frozen=True)

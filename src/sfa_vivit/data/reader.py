@@ -9,8 +9,6 @@ frames' JPEGs are decoded.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -25,85 +23,10 @@ import webdataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from sfa_vivit.data.augment import AugmentConfig, crop_window, eval_views, finish_train
-from sfa_vivit.data.prep import MANIFEST_FILE, MANIFEST_FORMAT
-from sfa_vivit.storage import join, open_url, url_to_fs
+from sfa_vivit.data.manifest import Manifest, load_manifest, read_verified
+from sfa_vivit.storage import open_url
 
 log = logging.getLogger(__name__)
-
-
-class ShardChecksumError(IOError):
-    """A shard's bytes do not match the sha256 recorded in the manifest."""
-
-
-class ManifestError(ValueError):
-    """No usable manifest at the given URL."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Manifest
-# ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Manifest:
-    root: str
-    data: dict[str, Any]
-
-    @property
-    def dataset(self) -> str:
-        return self.data["dataset"]
-
-    @property
-    def num_classes(self) -> int | dict[str, int]:
-        """What `vivit(num_classes=...)` takes: an int, or head → count for several heads."""
-        if "heads" in self.data:
-            return {head: len(names) for head, names in self.data["heads"].items()}
-        return len(self.data["classes"])
-
-    @property
-    def horizontal_flip(self) -> bool:
-        return bool(self.data.get("horizontal_flip", True))
-
-    def split(self, name: str) -> dict[str, Any]:
-        if name not in self.data["splits"]:
-            raise ManifestError(f"{self.root}: no split {name!r}; it has {sorted(self.data['splits'])}")
-        return self.data["splits"][name]
-
-    def shard_url(self, path: str) -> str:
-        """A shard path of the manifest: relative to its folder, or an absolute URL / path."""
-        return path if "://" in path or path.startswith("/") else join(self.root, path)
-
-    def shard_urls(self, split: str) -> list[str]:
-        return [self.shard_url(s["path"]) for s in self.split(split)["shards"]]
-
-    def checksums(self, split: str) -> dict[str, str]:
-        return {self.shard_url(s["path"]): s["sha256"] for s in self.split(split)["shards"]}
-
-
-def load_manifest(url: str) -> Manifest:
-    """Read manifest.json at `url` (the prep output folder, or the file itself)."""
-    root = url[: -len(MANIFEST_FILE)].rstrip("/") if url.endswith(MANIFEST_FILE) else url.rstrip("/")
-    try:
-        with open_url(join(root, MANIFEST_FILE), "rb") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ManifestError(f"no {MANIFEST_FILE} at {root}: prep has not finished there, or it was refused "
-                            "(too many rejected videos); shards without a manifest are never read") from None
-    if data.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{root}/{MANIFEST_FILE}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return Manifest(root, data)
-
-
-def verify_shards(manifest: Manifest, splits: list[str] | None = None) -> list[str]:
-    """Check every shard's sha256; returns the URLs that do not match (or cannot be read)."""
-    bad = []
-    for split in splits or list(manifest.data["splits"]):
-        for url, sha in manifest.checksums(split).items():
-            try:
-                _read_verified(url, sha)
-            except (ShardChecksumError, FileNotFoundError) as e:
-                log.error("%s", e)
-                bad.append(url)
-    return bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,22 +47,12 @@ def register_fsspec_opener(schemes=("gs", "gcs", "s3", "memory", "az", "abfs", "
 register_fsspec_opener()
 
 
-def _read_verified(url: str, sha256: str) -> bytes:
-    with open_url(url, "rb") as f:
-        data = f.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ShardChecksumError(f"shard {url} is corrupt: sha256 {digest[:12]}... does not match the "
-                                 f"manifest's {sha256[:12]}...")
-    return data
-
-
 def iter_samples(urls: list[str], checksums: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """Samples {key, meta, jpgs} of the shards at `urls`, in order. With `checksums`, each shard is
     read whole and checked before any of its samples is used."""
     for url in urls:
         if checksums is not None:
-            stream = io.BytesIO(_read_verified(url, checksums[url]))
+            stream = io.BytesIO(read_verified(url, checksums[url]))
         else:
             stream = webdataset.gopen(url, "rb")
         with stream:
@@ -168,7 +81,8 @@ def decode_frames(jpgs: bytes, offsets: list[int], indices: list[int],
             try:
                 frame = simplejpeg.decode_jpeg(data[offsets[i]:offsets[i + 1]], colorspace="RGB")
             except ValueError as e:
-                raise ValueError(f"frame {i} (bytes {offsets[i]}-{offsets[i + 1]}) is not a decodable JPEG: {e}") from None
+                raise ValueError(f"frame {i} (bytes {offsets[i]}-{offsets[i + 1]}) "
+                                 f"is not a decodable JPEG: {e}") from None
             whole[i] = frame
         if window is not None:
             top, left, side = window
@@ -219,7 +133,8 @@ class ClipDataset(torch.utils.data.IterableDataset):
     Exact resume (train mode): give `batch_size` and `num_batches`, the DataLoader batches this rank
     takes per epoch; each DataLoader worker then yields exactly the samples of its batches (the
     DataLoader takes batches from workers in turn), shards are cycled to fill them, and
-    `skip_batches` skips the batches already trained on (resume with the same number of workers). Augmentation randomness is drawn per sample
+    `skip_batches` skips the batches already trained on (resume with the same number of workers).
+    Augmentation randomness is drawn per sample
     from (seed, epoch, pass, key), so a skipped prefix leaves what follows unchanged.
     """
 

@@ -107,11 +107,15 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow") -> Call
     params = []
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")
-        params += [inspect.Parameter(f"{key}_annotations", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
-                   inspect.Parameter(f"{key}_videos", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
-                   inspect.Parameter(f"{key}_data_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
+        params += [inspect.Parameter(f"{key}_annotations", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default="", annotation=str),
+                   inspect.Parameter(f"{key}_videos", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default="", annotation=str),
+                   inspect.Parameter(f"{key}_data_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default="", annotation=str)]
     params += [inspect.Parameter("prep_parts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=16, annotation=int),
-               inspect.Parameter("run_baseline", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=True, annotation=bool),
+               inspect.Parameter("run_baseline", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                 default=True, annotation=bool),
                inspect.Parameter("tracking_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
 
     def reproduce(*args: Any) -> None:

@@ -84,8 +84,10 @@ def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, ou
 td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
 </head><body><h1>SFA vs the conventional recipe</h1><p><b>{headline}</b></p>
 <table>{''.join(table)}</table>
-<h2>Validation top-1 per epoch</h2><img src="data:image/png;base64,{_png(curves, xlabel='epoch', ylabel='top-1 (%)', title='validation top-1 (training views)')}">
-<h2>Peak memory of a training step vs frames (ViViT-{html.escape(str(mem['variant']))}, {html.escape(mem['device'])})</h2>
+<h2>Validation top-1 per epoch</h2><img src="data:image/png;base64,{
+    _png(curves, xlabel='epoch', ylabel='top-1 (%)', title='validation top-1 (training views)')}">
+<h2>Peak memory of a training step vs frames (ViViT-{html.escape(str(mem['variant']))}, {
+    html.escape(mem['device'])})</h2>
 <img src="data:image/png;base64,{_png(memory, xlabel='frames', ylabel='peak memory (GiB)', title='memory vs frames')}">
 <p>Train time counts the training steps (data loading included) and, for a cached stage 2, building the
 feature cache; validation and checkpoint writes are not counted, for any run.</p></body></html>"""

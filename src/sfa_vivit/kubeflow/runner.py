@@ -50,6 +50,7 @@ def compile_all(root: str | Path) -> list[str]:
     """Write every checked-in compiled file under `root` (the repository); returns their paths."""
     import yaml
     from kfp import compiler
+
     from sfa_vivit.kubeflow import profiles
     from sfa_vivit.kubeflow.components import COMPONENTS
     root = Path(root)
@@ -109,6 +110,7 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
     """Run the `sfa` pipeline here (kfp.local SubprocessRunner, this Python environment) on synthetic
     data; returns where the report, artifacts and MLflow store are, and the report's summary."""
     from kfp import local
+
     from sfa_vivit.data import synth
     from sfa_vivit.kubeflow.pipelines import build_sfa
     from sfa_vivit.train import image_vit

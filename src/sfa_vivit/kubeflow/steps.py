@@ -8,13 +8,10 @@ the checkpoints its previous attempt committed; local artifacts through their pa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import subprocess
-import sys
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +50,12 @@ def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", exper
     return tracker.run_id or ""
 
 
-@contextlib.contextmanager
-def _tracking(tracking_uri: str, parent_run_id: str) -> Iterator[None]:
-    """Environment under which the library's Tracker logs a child run of `parent_run_id`."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SFA_MLFLOW_PARENT_RUN_ID")}
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    if parent_run_id:
-        os.environ["SFA_MLFLOW_PARENT_RUN_ID"] = parent_run_id
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:
-    from sfa_vivit.train.tracking import Tracker, default_tracking_uri
-    with _tracking(tracking_uri, parent_run_id):
-        uri = default_tracking_uri(os.getcwd())
-        tracker = Tracker(uri, EXPERIMENT, name, tags=tags)
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-        tracker.finish()
+    from sfa_vivit.train.tracking import Tracker, TrackingTarget
+    target = TrackingTarget(tracking_uri or None, parent_run_id or None)
+    tracker = Tracker(target.resolve_uri(os.getcwd()), EXPERIMENT, name, parent_run_id=target.parent_run_id, tags=tags)
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+    tracker.finish()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +87,8 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
                  out: Any, parts_done: list[int] | None = None) -> dict[str, Any]:
     """Finish the shards at `data_uri` (those the fan-out left), publish the manifest there, and put a
     copy whose shard paths are absolute into the Dataset artifact `out`."""
-    from sfa_vivit.data.prep import MANIFEST_FILE, prepare
+    from sfa_vivit.data.manifest import MANIFEST_FILE
+    from sfa_vivit.data.prep import prepare
     from sfa_vivit.storage import join, write_bytes_atomic
     if parts_done:
         log.info("data prep fan-out: %d parts wrote %d samples", len(parts_done), sum(parts_done))
@@ -136,22 +115,13 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
           tracking_uri: str = "", parent_run_id: str = "", nproc: int = 1) -> dict[str, Any]:
     """Train `mode` on the Dataset artifact into the Model artifact; log the figures to the Metrics
     artifact and to an MLflow child run. nproc > 1: torchrun with that many processes (GPUs)."""
-    from sfa_vivit.storage import join, open_url
     from sfa_vivit.train import resolve
-    from sfa_vivit.train import train as train_run
-    out = artifact_url(model)
-    init_url = artifact_url(init) if init is not None else None
+    from sfa_vivit.train.launch import run
+    from sfa_vivit.train.tracking import TrackingTarget
     config = resolve(mode, recipe, sets=list(sets))       # bad settings fail here, before any work
-    with _tracking(tracking_uri, parent_run_id):
-        if nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "sfa_vivit.cli",
-                   "train", "--mode", mode, "--recipe", recipe, "--data", artifact_url(data), "--out", out,
-                   *(["--init", init_url] if init_url else []), *[a for s in sets for a in ("--set", s)]]
-            subprocess.run(cmd, check=True)
-            with open_url(join(out, "metrics.json"), "rb") as f:
-                result = json.load(f)
-        else:
-            result = train_run(config, artifact_url(data), out, init=init_url)
+    result = run(config, artifact_url(data), artifact_url(model),
+                 init=artifact_url(init) if init is not None else None,
+                 tracking=TrackingTarget(tracking_uri or None, parent_run_id or None), nproc=nproc)
     final = result.get("final", {})
     figures = {"train_time_s": result["train_time_s"], "top1": final.get("top1"), "top5": final.get("top5"),
                "num_frames": result["num_frames"], "epochs": result["epochs"],
@@ -187,6 +157,7 @@ def memory_benchmark(*, variant: str, frames: str, modes: str, image_size: int, 
     """`sfa membench` as a step: JSON in `results`, the Markdown table, and an HTML page with the plot."""
     import base64
     from pathlib import Path
+
     from sfa_vivit.membench import benchmark, markdown
     folder = Path(results.path)
     folder.mkdir(parents=True, exist_ok=True)

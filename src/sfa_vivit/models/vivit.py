@@ -21,7 +21,7 @@ checkpoints map one to one onto ours. Every parameter has exactly one Scenic cou
                                                                as Scenic's multi-head model)
     adapter.fc1 / fc2                      (SFA only; no Scenic counterpart)
 
-`sfa_vivit.checkpoints.scenic_name()` is that table as code.
+`sfa_vivit.importers.scenic_name()` is that table as code.
 
 Where Scenic leaves something out we fix it and say so: the spatial CLS token is copied from the image
 checkpoint (Scenic leaves `cls_SpatialTransformer` at zero), and a frozen spatial encoder runs in
@@ -423,13 +423,17 @@ class ViViT(nn.Module):
         # Registered even when absent, so that parameters keep one order whether the adapter came
         # with the config or from add_adapter().
         self.register_module("adapter", Adapter(config) if config.adapter else None)
-        self.temporal = Encoder(config, config.num_tubelets, config.temporal_depth,
-                                config.temporal_heads or config.heads,
-                                config.temporal_mlp_dim or config.mlp_dim)
-        self.head = nn.Linear(config.width, config.total_classes)
-        nn.init.zeros_(self.head.weight)   # Scenic zero-initialises output_projection
-        nn.init.zeros_(self.head.bias)
+        self.temporal, self.head = self._new_temporal_and_head()
         self.spatial_frozen = False
+
+    def _new_temporal_and_head(self) -> tuple[Encoder, nn.Linear]:
+        c = self.config
+        temporal = Encoder(c, c.num_tubelets, c.temporal_depth, c.temporal_heads or c.heads,
+                           c.temporal_mlp_dim or c.mlp_dim)
+        head = nn.Linear(c.width, c.total_classes)
+        nn.init.zeros_(head.weight)   # Scenic zero-initialises output_projection
+        nn.init.zeros_(head.bias)
+        return temporal, head
 
     # Forward ------------------------------------------------------------------------------------
     def check_video(self, video: torch.Tensor) -> None:
@@ -557,10 +561,66 @@ class ViViT(nn.Module):
     def num_parameters(self, trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
+    def reset_temporal(self) -> "ViViT":
+        """A fresh temporal encoder and a zero head (Table 1 rows I-III: only the spatial encoder is kept)."""
+        device = self.head.weight.device
+        self.temporal, self.head = (m.to(device) for m in self._new_temporal_and_head())
+        return self
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names that conventionally get no weight decay: positions, CLS, norms, biases."""
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith(("pos_embedding", ".cls"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialising one model from another (SFA stage 2 from stage 1, cross-dataset fine-tuning)
+# ----------------------------------------------------------------------------------------------
+
+ARCHITECTURE_FIELDS = ("width", "spatial_depth", "temporal_depth", "heads", "mlp_dim", "patch", "tubelet",
+                       "in_channels", "classifier", "temporal_heads", "temporal_mlp_dim", "image_size")
+
+
+def architecture_differences(source: ViViTConfig, target: ViViTConfig) -> list[str]:
+    """The fields whose weights could not carry over from `source` (a checkpoint) to `target` (a run)."""
+    return [f"{k}: checkpoint {getattr(source, k)!r}, run {getattr(target, k)!r}" for k in ARCHITECTURE_FIELDS
+            if getattr(source, k) != getattr(target, k)]
+
+
+def init_from(source: ViViT, *, num_frames: int, num_classes: int | dict[str, int], drop_path: float,
+              dropout: float, spatial_chunk: int, keep_temporal: bool = True) -> ViViT:
+    """A new model with `source`'s architecture and weights, this run's frames, classes and
+    regularisation: the temporal positions are resized to `num_frames`; the head is kept when the
+    classes are the same, else starts at zero; keep_temporal=False starts the temporal encoder and head
+    afresh. An adapter in `source` is kept."""
+    same_classes = source.config.num_classes == num_classes
+    config = dataclasses.replace(source.config, num_classes=num_classes, drop_path=drop_path, dropout=dropout,
+                                 spatial_chunk=spatial_chunk)
+    model = ViViT(config)
+    state = {k: v for k, v in source.state_dict().items() if same_classes or not k.startswith("head.")}
+    model.load_state_dict(state, strict=same_classes)
+    if config.num_frames != num_frames:
+        model.resize_temporal(num_frames)
+    if not keep_temporal:
+        model.reset_temporal()
+    return model
+
+
+def set_training_switches(model: ViViT, *, adapter: bool, adapter_dim: int | None, freeze_spatial: bool,
+                          freeze_temporal: bool, spatial_chunk: int) -> ViViT:
+    """What is trained (the paper's Table 1 switches): insert the adapter (the model's residual and
+    zero-init choices), freeze the spatial and/or temporal encoder, chunk the frozen spatial pass.
+    Raises ValueError when `model` already has an adapter and adapter=False."""
+    if adapter and model.adapter is None:
+        model.add_adapter(adapter_dim, residual=model.config.adapter_residual, zero_init=model.config.adapter_zero_init)
+    elif not adapter and model.adapter is not None:
+        raise ValueError("the checkpoint has an adapter but adapter=false; set adapter=true")
+    if freeze_spatial:
+        model.freeze_spatial()
+    if freeze_temporal:
+        model.freeze_temporal()
+    model.config.spatial_chunk = spatial_chunk
+    return model
 
 
 def vivit(variant: str, *, num_frames: int, image_size: int, num_classes: int | dict[str, int],

@@ -40,7 +40,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from sfa_vivit.data.reader import ClipDataset, Manifest, iter_samples
+from sfa_vivit.data.manifest import Manifest
+from sfa_vivit.data.reader import ClipDataset, iter_samples
 from sfa_vivit.models.vivit import ViViT
 from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
@@ -318,3 +319,11 @@ class CachedSplit:
         for start in range(0, len(self), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self)))
             yield {"features": self.features[index].float(), "label": self._label(index)}
+
+
+def open_splits(report: CacheReport, train: ClipDataset, eval_sets: dict[str, ClipDataset], rank: int = 0,
+                world: int = 1) -> tuple[CachedSplit, dict[str, CachedSplit]]:
+    """The built cache's training split and each evaluation view set, this rank's part of each."""
+    train_split = CachedSplit(report.url, report.key, train.split_name, None, len(train.shards), rank, world)
+    return train_split, {v: CachedSplit(report.url, report.key, d.split_name, v, len(d.shards), rank, world)
+                         for v, d in eval_sets.items()}

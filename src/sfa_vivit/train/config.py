@@ -32,18 +32,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
+import torch
+
 from sfa_vivit.data.augment import AugmentConfig
-from sfa_vivit.models.vivit import VARIANTS, ViViTConfig
+from sfa_vivit.models.vivit import VARIANTS, ViViT, ViViTConfig
+from sfa_vivit.runtime import DEVICES, PRECISIONS
 
 _AUGMENT = AugmentConfig()
 
 MODES = ("baseline", "stage1", "stage2")
 TEMPORAL_INITS = ("scratch", "stage1")
-DEVICES = ("auto", "cpu", "cuda", "xla")
-PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
+DECAY_EXEMPTIONS = ("model", "none")
 
 
 @dataclasses.dataclass
@@ -82,6 +85,7 @@ class TrainConfig:
     optimizer: str = "sgd"                   # 'sgd' (the paper's, with momentum) | 'adamw'
     momentum: float = 0.9                    # SGD momentum; AdamW's beta1
     weight_decay: float = 0.0
+    exempt_from_decay: str = "model"        # 'model': norms, biases, positions, CLS get none (timm); 'none'
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
@@ -234,6 +238,7 @@ def validate(c: TrainConfig) -> None:
     choice("precision", PRECISIONS)
     choice("lr_scaling", ("linear", "none"))
     choice("optimizer", OPTIMIZERS)
+    choice("exempt_from_decay", DECAY_EXEMPTIONS)
     choice("cache_dtype", ("float32", "bfloat16", "float16"))
     if c.cache_views and not c.freeze_spatial:
         raise ValueError(f"cache_views={c.cache_views} needs freeze_spatial=true: only a frozen spatial "
@@ -266,7 +271,8 @@ def validate(c: TrainConfig) -> None:
         raise ValueError(f"unknown model keys {unknown}; allowed: {sorted(_MODEL_FIELDS)}")
     for name in ("mean", "std"):
         value = getattr(c, name)
-        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) for v in value)):
             raise ValueError(f"{name}={value!r} must be three numbers (per RGB channel)")
     if c.warmup_epochs > c.epochs:
         raise ValueError(f"warmup_epochs={c.warmup_epochs} is longer than epochs={c.epochs}")
@@ -294,23 +300,34 @@ def learning_rate(c: TrainConfig) -> float:
     return c.base_lr * (c.batch_size / c.reference_batch_size if c.lr_scaling == "linear" else 1.0)
 
 
-def make_optimizer(c: TrainConfig, params: list) -> "torch.optim.Optimizer":
-    """The run's optimizer at its peak learning rate (the schedule scales it per step). SGD with
-    momentum is the paper's; AdamW (beta1 = `momentum`, decoupled `weight_decay`) is for training a
-    small model from scratch, where SGD waits at chance for a seed-dependent number of epochs."""
-    import torch
-
+def make_optimizer(c: TrainConfig, model: ViViT) -> torch.optim.Optimizer:
+    """The optimizer of `model`'s trainable parameters at the peak learning rate (the schedule scales it
+    per step). SGD with momentum is the paper's; AdamW (beta1 = `momentum`, decoupled `weight_decay`) is
+    for training a small model from scratch, where SGD waits at chance for a seed-dependent number of
+    epochs. With weight decay on and exempt_from_decay='model', the model's `no_weight_decay()` set
+    (norms, biases, position embeddings, CLS tokens) forms a second group without decay, as timm and
+    nanoGPT do; the paper's recipes use no weight decay, so for them both settings are the same."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if c.weight_decay > 0 and c.exempt_from_decay == "model":
+        exempt = model.no_weight_decay()
+        groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": c.weight_decay},
+                  {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in named], "weight_decay": c.weight_decay}]
     if c.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=learning_rate(c), betas=(c.momentum, 0.999),
-                                 weight_decay=c.weight_decay)
-    return torch.optim.SGD(params, lr=learning_rate(c), momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(groups, lr=learning_rate(c), betas=(c.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=learning_rate(c), momentum=c.momentum)
 
 
-def field_help() -> dict[str, str]:
-    """Field → type text, for `sfa train --help-keys`."""
-    return {name: str(f.type) for name, f in _FIELDS.items()} | {
-        f"model.{name}": str(f.type) for name, f in _MODEL_FIELDS.items()}
+def learning_rate_at(c: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The schedule: linear warm-up over warmup_epochs, then cosine to zero at the last step."""
+    peak = learning_rate(c)
+    warmup = c.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, c.epochs * steps_per_epoch - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "make_optimizer", "parse_views", "field_help",
-           "augment_config"]
+__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "make_optimizer",
+           "learning_rate_at", "parse_views", "augment_config"]

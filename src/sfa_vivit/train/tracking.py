@@ -9,6 +9,7 @@ called again for `retry_interval_s`, so an outage costs seconds, not an hour of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,17 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingTarget:
+    """Where a run is tracked: the MLflow URI (None: `default_tracking_uri` of the run's outputs) and
+    the parent run it belongs to (a pipeline run's), if any."""
+    uri: str | None = None
+    parent_run_id: str | None = None
+
+    def resolve_uri(self, out: str) -> str:
+        return self.uri or default_tracking_uri(out)
 
 
 def default_tracking_uri(out: str) -> str:
@@ -38,9 +50,10 @@ class Tracker:
     """One MLflow run. Methods never raise; `report()` says what could not be logged."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, *, enabled: bool = True,
-                 run_id: str | None = None, tags: dict[str, str] | None = None,
+                 run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  spool: str | None = None, retry_interval_s: float = 60.0):
-        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        """A new run named `run_name` (a child of `parent_run_id` when given), or the existing `run_id`."""
+        self.uri, self.experiment, self.run_name, self.parent_run_id = uri, experiment, run_name, parent_run_id
         self.enabled, self.run_id, self.tags = enabled, run_id, dict(tags or {})
         self.spool, self.retry_interval_s = spool, retry_interval_s
         self.client = None
@@ -58,8 +71,8 @@ class Tracker:
             if self.run_id is None:
                 exp = client.get_experiment_by_name(self.experiment)
                 exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-                parent = os.environ.get("SFA_MLFLOW_PARENT_RUN_ID")
-                tags = {**self.tags, **({"mlflow.parentRunId": parent} if parent else {})}
+                parent = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+                tags = {**self.tags, **parent}
                 self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
             else:
                 client.get_run(self.run_id)
@@ -92,9 +105,6 @@ class Tracker:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._submit({"kind": "metrics", "metrics": clean, "step": step, "timestamp": int(time.time() * 1000)})
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._submit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
-
     def finish(self, status: str = "FINISHED") -> None:
         self._submit({"kind": "end", "status": status})
 
@@ -119,9 +129,6 @@ class Tracker:
                 elif item["kind"] == "metrics":
                     self.client.log_batch(self.run_id, metrics=[
                         Metric(k, v, item["timestamp"], item["step"]) for k, v in item["metrics"].items()])
-                elif item["kind"] == "tags":
-                    for k, v in item["tags"].items():
-                        self.client.set_tag(self.run_id, k, v)
                 else:
                     self.client.set_terminated(self.run_id, status=item["status"])
             except Exception as e:  # noqa: BLE001

@@ -1,0 +1,75 @@
+"""The data one training run reads: this rank's training stream, the evaluation views, and, when the
+spatial encoder is frozen, the feature cache that stands in for both."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+from sfa_vivit.data.manifest import Manifest
+from sfa_vivit.data.reader import ClipDataset
+from sfa_vivit.models.vivit import ViViT
+from sfa_vivit.runtime import Runtime
+from sfa_vivit.train import cache
+from sfa_vivit.train.config import TrainConfig, augment_config, parse_views
+
+log = logging.getLogger(__name__)
+
+
+class RunData:
+    def __init__(self, config: TrainConfig, manifest: Manifest, runtime: Runtime):
+        c = self.config = config
+        self.manifest, self.runtime = manifest, runtime
+        self.local_batch = c.batch_size // runtime.world
+        self.augment = augment_config(c)
+        n_train = manifest.split(c.train_split)["num_samples"]
+        self.steps_per_epoch = c.steps_per_epoch or max(1, n_train // c.batch_size)
+        self.train_data = ClipDataset(manifest, c.train_split, mode="train", num_frames=c.num_frames,
+                                      stride=c.stride, image_size=c.image_size, augment=self.augment, seed=c.seed,
+                                      batch_size=self.local_batch, num_batches=self.steps_per_epoch)
+        self.has_eval = c.eval_split in manifest.data["splits"]
+        if not self.has_eval:
+            log.warning("%s has no %r split: no validation metrics", manifest.root, c.eval_split)
+        self.cache_report: cache.CacheReport | None = None
+        self.cached_train: cache.CachedSplit | None = None
+        self.cached_eval: dict[str, cache.CachedSplit] = {}
+
+    def eval_dataset(self, views: str) -> ClipDataset:
+        """The evaluation split as `views` ('clips x crops') views of every video."""
+        c = self.config
+        clips, crops = parse_views(views)
+        return ClipDataset(self.manifest, c.eval_split, mode="eval", num_frames=c.num_frames, stride=c.stride,
+                           image_size=c.image_size, augment=self.augment, num_clips=clips, num_crops=crops)
+
+    def build_cache(self, model: ViViT, url: str) -> cache.CacheReport:
+        """Build (or reuse, or finish building) the frozen-feature cache at `url` and hold this rank's part;
+        from then on the batches come from it."""
+        c, rt = self.config, self.runtime
+        views = list(dict.fromkeys([c.eval_views, c.final_eval_views])) if self.has_eval else []
+        eval_sets = {v: self.eval_dataset(v) for v in views}
+        report = cache.build(model, url, train=self.train_data, views=c.cache_views, eval_sets=eval_sets,
+                             dtype=c.cache_dtype, device=rt.device, autocast=rt.autocast, batch_size=self.local_batch,
+                             rank=rt.rank, world=rt.world, progress=rt.is_main)
+        self.cache_report = report
+        self.cached_train, self.cached_eval = cache.open_splits(report, self.train_data, eval_sets, rt.rank, rt.world)
+        return report
+
+    def epoch_batches(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]:
+        """This rank's batches of `epoch`, after the first `skip` (a resumed epoch)."""
+        c = self.config
+        if self.cached_train is not None:
+            return self.cached_train.train_batches(epoch=epoch, seed=c.seed, batch_size=c.batch_size,
+                                                   num_batches=self.steps_per_epoch, skip_batches=skip)
+        self.train_data.set_epoch(epoch, skip_batches=skip)
+        return torch.utils.data.DataLoader(self.train_data, batch_size=self.local_batch, num_workers=c.workers,
+                                           pin_memory=self.runtime.device.type == "cuda", persistent_workers=False)
+
+    def eval_batches(self, views: str) -> Iterable[dict[str, Any]]:
+        """This rank's batches of the evaluation split as `views` views (from the cache when it holds them)."""
+        clips, crops = parse_views(views)
+        batch = max(1, self.local_batch // (clips * crops))
+        if views in self.cached_eval:
+            return self.cached_eval[views].eval_batches(batch)
+        return torch.utils.data.DataLoader(self.eval_dataset(views), batch_size=batch, num_workers=self.config.workers)

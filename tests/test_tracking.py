@@ -1,0 +1,75 @@
+"""MLflow tracking (sfa_vivit.train.tracking) against a real `mlflow server`: what a run logs, the
+stage-1 link of a stage-2 run, and a server outage mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import config
+from helpers import free_port as _free_port
+from sfa_vivit.train import Trainer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    import urllib.request
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield uri, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_server, monkeypatch):
+    uri, proc = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from mlflow.tracking import MlflowClient
+    metrics = Trainer(config("stage1", epochs=2), tiny_data, str(tmp_path / "ok")).fit()
+    client = MlflowClient(uri)
+    run = client.get_run(metrics["mlflow"]["run_id"])
+    assert run.data.params["mode"] == "stage1" and run.data.params["num_frames"] == "4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert "top1" in run.data.metrics and "train_time_s" in run.data.metrics
+    assert run.info.status == "FINISHED" and not metrics["mlflow"]["unlogged"]
+    # Stage 2 is linked to its stage-1 run.
+    m2 = Trainer(config("stage2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(tmp_path / "ok")).fit()
+    assert client.get_run(m2["mlflow"]["run_id"]).data.tags["sfa.stage1_run_id"] == run.info.run_id
+
+    # The server dies mid-run: training completes and reports what it could not log.
+    trainer = Trainer(config("stage1", epochs=3), tiny_data, str(tmp_path / "outage"))
+    trainer.fit(stop_after_steps=7)          # into epoch 2; epoch 1 was logged
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    start = time.time()
+    metrics = Trainer(config("stage1", epochs=3), tiny_data, str(tmp_path / "outage")).fit()
+    assert time.time() - start < 120
+    assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    report = metrics["mlflow"]
+    assert report["num_errors"] >= 1 and report["unlogged"]
+    assert any(item["kind"] == "metrics" and item["step"] == 3 for item in report["unlogged"])
+    spool = (tmp_path / "outage" / "mlflow_unlogged.jsonl").read_text().splitlines()
+    assert any(json.loads(line).get("step") == 3 for line in spool)

@@ -1,0 +1,158 @@
+"""The Trainer: stage-2 surgery, exact resume, preemption (SIGTERM), a non-finite loss, bad input,
+and the paper's time/top-1 claim (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY, config, final_state
+from sfa_vivit import checkpoints
+from sfa_vivit.data import synth
+from sfa_vivit.data.prep import PrepOptions, prepare
+from sfa_vivit.train import NonFiniteLoss, Trainer, TrainError, resolve
+
+
+def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, tmp_path, no_mlflow_env, caplog):
+    s1 = tmp_path / "s1"
+    m1 = Trainer(config("stage1"), tiny_data, str(s1)).fit()
+    assert m1["mode"] == "stage1" and m1["trainable_parameters"] == m1["total_parameters"]
+    # Stage 2 at the same frame count starts exactly at the stage-1 function (an image checkpoint
+    # given as well is not used, and the log says so).
+    same = Trainer(config("stage2", "image_checkpoint=unused-vit", frames=4), tiny_data, str(tmp_path / "same"),
+                   init=str(s1))
+    assert "image_checkpoint=unused-vit is not used" in caplog.text
+    stage1_model = checkpoints.load(s1 / "model").model.eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    assert torch.equal(same.model.eval()(video), stage1_model(video))
+    # Stage 2 proper: 8 frames, spatial frozen, adapter on.
+    trainer = Trainer(config("stage2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(s1))
+    groups = {k: sum(p.numel() for _, p in v) for k, v in trainer.model.parameter_groups().items()}
+    m2 = trainer.fit()
+    assert m2["trainable_parameters"] == groups["adapter"] + groups["temporal"] + groups["head"]
+    assert m2["num_frames"] == 8 and m2["steps"] == 6
+    before, after = final_state(s1), final_state(tmp_path / "s2")
+    for name, tensor in after.items():
+        if name.startswith(("embedding", "spatial")):
+            assert torch.equal(tensor, before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("temporal.blocks"))
+    metrics = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    for key in ("mode", "num_frames", "epochs", "train_time_s", "epoch_time_s", "clips_per_s", "top1", "top5",
+                "final", "npp_epoch", "peak_memory_bytes", "trainable_parameters", "total_parameters"):
+        assert key in metrics, key
+    assert json.loads((tmp_path / "s2" / "config.json").read_text())["freeze_spatial"] is True
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path, no_mlflow_env, optimizer):
+    args = ("checkpoint_every=2", "dropout=0.1", "drop_path=0.1", "mixup_alpha=0.2", f"optimizer={optimizer}")
+    reference = Trainer(config("baseline", *args, epochs=2), tiny_data, str(tmp_path / "a")).fit()
+    # Hard kill at step 3: the last committed checkpoint is step 2, mid-epoch (6 steps per epoch).
+    out = tmp_path / "b"
+    assert Trainer(config("baseline", *args, epochs=2), tiny_data, str(out)).fit(
+        stop_after_steps=3, checkpoint_on_stop=False) == {"status": "stopped", "step": 3}
+    committed = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert committed == ["step-00000002"]
+    # An interrupted write of a later checkpoint: payload there, marker missing. It must be ignored.
+    torn = out / "checkpoints" / "step-00000004"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\0" * 100)
+    (torn / "config.json").write_text("{")
+    resumed = Trainer(config("baseline", *args, epochs=2), tiny_data, str(out))
+    assert resumed.progress.step == 2 and resumed.progress.step_in_epoch == 2
+    metrics = resumed.fit()
+    assert metrics["weights_sha256"] == reference["weights_sha256"]
+    a, b = final_state(tmp_path / "a"), final_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_the_rerun_finishes(tiny_data, tmp_path, no_mlflow_env):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sfa_vivit.cli", "train", "--mode", "baseline", "--recipe", "synthetic",
+           "--data", tiny_data, "--out", str(out), *[a for s in [*TINY, "epochs=30", "num_frames=4"]
+                                                      for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stderr:
+        if "step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "checkpoint committed" in err
+    (ckpt,) = [p for p in (out / "checkpoints").iterdir() if checkpoints.is_committed(p)]
+    step = int(ckpt.name.split("-")[1])
+    assert step >= 3
+    trainer = Trainer(config("baseline", epochs=30), tiny_data, str(out))
+    assert trainer.progress.step == step
+
+
+def test_nan_loss_stops_with_the_step_after_a_checkpoint(tiny_data, tmp_path, no_mlflow_env):
+    trainer = Trainer(config("baseline", "base_lr=1e38", "grad_clip=0", "warmup_epochs=0"), tiny_data,
+                      str(tmp_path / "nan"))
+    with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf|-inf) at step \d+ .* Last good state: .*step-"):
+        trainer.fit()
+    assert any(checkpoints.is_committed(p) for p in (tmp_path / "nan" / "checkpoints").iterdir())
+
+
+def test_bad_input_is_rejected_before_training(tiny_data, tmp_path, no_mlflow_env):
+    with pytest.raises(ValueError, match="unknown recipe 'k700'"):
+        resolve("stage1", "k700")
+    with pytest.raises(ValueError, match="unknown key 'epoch'"):
+        resolve("stage1", "synthetic", sets=["epoch=3"])
+    with pytest.raises(TrainError, match="stage2 needs --init"):
+        Trainer(config("stage2"), tiny_data, str(tmp_path / "x"))
+    s1 = tmp_path / "s1"
+    Trainer(config("stage1"), tiny_data, str(s1)).fit()
+    with pytest.raises(TrainError, match=r"another architecture .*width: checkpoint 32, run 64"):
+        Trainer(resolve("stage2", "synthetic", sets=[*TINY, "model.width=64", "epochs=1"]), tiny_data,
+                str(tmp_path / "y"), init=str(s1))
+    # Data with other classes: refused unless the head is explicitly re-initialised.
+    other = tmp_path / "other"
+    manifest = json.loads((Path(tiny_data) / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:5]
+    other.mkdir()
+    for p in Path(tiny_data).glob("*.tar"):
+        (other / p.name).symlink_to(p)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainError, match="predicts 12 classes but .* has 5; set reinit_head=true"):
+        Trainer(config("stage2"), str(other), str(tmp_path / "z"), init=str(s1))
+    trainer = Trainer(config("stage2", "reinit_head=true"), str(other), str(tmp_path / "z"), init=str(s1))
+    assert trainer.model.head.out_features == 5
+    with pytest.raises(TrainError, match="no committed checkpoint"):
+        Trainer(config("stage2"), tiny_data, str(tmp_path / "w"), init=str(tmp_path / "nothing"))
+    # Resuming a run folder with a different config is refused, not silently mixed.
+    with pytest.raises(TrainError, match="different config"):
+        Trainer(config("stage1", epochs=3), tiny_data, str(s1))
+
+
+@pytest.mark.slow
+def test_sfa_reaches_the_baseline_top1_in_less_time(tmp_path, no_mlflow_env):
+    """The paper's claim on the synthetic data, seed 0: stage 1 at 8 frames then stage 2 at 32 frames,
+    same recipe and epochs as the baseline at 32, every run's spatial encoder from the synthetic image
+    ViT (as the paper's runs start from an image checkpoint). bench/sfa_vs_baseline.py runs it over
+    several seeds; the README's table shows the seed-to-seed spread this one seed sits in. Less time is
+    asserted; the top-1 claim is not met on this benchmark today, and the test says so (xfail with the
+    figures) rather than fail the suite or pass silently."""
+    from sfa_vivit.train import image_vit, train
+
+    paths = synth.generate(str(tmp_path / "raw"), synth.SynthOptions(difficulty="medium"), progress=False)
+    data = str(tmp_path / "shards")
+    prepare("synthetic", [paths["train"], paths["validation"]], paths["videos"], data,
+            options=PrepOptions(fps=16, short_side=64, shard_size=64), progress=False)
+    vit = image_vit.pretrain(str(tmp_path / "vit"), image_vit.ImageViTOptions(difficulty="medium"), progress=False)
+    assert vit["val_accuracy"] > 4 * vit["chance_accuracy"]
+    init = [f"image_checkpoint={tmp_path / 'vit'}"]
+    base = train(resolve("baseline", "synthetic", sets=[*init, "num_frames=32"]), data, str(tmp_path / "b"))
+    s1 = train(resolve("stage1", "synthetic", sets=[*init, "num_frames=8"]), data, str(tmp_path / "s1"))
+    s2 = train(resolve("stage2", "synthetic", sets=["num_frames=32"]), data, str(tmp_path / "s2"),
+               init=str(tmp_path / "s1"))
+    assert s1["train_time_s"] + s2["train_time_s"] < base["train_time_s"]
+    assert s2["final"]["top1"] > 4 * 100 / 12                       # SFA learns (chance is 8.3%)
+    if s2["final"]["top1"] < base["final"]["top1"]:
+        # Known and open (README, "Measured: SFA against the conventional recipe"): reported, not hidden.
+        pytest.xfail(f"SFA top-1 {s2['final']['top1']:.1f} < baseline {base['final']['top1']:.1f} on seed 0")
