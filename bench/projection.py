@@ -59,8 +59,8 @@ def check_against_measured() -> list[dict]:
         result = json.loads(path.read_text())
         for ratio in result.get("ratios", []):       # (the summary file has none)
             steps = step_flops(config(result["variant"], ratio["frames"], result["image_size"]))
-            model = steps[ratio["mode"]] / steps["full"]
-            rows.append({"source": name, "variant": result["variant"], "mode": ratio["mode"],
+            model = steps[ratio["regime"]] / steps["full"]
+            rows.append({"source": name, "variant": result["variant"], "regime": ratio["regime"],
                          "frames": ratio["frames"], "measured": ratio["step_ratio"], "model": round(model, 4)})
     return rows
 
@@ -93,7 +93,7 @@ def main() -> None:
     if checks:
         lines += ["", "Model step ratio vs measured (CPU, one run each):", "",
                   "| source | variant | mode | frames | measured step / full | model |", "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {c['source']} | {c['variant']} | {c['mode']} | {c['frames']} | {c['measured']} | {c['model']} |"
+        lines += [f"| {c['source']} | {c['variant']} | {c['regime']} | {c['frames']} | {c['measured']} | {c['model']} |"
                   for c in checks]
     (RESULTS / "projection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

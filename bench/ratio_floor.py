@@ -60,7 +60,7 @@ def measure(name: str, frames: int, steps: int) -> dict[str, float]:
     s = SETTINGS[name]
     result = benchmark(s["variant"], [8, frames], ["full", "stage2", "stage2-cached"], image_size=s["image_size"],
                        batch_size=s["batch_size"], steps=steps, spatial_chunk=0, model=s["model"])
-    step = {(r["mode"], r["frames"]): r["step_s"] for r in result["rows"] if r.get("fits")}
+    step = {(r["regime"], r["frames"]): r["step_s"] for r in result["rows"] if r.get("fits")}
     return {"full8": step[("full", 8)], "full": step[("full", frames)], "stage2": step[("stage2", frames)],
             "cached": step[("stage2-cached", frames)]}
 

@@ -42,7 +42,7 @@ def main() -> None:
                            batch_size=args.batch_size, steps=args.steps, device=device, precision=args.precision,
                            out=str(RESULTS / f"{name}.json"))
         slopes = result["per_frame_bytes"]
-        at16 = {r["mode"]: r for r in result["ratios"] if r["frames"] == 16}
+        at16 = {r["regime"]: r for r in result["ratios"] if r["frames"] == 16}
         summary[variant] = {
             "stage2_over_full_step_16f": at16.get("stage2", {}).get("step_ratio"),
             "cached_over_full_step_16f": at16.get("stage2-cached", {}).get("step_ratio"),

@@ -7,11 +7,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_overrides(**extra):
-    """A ViViT small enough for a unit test: 2+1 blocks of width 64, 32x32 frames in 8x8 patches."""
-    sizes = dict(width=64, spatial_depth=2, temporal_depth=1, heads=4, mlp_dim=128, patch=8)
-    sizes.update(extra)
-    return sizes
+def unit_sizes(**extra):
+    """ViViTConfig sizes for model unit tests: 2+1 blocks of width 64, 8x8 patches (wider and deeper
+    than the library's TINY_MODEL, which is the smallest model a tiny *run* trains)."""
+    return dict(width=64, spatial_depth=2, temporal_depth=1, heads=4, mlp_dim=128, patch=8) | extra
 
 
 @torch.no_grad()

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from sfa_vivit import checkpoints
 from sfa_vivit.train import resolve
+from sfa_vivit.train.config import tiny_sets
 
-TINY = ["model.width=32", "model.spatial_depth=1", "model.temporal_depth=1", "model.heads=2", "model.mlp_dim=64",
-        "model.patch=8", "image_size=32", "batch_size=4", "workers=0", "final_eval_views=1x1", "log_every=1"]
+TINY = [*tiny_sets(), "final_eval_views=1x1"]
 
 
 def config(mode, *extra, epochs=1, frames=4):

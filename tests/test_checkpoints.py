@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 from transformers import ViTConfig, ViTModel
 
-from conftest import randomize_, tiny_overrides
+from conftest import randomize_, unit_sizes
 from sfa_vivit import checkpoints, importers
 from sfa_vivit.checkpoints import CheckpointError
 from sfa_vivit.importers import load_image_vit
@@ -117,7 +117,7 @@ def write_timm_state_dict(w: dict[str, np.ndarray], path) -> None:
 
 
 def video_model(image_size=IMAGE, num_frames=6, **extra):
-    sizes = tiny_overrides(width=WIDTH, spatial_depth=DEPTH, heads=HEADS, mlp_dim=MLP, patch=PATCH)
+    sizes = unit_sizes(width=WIDTH, spatial_depth=DEPTH, heads=HEADS, mlp_dim=MLP, patch=PATCH)
     return vivit("Ti", num_frames=num_frames, image_size=image_size, num_classes=5, **{**sizes, **extra})
 
 

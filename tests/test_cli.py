@@ -13,7 +13,7 @@ def test_smoke_runs_full_and_stage2_steps(tmp_path, capsys):
     assert main(["smoke", "--variants", "Ti", "--frames", "4", "--stage2-frames", "12",
                  "--image-size", "32", "--batch-size", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["mode"], r["frames"]) for r in rows] == [("full", 4), ("stage2", 12)]
+    assert [(r["regime"], r["frames"]) for r in rows] == [("full", 4), ("stage2", 12)]
     full, stage2 = rows
     assert stage2["trainable"] < full["trainable"] < stage2["parameters"]
     assert "sfa smoke: ok" in capsys.readouterr().out

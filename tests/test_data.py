@@ -324,7 +324,7 @@ def test_clip_shapes_determinism_and_views(kinetics_folder):
     train.set_epoch(1)   # a new epoch draws new augmentations for the same videos
     epoch1 = {x["key"]: x["video"] for x in train}
     assert all(not torch.equal(epoch1[x["key"]], x["video"]) for x in a)
-    ev = list(ClipDataset(m, "train", mode="eval", num_frames=6, image_size=48, num_clips=4, num_crops=3))
+    ev = list(ClipDataset(m, "train", sampling="eval", num_frames=6, image_size=48, num_clips=4, num_crops=3))
     assert ev[0]["video"].shape == (12, 6, 3, 48, 48)
     # Three crops span the long side: left and right crops differ, together they cover its ends.
     bikes = next(x for x in ev if x["key"].startswith("bikes1"))["video"]
@@ -338,7 +338,7 @@ def test_dataloader_workers_and_ranks_split_the_shards(kinetics_folder):
     m = load_manifest(str(root / "out"))
     keys = []
     for rank in range(2):
-        ds = ClipDataset(m, "train", mode="eval", num_frames=2, image_size=32, num_clips=1, num_crops=1,
+        ds = ClipDataset(m, "train", sampling="eval", num_frames=2, image_size=32, num_clips=1, num_crops=1,
                          rank=rank, world_size=2)
         keys.append([k for batch in torch.utils.data.DataLoader(ds, batch_size=1, num_workers=0) for k in batch["key"]])
     assert sorted(keys[0] + keys[1]) == sorted(s["key"] for s in iter_samples(m.shard_urls("train")))
@@ -483,7 +483,7 @@ def test_views_that_share_decoded_frames_equal_views_decoded_apart(kinetics_fold
     from sfa_vivit.data import reader
     root, csv_path, videos = kinetics_folder
     prepare("kinetics400", [csv_path], videos, str(root / "out"), options=SMALL, progress=False)
-    data = ClipDataset(str(root / "out"), "train", mode="train", num_frames=8, stride=1, image_size=32)
+    data = ClipDataset(str(root / "out"), "train", sampling="train", num_frames=8, stride=1, image_size=32)
     sample = next(iter_samples(data.shards))
     apart = [data.clip(sample, epoch=epoch)["video"] for epoch in range(3)]
     calls = []

@@ -9,7 +9,7 @@ SMALL = dict(spatial_depth=2, temporal_depth=1)
 
 
 def test_full_mode_peaks_higher_with_more_frames_and_stage2_grows_less():
-    rows = {(m, f): run_child(Setting(variant="Ti", mode=m, frames=f, image_size=64, batch_size=4, steps=1,
+    rows = {(m, f): run_child(Setting(variant="Ti", regime=m, frames=f, image_size=64, batch_size=4, steps=1,
                                       num_classes=10, model=SMALL))
             for m in ("full", "stage2") for f in (8, 64)}
     assert all(r["fits"] and r["loss_finite"] for r in rows.values()), rows
@@ -22,26 +22,26 @@ def test_full_mode_peaks_higher_with_more_frames_and_stage2_grows_less():
 
 
 def test_a_failing_child_is_reported_not_raised():
-    row = run_child(Setting(variant="Ti", mode="full", frames=7,  # 7: not a tubelet multiple
+    row = run_child(Setting(variant="Ti", regime="full", frames=7,  # 7: not a tubelet multiple
                             image_size=64, model=SMALL))
     assert row["fits"] is False and "tubelet" in row["error"]
 
 
 def test_budget_search_and_outputs(tmp_path, capsys):
     out = tmp_path / "mb.json"
-    assert main(["membench", "--variant", "Ti", "--frames", "8,16", "--modes", "full,stage2-cached", "--image-size",
+    assert main(["membench", "--variant", "Ti", "--frames", "8,16", "--regimes", "full,stage2-cached", "--image-size",
                  "32", "--steps", "1", "--set", "spatial_depth=1", "--set", "temporal_depth=1", "--out", str(out),
                  "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
-    assert {(r["mode"], r["frames"]) for r in result["rows"]} == {(m, f) for m in ("full", "stage2-cached")
+    assert {(r["regime"], r["frames"]) for r in result["rows"]} == {(m, f) for m in ("full", "stage2-cached")
                                                                  for f in (8, 16)}
     assert out.with_suffix(".md").read_text().count("| full |") == 2 and out.with_suffix(".png").stat().st_size
     assert "stage2-cached" in capsys.readouterr().out
     # A budget just above the smallest setting's peak: the search stops where the next doubling fails.
-    first = run_child(Setting(variant="Ti", mode="full", frames=8, image_size=64, batch_size=4, steps=1, warmup=0,
+    first = run_child(Setting(variant="Ti", regime="full", frames=8, image_size=64, batch_size=4, steps=1, warmup=0,
                               model=SMALL))
     budget = (first["peak_memory_bytes"] + 40 * 2**20) / 2**30
-    found = search_max_frames(Setting(variant="Ti", mode="full", image_size=64, batch_size=4, model=SMALL), budget,
+    found = search_max_frames(Setting(variant="Ti", regime="full", image_size=64, batch_size=4, model=SMALL), budget,
                               max_frames=256, resolution=8)
     assert found["max_frames"] is not None and 8 <= found["max_frames"] < 256 and not found["capped"]
     assert all(p["peak_memory_bytes"] <= budget * 2**30 for p in found["probes"] if p["frames"] <= found["max_frames"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTModel
 
-from conftest import randomize_, tiny_overrides
+from conftest import randomize_, unit_sizes
 from sfa_vivit.models import VARIANTS, ViViT, ViViTConfig, vivit
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_forward_backward_full_size_variants(variant):
 
 def test_several_heads_return_a_dict_of_logits():
     model = randomize_(vivit("Ti", num_frames=4, image_size=32, num_classes={"verb": 97, "noun": 300},
-                             **tiny_overrides()))
+                             **unit_sizes()))
     out = model(torch.randn(2, 4, 3, 32, 32))
     assert list(out) == ["verb", "noun"]
     assert out["verb"].shape == (2, 97) and out["noun"].shape == (2, 300)
@@ -102,14 +102,14 @@ def test_several_heads_return_a_dict_of_logits():
 
 
 def test_gap_classifier_has_no_cls_tokens():
-    model = vivit("Ti", num_frames=4, image_size=32, num_classes=3, classifier="gap", **tiny_overrides())
+    model = vivit("Ti", num_frames=4, image_size=32, num_classes=3, classifier="gap", **unit_sizes())
     assert model.spatial.cls is None and model.temporal.cls is None
     assert model.spatial.pos_embedding.shape == (1, 16, 64)
     assert model(torch.randn(1, 4, 3, 32, 32)).shape == (1, 3)
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
-    model = randomize_(vivit("Ti", num_frames=4, image_size=32, num_classes=3, **tiny_overrides()))
+    model = randomize_(vivit("Ti", num_frames=4, image_size=32, num_classes=3, **unit_sizes()))
     video = torch.randn(2, 4, 3, 32, 32)
     model(video).sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -122,11 +122,11 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 def test_tubelet_init_central_frame_and_average():
     central = vivit("Ti", num_frames=6, image_size=32, num_classes=3, tubelet=3,
-                    **tiny_overrides(), tubelet_init="central_frame").embedding.weight
+                    **unit_sizes(), tubelet_init="central_frame").embedding.weight
     assert central[:, :, 1].abs().sum() > 0
     assert central[:, :, 0].abs().sum() == 0 and central[:, :, 2].abs().sum() == 0
     average = vivit("Ti", num_frames=6, image_size=32, num_classes=3, tubelet=3,
-                    **tiny_overrides(), tubelet_init="average").embedding.weight
+                    **unit_sizes(), tubelet_init="average").embedding.weight
     assert torch.equal(average[:, :, 0], average[:, :, 1]) and torch.equal(average[:, :, 1], average[:, :, 2])
 
 
@@ -136,7 +136,7 @@ def test_tubelet_init_central_frame_and_average():
 
 def test_frozen_spatial_with_adapter_trains_exactly_adapter_temporal_and_head():
     model = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=5, adapter=True,
-                             dropout=0.1, drop_path=0.2, spatial_chunk=1, **tiny_overrides()))
+                             dropout=0.1, drop_path=0.2, spatial_chunk=1, **unit_sizes()))
     model.freeze_spatial().train()
     assert not model.spatial.training and not model.embedding.training and model.temporal.training
 
@@ -165,7 +165,7 @@ def test_frozen_spatial_with_adapter_trains_exactly_adapter_temporal_and_head():
 
 def test_frozen_spatial_is_deterministic_in_train_mode_and_chunking_does_not_change_it():
     model = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=5, dropout=0.3, drop_path=0.3,
-                             **tiny_overrides()))
+                             **unit_sizes()))
     video = torch.randn(2, 8, 3, 32, 32)
     reference = model.eval().spatial_features(video)
     model.freeze_spatial().train()
@@ -175,7 +175,7 @@ def test_frozen_spatial_is_deterministic_in_train_mode_and_chunking_does_not_cha
 
 
 def test_fresh_adapter_leaves_the_stage1_logits_unchanged():
-    stage1 = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=7, **tiny_overrides())).eval()
+    stage1 = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=7, **unit_sizes())).eval()
     video = torch.randn(3, 8, 3, 32, 32)
     expected = stage1(video)
     stage2 = stage1.add_adapter().freeze_spatial().eval()
@@ -183,9 +183,9 @@ def test_fresh_adapter_leaves_the_stage1_logits_unchanged():
     assert torch.equal(stage2(video), expected)
     # A model built with the adapter on behaves the same way.
     built = vivit("Ti", num_frames=8, image_size=32, num_classes=7, adapter=True, adapter_dim=16,
-                  **tiny_overrides()).eval()
+                  **unit_sizes()).eval()
     without = {k: v for k, v in built.state_dict().items() if not k.startswith("adapter")}
-    plain = vivit("Ti", num_frames=8, image_size=32, num_classes=7, **tiny_overrides()).eval()
+    plain = vivit("Ti", num_frames=8, image_size=32, num_classes=7, **unit_sizes()).eval()
     plain.load_state_dict(without)
     randomize_(plain.head)
     built.head.load_state_dict(plain.head.state_dict())
@@ -194,7 +194,7 @@ def test_fresh_adapter_leaves_the_stage1_logits_unchanged():
 
 def test_adapter_without_residual_or_zero_init_is_configurable():
     model = vivit("Ti", num_frames=4, image_size=32, num_classes=3, adapter=True, adapter_residual=False,
-                  adapter_zero_init=False, adapter_dim=8, **tiny_overrides())
+                  adapter_zero_init=False, adapter_dim=8, **unit_sizes())
     assert model.adapter.fc2.weight.abs().sum() > 0 and not model.adapter.residual
     assert model.adapter.fc1.weight.shape == (8, 64)
 
@@ -204,7 +204,7 @@ def test_adapter_without_residual_or_zero_init_is_configurable():
 # ---------------------------------------------------------------------------------------------
 
 def test_resize_temporal_8_to_32_frames_keeps_end_points_and_is_linear():
-    model = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=3, **tiny_overrides()))
+    model = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=3, **unit_sizes()))
     old = model.temporal.pos_embedding.detach().clone()[0]          # (1 + 4, D)
     model.resize_temporal(32)
     new = model.temporal.pos_embedding.detach()[0]                   # (1 + 16, D)
@@ -227,7 +227,7 @@ def test_resize_temporal_8_to_32_frames_keeps_end_points_and_is_linear():
 def test_resize_temporal_matches_scipy_zoom_order_1():
     """Scenic's interpolate_1d_positional_embeddings is scipy.ndimage.zoom(order=1)."""
     scipy_ndimage = pytest.importorskip("scipy.ndimage")
-    model = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=3, **tiny_overrides()))
+    model = randomize_(vivit("Ti", num_frames=8, image_size=32, num_classes=3, **unit_sizes()))
     old = model.temporal.pos_embedding.detach()[0, 1:].double().numpy()
     model.resize_temporal(26)
     expected = scipy_ndimage.zoom(old, (13 / 4, 1), order=1)
@@ -260,7 +260,7 @@ def test_bad_config_is_rejected_with_a_clear_message(kwargs, message):
 
 
 def test_bad_video_is_rejected_with_a_clear_message():
-    model = vivit("Ti", num_frames=8, image_size=32, num_classes=3, **tiny_overrides())
+    model = vivit("Ti", num_frames=8, image_size=32, num_classes=3, **unit_sizes())
     with pytest.raises(ValueError, match=r"video has 16 frames .*resize_temporal\(16\)"):
         model(torch.randn(1, 16, 3, 32, 32))
     with pytest.raises(ValueError, match=r"expected \(B, T=8, C=3, H=32, W=32\)"):

@@ -43,12 +43,12 @@ def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_
           image_size: int = 224, batch_size: int = 2, num_classes: int = 10) -> list[dict]:
     """One training step (forward, backward) per variant, the conventional way at `num_frames` and
     the SFA stage-2 way (spatial frozen, adapter, temporal positions resized) at `stage2_frames`.
-    Returns one row per (variant, mode) with parameter counts, step seconds and the loss."""
+    Returns one row per (variant, regime: full or stage2) with parameter counts, step seconds and the loss."""
     rows = []
     for variant in variants:
         model = vivit(variant, num_frames=num_frames, image_size=image_size, num_classes=num_classes)
-        for mode in ("full", "stage2"):
-            if mode == "stage2":
+        for regime in ("full", "stage2"):
+            if regime == "stage2":
                 model.resize_temporal(stage2_frames).add_adapter().freeze_spatial()
             frames = model.config.num_frames
             video = torch.randn(batch_size, frames, 3, image_size, image_size)
@@ -60,11 +60,11 @@ def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_
             seconds = time.perf_counter() - start
             grads_ok = all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
             if not (torch.isfinite(loss) and grads_ok):
-                raise RuntimeError(f"{variant} {mode}: non-finite loss or gradient")
-            row = {"variant": variant, "mode": mode, "frames": frames, "parameters": model.num_parameters(),
+                raise RuntimeError(f"{variant} {regime}: non-finite loss or gradient")
+            row = {"variant": variant, "regime": regime, "frames": frames, "parameters": model.num_parameters(),
                    "trainable": model.num_parameters(trainable=True), "step_s": round(seconds, 3),
                    "loss": round(loss.item(), 4)}
-            print(f"  {variant:>2} {mode:<6} {frames:>3} frames  params {row['parameters'] / 1e6:7.2f}M  "
+            print(f"  {variant:>2} {regime:<6} {frames:>3} frames  params {row['parameters'] / 1e6:7.2f}M  "
                   f"trainable {row['trainable'] / 1e6:7.2f}M  step {seconds:6.2f}s  loss {row['loss']:.4f}",
                   flush=True)
             rows.append(row)
@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "each setting in a fresh child process; --budget-gib finds the max frames")
     p.add_argument("--variant", default="S", choices=sorted(VARIANTS))
     p.add_argument("--frames", default="8,16,32", help="comma-separated frame counts (multiples of the tubelet)")
-    p.add_argument("--modes", default="full,stage2,stage2-cached")
+    p.add_argument("--regimes", default="full,stage2,stage2-cached",
+                   help="what each measured step computes: full, stage2 (frozen spatial), stage2-cached")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median reported)")
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "membench":
             from sfa_vivit.membench import benchmark
             sizes = {k.strip(): int(v) for k, _, v in (s.partition("=") for s in args.set)}
-            result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.modes.split(","),
+            result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.regimes.split(","),
                                image_size=args.image_size, batch_size=args.batch_size, budget_gib=args.budget_gib,
                                out=args.out, steps=args.steps, device=args.device, precision=args.precision,
                                spatial_chunk=args.spatial_chunk, model=sizes, max_frames=args.max_frames)

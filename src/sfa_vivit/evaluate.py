@@ -43,7 +43,7 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     model.to(rt.device)
     augment = AugmentConfig(mean=tuple(run.get("mean", AugmentConfig.mean)),
                             std=tuple(run.get("std", AugmentConfig.std)))
-    dataset = ClipDataset(manifest, split, mode="eval", num_frames=model.config.num_frames,
+    dataset = ClipDataset(manifest, split, sampling="eval", num_frames=model.config.num_frames,
                           stride=run.get("stride", 1), image_size=model.config.image_size, augment=augment,
                           num_clips=clips, num_crops=crops)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)

@@ -11,7 +11,7 @@ Modes:
                    adapter + temporal + head trained, from videos
     stage2-cached  the same trainable part, from precomputed spatial features (the feature cache)
 
-With a budget, it searches, per mode, the largest frame count whose step fits (the paper's
+With a budget, it searches, per regime, the largest frame count whose step fits (the paper's
 Table 4): doubling from the smallest, then bisection to `resolution` frames.
 """
 
@@ -35,13 +35,13 @@ from sfa_vivit.plots import line_plot
 
 log = logging.getLogger(__name__)
 
-MODES = ("full", "stage2", "stage2-cached")
+REGIMES = ("full", "stage2", "stage2-cached")
 
 
 @dataclasses.dataclass
 class Setting:
     variant: str = "S"
-    mode: str = "full"
+    regime: str = "full"
     frames: int = 16
     image_size: int = 224
     batch_size: int = 1
@@ -54,8 +54,8 @@ class Setting:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} is not one of {list(MODES)}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime {self.regime!r} is not one of {list(REGIMES)}")
         for name in ("frames", "image_size", "batch_size", "steps", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -84,13 +84,13 @@ def measure(s: Setting) -> dict[str, Any]:
     device = torch.device(s.device)
     model = vivit(s.variant, num_frames=s.frames, image_size=s.image_size, num_classes=s.num_classes,
                   spatial_chunk=s.spatial_chunk, **s.model)
-    if s.mode != "full":
+    if s.regime != "full":
         model.add_adapter().freeze_spatial()
     model.to(device).train()
     params = model.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     c = model.config
-    if s.mode == "stage2-cached":
+    if s.regime == "stage2-cached":
         inputs = {"features": torch.randn(s.batch_size, c.num_tubelets, c.width, device=device)}
     else:
         inputs = {"video": torch.randn(s.batch_size, s.frames, 3, s.image_size, s.image_size, device=device)}
@@ -149,7 +149,7 @@ def search_max_frames(base: Setting, budget_gib: float, *, max_frames: int = 204
     def probe(frames: int) -> bool:
         row = run_child(dataclasses.replace(base, frames=frames, steps=1, warmup=0), timeout)
         probes.append(row)
-        log.info("  %s %d frames: %s", base.mode, frames,
+        log.info("  %s %d frames: %s", base.regime, frames,
                  f"{row['peak_memory_bytes'] / 2**30:.2f} GiB" if row.get("fits") else row.get("error"))
         return _fits(row, budget)
 
@@ -168,90 +168,91 @@ def search_max_frames(base: Setting, budget_gib: float, *, max_frames: int = 204
                 low = mid
             else:
                 high = mid
-    return {"mode": base.mode, "budget_gib": budget_gib, "max_frames": low or None,
+    return {"regime": base.regime, "budget_gib": budget_gib, "max_frames": low or None,
             "capped": high is None, "probes": probes}
 
 
-def benchmark(variant: str, frames: list[int], modes: list[str], *, image_size: int = 224, batch_size: int = 1,
+def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size: int = 224, batch_size: int = 1,
               budget_gib: float | None = None, out: str | None = None, steps: int = 3, device: str = "cpu",
               precision: str = "fp32", spatial_chunk: int = 4, model: dict[str, Any] | None = None,
               max_frames: int = 2048, timeout: float | None = 1800) -> dict[str, Any]:
-    """Measure every (mode, frames), optionally search the budget; write JSON + Markdown + PNG at `out`."""
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"--modes: {mode!r} is not one of {list(MODES)}")
+    """Measure every (regime, frames), optionally search the budget; write JSON + Markdown + PNG at `out`."""
+    for regime in regimes:
+        if regime not in REGIMES:
+            raise ValueError(f"--regimes: {regime!r} is not one of {list(REGIMES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for mode in modes:
+    for regime in regimes:
         for f in frames:
-            s = Setting(variant=variant, mode=mode, frames=f, image_size=image_size, batch_size=batch_size,
+            s = Setting(variant=variant, regime=regime, frames=f, image_size=image_size, batch_size=batch_size,
                         steps=steps, device=device, precision=precision, spatial_chunk=spatial_chunk,
                         model=dict(model or {}))
             s.validate()
             row = run_child(s, timeout)
             rows.append(row)
-            log.info("%s %s %3d frames: %s", variant, mode, f,
+            log.info("%s %s %3d frames: %s", variant, regime, f,
                      f"{row['step_s']:.3f} s/step, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB"
                      if row.get("fits") else row.get("error"))
     result: dict[str, Any] = {"variant": variant, "device": device, "image_size": image_size,
                               "batch_size": batch_size, "precision": precision, "rows": rows,
                               "ratios": ratios(rows), "per_frame_bytes": per_frame_bytes(rows)}
     if budget_gib:
-        result["budget"] = [search_max_frames(Setting(variant=variant, mode=m, image_size=image_size,
+        result["budget"] = [search_max_frames(Setting(variant=variant, regime=m, image_size=image_size,
                                                       batch_size=batch_size, device=device, precision=precision,
                                                       spatial_chunk=spatial_chunk, model=dict(model or {})),
-                                              budget_gib, max_frames=max_frames, timeout=timeout) for m in modes]
+                                              budget_gib, max_frames=max_frames, timeout=timeout) for m in regimes]
     if out:
         write_outputs(result, out)
     return result
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Step time and peak of each mode over `full` at the same frame count (same run)."""
-    full = {r["frames"]: r for r in rows if r["mode"] == "full" and r.get("fits")}
+    """Step time and peak of each regime over `full` at the same frame count (same run)."""
+    full = {r["frames"]: r for r in rows if r["regime"] == "full" and r.get("fits")}
     out = []
     for r in rows:
         ref = full.get(r["frames"])
-        if r["mode"] != "full" and ref and r.get("fits"):
-            out.append({"mode": r["mode"], "frames": r["frames"], "step_ratio": round(r["step_s"] / ref["step_s"], 4),
+        if r["regime"] != "full" and ref and r.get("fits"):
+            out.append({"regime": r["regime"], "frames": r["frames"],
+                        "step_ratio": round(r["step_s"] / ref["step_s"], 4),
                         "peak_ratio": round(r["peak_memory_bytes"] / ref["peak_memory_bytes"], 4)})
     return out
 
 
 def per_frame_bytes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Least-squares slope of peak memory over frames, per mode (bytes per added frame)."""
+    """Least-squares slope of peak memory over frames, per regime (bytes per added frame)."""
     slopes: dict[str, float | None] = {}
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        points = [(r["frames"], r["peak_memory_bytes"]) for r in rows if r["mode"] == mode and r.get("fits")]
+    for regime in dict.fromkeys(r["regime"] for r in rows):
+        points = [(r["frames"], r["peak_memory_bytes"]) for r in rows if r["regime"] == regime and r.get("fits")]
         if len(points) < 2:
-            slopes[mode] = None
+            slopes[regime] = None
             continue
         mx = sum(x for x, _ in points) / len(points)
         my = sum(y for _, y in points) / len(points)
         var = sum((x - mx) ** 2 for x, _ in points)
-        slopes[mode] = round(sum((x - mx) * (y - my) for x, y in points) / var, 1) if var else None
+        slopes[regime] = round(sum((x - mx) * (y - my) for x, y in points) / var, 1) if var else None
     return slopes
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"ViViT-{result['variant']} on {result['device']}, {result['image_size']} px, batch "
              f"{result['batch_size']}, {result['precision']}", "",
-             "| mode | frames | step (s) | clips/s | peak memory (GiB) | step / full | peak / full |",
+             "| regime | frames | step (s) | clips/s | peak memory (GiB) | step / full | peak / full |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    rel = {(r["mode"], r["frames"]): r for r in result["ratios"]}
+    rel = {(r["regime"], r["frames"]): r for r in result["ratios"]}
     for r in result["rows"]:
-        ratio = rel.get((r["mode"], r["frames"]), {})
+        ratio = rel.get((r["regime"], r["frames"]), {})
         if r.get("fits"):
-            lines.append(f"| {r['mode']} | {r['frames']} | {r['step_s']:.3f} | {r['clips_per_s']:.2f} | "
+            lines.append(f"| {r['regime']} | {r['frames']} | {r['step_s']:.3f} | {r['clips_per_s']:.2f} | "
                          f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratio.get('step_ratio', '')} | "
                          f"{ratio.get('peak_ratio', '')} |")
         else:
-            lines.append(f"| {r['mode']} | {r['frames']} | - | - | {r.get('error')} | | |")
+            lines.append(f"| {r['regime']} | {r['frames']} | - | - | {r.get('error')} | | |")
     lines += ["", "Peak memory per added frame: " + ", ".join(
         f"{m} {v / 2**20:.2f} MiB" if v is not None else f"{m} -" for m, v in result["per_frame_bytes"].items())]
     for b in result.get("budget", []):
-        lines.append(f"- {b['mode']}: at most {b['max_frames']} frames in {b['budget_gib']} GiB"
+        lines.append(f"- {b['regime']}: at most {b['max_frames']} frames in {b['budget_gib']} GiB"
                      + (" (search cap reached)" if b["capped"] else ""))
     return "\n".join(lines) + "\n"
 
@@ -263,11 +264,11 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
     path.write_text(json.dumps(result, indent=1))
     path.with_suffix(".md").write_text(markdown(result))
     series = {}
-    for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
+    for regime in dict.fromkeys(r["regime"] for r in result["rows"]):
         points = sorted((r["frames"], r["peak_memory_bytes"] / 2**30) for r in result["rows"]
-                        if r["mode"] == mode and r.get("fits"))
+                        if r["regime"] == regime and r.get("fits"))
         if points:
-            series[mode] = tuple(map(list, zip(*points)))
+            series[regime] = tuple(map(list, zip(*points)))
     budgets = {f"budget {b['budget_gib']} GiB": b["budget_gib"] for b in result.get("budget", [])}
     line_plot(path.with_suffix(".png"), series, xlabel="frames", ylabel="peak memory (GiB)", hlines=budgets,
               title=f"ViViT-{result['variant']} training step, {result['device']}, batch {result['batch_size']}")

@@ -125,12 +125,12 @@ def _distributed() -> tuple[int, int]:
 class ClipDataset(torch.utils.data.IterableDataset):
     """Clips from a prepared split.
 
-    mode 'train': yields {'video': (T, C, S, S) float, 'label', 'key'} with random sampling and
+    sampling 'train': yields {'video': (T, C, S, S) float, 'label', 'key'} with random sampling and
     augmentation; shards are shuffled per epoch (`set_epoch`) and samples through a buffer.
-    mode 'eval': yields {'video': (num_clips*num_crops, T, C, S, S), 'label', 'key'}, in shard order.
+    sampling 'eval': yields {'video': (num_clips*num_crops, T, C, S, S), 'label', 'key'}, in shard order.
     Labels are an int (-1 when unlabelled) or a dict head → int.
 
-    Exact resume (train mode): give `batch_size` and `num_batches`, the DataLoader batches this rank
+    Exact resume (train sampling): give `batch_size` and `num_batches`, the DataLoader batches this rank
     takes per epoch; each DataLoader worker then yields exactly the samples of its batches (the
     DataLoader takes batches from workers in turn), shards are cycled to fill them, and
     `skip_batches` skips the batches already trained on (resume with the same number of workers).
@@ -138,14 +138,14 @@ class ClipDataset(torch.utils.data.IterableDataset):
     from (seed, epoch, pass, key), so a skipped prefix leaves what follows unchanged.
     """
 
-    def __init__(self, manifest: Manifest | str, split: str, *, mode: str = "train", num_frames: int = 8,
+    def __init__(self, manifest: Manifest | str, split: str, *, sampling: str = "train", num_frames: int = 8,
                  stride: int = 1, image_size: int = 224, augment: AugmentConfig = AugmentConfig(),
                  num_clips: int = 4, num_crops: int = 3, seed: int = 0, verify_checksums: bool = False,
                  shuffle_buffer: int = 64, batch_size: int = 1, num_batches: int | None = None,
                  skip_batches: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__()
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode={mode!r} must be 'train' or 'eval'")
+        if sampling not in ("train", "eval"):
+            raise ValueError(f"sampling={sampling!r} must be 'train' or 'eval'")
         for name, value in (("num_frames", num_frames), ("stride", stride), ("image_size", image_size),
                             ("num_clips", num_clips), ("num_crops", num_crops), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -156,7 +156,7 @@ class ClipDataset(torch.utils.data.IterableDataset):
         self.shards = self.manifest.shard_urls(split)
         self.num_samples = self.manifest.split(split)["num_samples"]
         self.checksums = self.manifest.checksums(split) if verify_checksums else None
-        self.mode, self.num_frames, self.stride, self.image_size = mode, num_frames, stride, image_size
+        self.sampling, self.num_frames, self.stride, self.image_size = sampling, num_frames, stride, image_size
         self.augment, self.num_clips, self.num_crops = augment, num_clips, num_crops
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.batch_size, self.num_batches, self.skip_batches = batch_size, num_batches, skip_batches
@@ -178,15 +178,15 @@ class ClipDataset(torch.utils.data.IterableDataset):
         # The DataLoader asks workers for batches in turn starting from worker 0. After skipping
         # `skip_batches`, the next batch belongs to stream (skip % workers): rotate so that real worker
         # 0 runs that stream, and every batch keeps its content whatever the skip.
-        worker = (real_worker + self.skip_batches) % workers if self.mode == "train" else real_worker
+        worker = (real_worker + self.skip_batches) % workers if self.sampling == "train" else real_worker
         reader, readers = rank * workers + worker, world * workers
         shards = list(self.shards)
-        if self.mode == "train":
+        if self.sampling == "train":
             random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
         # Enough shards: each reader streams its own. Too few: all stream all, each keeps its slice.
         share_samples = len(shards) < readers
         mine = shards if share_samples else shards[rank::world][worker::workers]
-        cycle_forever = self.mode == "train" and self.num_batches is not None
+        cycle_forever = self.sampling == "train" and self.num_batches is not None
 
         def samples() -> Iterator[dict[str, Any]]:
             passes = 0
@@ -199,7 +199,7 @@ class ClipDataset(torch.utils.data.IterableDataset):
                     return
 
         stream: Iterator[dict[str, Any]] = samples()
-        if self.mode == "train":
+        if self.sampling == "train":
             stream = _shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
             if self.num_batches is not None:
                 quota = len(range(worker, self.num_batches, workers)) * self.batch_size
@@ -218,7 +218,7 @@ class ClipDataset(torch.utils.data.IterableDataset):
         n = meta["num_frames"]
         label = meta["label"]
         label = (-1 if label is None else label) if not isinstance(label, dict) else dict(label)
-        if self.mode == "train":
+        if self.sampling == "train":
             rng = random.Random(f"{self.seed}/{epoch}/{sample.get('pass', 0)}/{sample['key']}")
             gen = torch.Generator().manual_seed(rng.getrandbits(62))
             idx = train_indices(n, self.num_frames, self.stride, rng)

@@ -100,15 +100,15 @@ def evaluate(data: Input[Dataset], model: Input[Model], views: str, name: str, t
 
 
 @dsl.component(base_image=IMAGE)
-def memory_benchmark(variant: str, frames: str, modes: str, image_size: int, batch_size: int, budget_gib: float,
+def memory_benchmark(variant: str, frames: str, regimes: str, image_size: int, batch_size: int, budget_gib: float,
                      model_sizes: dict, tracking_uri: str, parent_run_id: str, table: Output[Markdown],
                      plot: Output[HTML], results: Output[Artifact]):
     """Step time and peak memory of full training vs SFA stage 2 (and from the feature cache) per
     frame count, each in a fresh process; with budget_gib > 0 the largest frame count that fits."""
     from sfa_vivit.kubeflow import steps
-    steps.memory_benchmark(variant=variant, frames=frames, modes=modes, image_size=image_size, batch_size=batch_size,
-                           budget_gib=budget_gib, table=table, plot=plot, results=results, model_sizes=model_sizes,
-                           tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    steps.memory_benchmark(variant=variant, frames=frames, regimes=regimes, image_size=image_size,
+                           batch_size=batch_size, budget_gib=budget_gib, table=table, plot=plot, results=results,
+                           model_sizes=model_sizes, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
 
 
 @dsl.component(base_image=IMAGE)

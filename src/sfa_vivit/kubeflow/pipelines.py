@@ -65,7 +65,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
         evaluation = accelerated(c.evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
                                             name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent))
         membench = accelerated(c.memory_benchmark(
-            variant=membench_variant, frames=membench_frames, modes="full,stage2,stage2-cached",
+            variant=membench_variant, frames=membench_frames, regimes="full,stage2,stage2-cached",
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
             model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent)).after(evaluation)
         membench.set_caching_options(False)      # a measurement, not a pure function of its inputs

@@ -71,11 +71,11 @@ def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, ou
     curves = {name: (list(range(1, len(r["top1"]) + 1)), r["top1"]) for name, r in
               (("stage 1", s1), ("stage 2", s2), *((("baseline", base),) if base else ())) if any(r["top1"])}
     memory = {}
-    for mode in dict.fromkeys(r["mode"] for r in mem["rows"]):
-        points = sorted((r["frames"], r["peak_memory_bytes"] / 2**30) for r in mem["rows"] if r["mode"] == mode
+    for regime in dict.fromkeys(r["regime"] for r in mem["rows"]):
+        points = sorted((r["frames"], r["peak_memory_bytes"] / 2**30) for r in mem["rows"] if r["regime"] == regime
                         and r.get("fits"))
         if points:
-            memory[mode] = tuple(map(list, zip(*points)))
+            memory[regime] = tuple(map(list, zip(*points)))
     headline = (f"SFA: top-1 {_fmt(summary.get('sfa_top1'))}% in {summary['sfa_train_time_s']:.1f} s of training"
                 + (f"; baseline: top-1 {_fmt(summary.get('baseline_top1'))}% in {summary['baseline_train_time_s']:.1f}"
                    f" s; SFA/baseline time {summary['time_ratio_sfa_over_baseline']:.2f}" if base else ""))

@@ -89,8 +89,8 @@ def local_arguments(size: str = "default") -> tuple[dict[str, Any], dict[str, An
     """(synthetic data options, pipeline arguments) of the local run. 'default' is the main job
     (minutes on 2 cores); 'tiny' is for the tests."""
     if size == "tiny":
-        model = ["model.width=32", "model.spatial_depth=1", "model.temporal_depth=1", "model.heads=2",
-                 "model.mlp_dim=64", "image_size=32", "batch_size=4", "workers=0", "epochs=2", "log_every=1"]
+        from sfa_vivit.train.config import tiny_sets
+        model = [*tiny_sets(), "epochs=2"]
         return (dict(num_train=24, num_val=8, num_frames=16, size=32, fps=16, difficulty="easy"),
                 dict(sets=model, stage1_sets=["num_frames=4"], stage2_sets=["num_frames=8", "cache_views=2"],
                      baseline_sets=["num_frames=8"], eval_views="1x1", short_side=32, shard_size=6, prep_parts=2,

@@ -151,7 +151,7 @@ def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification:
     return result
 
 
-def memory_benchmark(*, variant: str, frames: str, modes: str, image_size: int, batch_size: int, budget_gib: float,
+def memory_benchmark(*, variant: str, frames: str, regimes: str, image_size: int, batch_size: int, budget_gib: float,
                      table: Any, plot: Any, results: Any, tracking_uri: str = "", parent_run_id: str = "",
                      steps: int = 2, model_sizes: dict[str, int] | None = None) -> dict[str, Any]:
     """`sfa membench` as a step: JSON in `results`, the Markdown table, and an HTML page with the plot."""
@@ -162,7 +162,7 @@ def memory_benchmark(*, variant: str, frames: str, modes: str, image_size: int, 
     folder = Path(results.path)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "membench.json"
-    result = benchmark(variant, [int(f) for f in frames.split(",")], modes.split(","), image_size=image_size,
+    result = benchmark(variant, [int(f) for f in frames.split(",")], regimes.split(","), image_size=image_size,
                        batch_size=batch_size, budget_gib=budget_gib or None, out=str(out), steps=steps,
                        device="auto", model={k: int(v) for k, v in (model_sizes or {}).items()})  # JSON: floats
     Path(table.path).write_text(markdown(result))

@@ -141,6 +141,17 @@ RECIPES: dict[str, dict[str, Any]] = {
                       final_eval_views="2x1", eval_views="1x1"),
 }
 
+# The smallest model of the synthetic recipe, for tests and the local pipeline's `size="tiny"`: the one
+# definition of "tiny" (seconds per epoch on one CPU core).
+TINY_MODEL: dict[str, int] = dict(width=32, spatial_depth=1, temporal_depth=1, heads=2, mlp_dim=64, patch=8)
+
+
+def tiny_sets() -> list[str]:
+    """`--set` strings of a tiny run of the synthetic recipe: TINY_MODEL at 32 px, batch 4, in-process data."""
+    return [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + ["image_size=32", "batch_size=4", "workers=0",
+                                                                "log_every=1"]
+
+
 _MODE_DEFAULTS = {
     "baseline": dict(num_frames=32, freeze_spatial=False, adapter=False, temporal_init="scratch"),
     "stage1": dict(num_frames=8, freeze_spatial=False, adapter=False, temporal_init="scratch"),

@@ -26,7 +26,7 @@ class RunData:
         self.augment = augment_config(c)
         n_train = manifest.split(c.train_split)["num_samples"]
         self.steps_per_epoch = c.steps_per_epoch or max(1, n_train // c.batch_size)
-        self.train_data = ClipDataset(manifest, c.train_split, mode="train", num_frames=c.num_frames,
+        self.train_data = ClipDataset(manifest, c.train_split, sampling="train", num_frames=c.num_frames,
                                       stride=c.stride, image_size=c.image_size, augment=self.augment, seed=c.seed,
                                       batch_size=self.local_batch, num_batches=self.steps_per_epoch)
         self.has_eval = c.eval_split in manifest.data["splits"]
@@ -40,7 +40,7 @@ class RunData:
         """The evaluation split as `views` ('clips x crops') views of every video."""
         c = self.config
         clips, crops = parse_views(views)
-        return ClipDataset(self.manifest, c.eval_split, mode="eval", num_frames=c.num_frames, stride=c.stride,
+        return ClipDataset(self.manifest, c.eval_split, sampling="eval", num_frames=c.num_frames, stride=c.stride,
                            image_size=c.image_size, augment=self.augment, num_clips=clips, num_crops=crops)
 
     def build_cache(self, model: ViViT, url: str) -> cache.CacheReport:
