@@ -37,14 +37,14 @@ from sfa_vivit.train.config import RECIPES  # noqa: E402
 
 # The paper's Tables 5 and 6: (variant, frames, dataset recipe, measured baseline hours, SFA / baseline).
 PAPER = [
-    ("L", 128, "k400", 21.57, 0.56),
-    ("L", 128, "k600", 26.14, 0.56),
-    ("H", 96, "k400", 56.71, 0.57),
-    ("H", 96, "k600", 60.45, 0.57),
+    ("L", 128, "kinetics400", 21.57, 0.56),
+    ("L", 128, "kinetics600", 26.14, 0.56),
+    ("H", 96, "kinetics400", 56.71, 0.57),
+    ("H", 96, "kinetics600", 60.45, 0.57),
     ("H", 96, "mit", 110.79, 0.59),
     ("L", 128, "ssv2", 14.17, 0.62),
     ("L", 128, "something-else", 3.84, 0.62),
-    ("L", 128, "epic-kitchens", 5.61, 0.63),
+    ("L", 128, "epic-kitchens-100", 5.61, 0.63),
 ]
 
 def config(variant: str, frames: int, image_size: int = 224) -> ViViTConfig:

@@ -14,9 +14,9 @@ def test_config_layers_and_augmentation_fields():
     assert learning_rate(c) == pytest.approx(0.5 * 32 / 128)                # linear scaling rule
     assert augment_config(c) == AugmentConfig(color_jitter_probability=0.0, randaugment_layers=2,
                                               randaugment_magnitude=20, mean=(0.485, 0.456, 0.406))
-    assert resolve("stage1", "k400").num_frames == 8 and resolve("baseline", "k400").num_frames == 32
+    assert resolve("stage1", "kinetics400").num_frames == 8 and resolve("baseline", "kinetics400").num_frames == 32
     for bad, message in ((["mean=[1,2]"], "three numbers"), (["eval_views=4"], "CLIPSxCROPS"),
                          (["model.dropout=0.1"], "unknown key 'model.dropout'"),
                          (["batch_size=x"], "--set batch_size='x'"), (["temporal_init=videomae"], "not one of")):
         with pytest.raises(ValueError, match=message):
-            resolve("stage1", "k400", sets=bad)
+            resolve("stage1", "kinetics400", sets=bad)

@@ -518,3 +518,38 @@ def test_colour_jitter_is_the_composition_of_its_four_operations():
         else:
             y = torch.einsum("ij,tjhw->tihw", augment._hue_matrix((f - 1) * 0.25), y)
     torch.testing.assert_close(augment.color_jitter(x, gen), y.clamp(0, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_every_reproduce_dataset_name_is_a_prep_adapter_and_a_recipe(tmp_path):
+    """The names the `reproduce` pipeline and `sfa pipeline schedule` pass to data prep and training: each
+    one reads its dataset's annotation files as released, and is a training recipe."""
+    from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS
+    from sfa_vivit.train.config import RECIPES
+    kinetics = lambda n: [write_csv(tmp_path / f"kinetics_{n}_train.csv",  # noqa: E731
+                                    ["label", "youtube_id", "time_start", "time_end", "split"],
+                                    [["zumba", "abc", 10, 20, "train"]])]
+    (tmp_path / "moments_categories.txt").write_text("walking,0\n")
+    (tmp_path / "labels.json").write_text(json.dumps({"Pushing something": "0"}))
+    (tmp_path / "train.json").write_text(json.dumps([{"id": "1", "template": "Pushing [something]"}]))
+    epic_header = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
+                   "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun",
+                   "noun_class", "all_nouns", "all_noun_classes"]
+    files = {
+        "kinetics400": kinetics(400), "kinetics600": kinetics(600),
+        "mit": [str(tmp_path / "moments_categories.txt"),
+                write_csv(tmp_path / "trainingSet.csv", None, [["walking/a.mp4", "walking", 3, 0]])],
+        "epic-kitchens-100": [
+            write_csv(tmp_path / "EPIC_100_verb_classes.csv", ["id", "key", "instances", "category"],
+                      [[0, "take", "[]", "x"]]),
+            write_csv(tmp_path / "EPIC_100_noun_classes.csv", ["id", "key", "instances", "category"],
+                      [[0, "tap", "[]", "x"]]),
+            write_csv(tmp_path / "EPIC_100_train.csv", epic_header,
+                      [["P01_01_0", "P01", "P01_01", "00:00:01.0", "00:00:00.14", "00:00:03.37", 8, 202, "take tap",
+                        "take", 0, "tap", 0, "['tap']", "[0]"]])],
+        "ssv2": [str(tmp_path / "labels.json"), str(tmp_path / "train.json")],
+        "something-else": [str(tmp_path / "labels.json"), str(tmp_path / "train.json")],
+    }
+    assert set(REPRODUCE_DATASETS) == set(files)
+    for name in REPRODUCE_DATASETS:
+        assert name in RECIPES, name
+        assert len(read_annotations(name, files[name]).records) == 1, name

@@ -154,3 +154,73 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
                      ("memory_benchmark", "full_mib_per_frame")]:
         assert expected in metrics, expected
     assert summary["figures"]["sfa_train_time_s"] > 0 and "baseline_top1" in summary["figures"]
+
+
+def test_submit_and_schedule_refuse_an_unknown_parameter_before_any_request():
+    """Checked against the compiled pipeline's inputs first: the endpoint (closed here) is never asked."""
+    package = str(ROOT / "pipelines" / "sfa-cpu.yaml")
+    assert {"dataset", "recipe", "videos", "tracking_uri"} <= set(runner.pipeline_inputs(package))
+    with pytest.raises(runner.PipelineError, match=r"no parameter\(s\) \['vidoes'\]"):
+        runner.submit(package, host="http://127.0.0.1:9", params={"vidoes": "gs://b/v"})
+    with pytest.raises(runner.PipelineError, match=r"no parameter\(s\) \['annotations_file'\]"):
+        runner.schedule(package, host="http://127.0.0.1:9", datasets={"ssv2": {"annotations_file": "x"}})
+    with pytest.raises(runner.PipelineError, match="unknown datasets \\['k400'\\]"):
+        runner.schedule(package, host="http://127.0.0.1:9", datasets={"k400": {}})
+
+
+def test_staggered_schedules():
+    assert runner.staggered_crons("0 30 3 * * 0", 3, 45) == ["0 30 3 * * 0", "0 15 4 * * 0", "0 0 5 * * 0"]
+    assert runner.staggered_crons("0 */5 * * * *", 2, 0) == ["0 */5 * * * *"] * 2
+    with pytest.raises(runner.PipelineError, match="fixed minute and hour"):
+        runner.staggered_crons("0 */5 * * * *", 2, 30)
+    with pytest.raises(runner.PipelineError, match="pass midnight"):
+        runner.staggered_crons("0 0 22 * * 0", 6, 60)
+
+
+def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
+    """One recurring run per dataset, staggered, with the pipeline root and service account, every call bound
+    against the installed kfp.Client's own signatures (a loopback server answers the health check)."""
+    import http.server
+    import threading
+
+    import kfp
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    calls = []
+    real = kfp.Client     # bound against below: the installed client's signatures
+
+    class Recording:
+        """kfp.Client's methods, each call bound against the real signature before it is recorded."""
+        def __init__(self, *args, **kwargs):
+            inspect.signature(real.__init__).bind(self, *args, **kwargs)
+
+        def create_experiment(self, *args, **kwargs):
+            inspect.signature(real.create_experiment).bind(self, *args, **kwargs)
+            return type("Experiment", (), {"experiment_id": "e1"})
+
+        def create_recurring_run(self, *args, **kwargs):
+            bound = inspect.signature(real.create_recurring_run).bind(self, *args, **kwargs)
+            calls.append(dict(bound.arguments))
+            return type("Run", (), {"recurring_run_id": f"r{len(calls)}"})
+
+    monkeypatch.setattr(kfp, "Client", Recording)
+    try:
+        ids = runner.schedule(str(ROOT / "pipelines" / "sfa-cpu.yaml"), host=f"http://127.0.0.1:{server.server_port}",
+                              datasets={"kinetics400": {"videos": "gs://b/k400"}, "ssv2": {"videos": "gs://b/ssv2"}},
+                              cron="0 0 3 * * 0", stagger_minutes=90, service_account="sfa-runner")
+    finally:
+        server.shutdown()
+    assert ids == ["r1", "r2"]
+    assert [c["cron_expression"] for c in calls] == ["0 0 3 * * 0", "0 30 4 * * 0"]
+    assert [(c["params"]["dataset"], c["params"]["recipe"]) for c in calls] == [("kinetics400",) * 2, ("ssv2",) * 2]
+    assert all(c["service_account"] == "sfa-runner" for c in calls)

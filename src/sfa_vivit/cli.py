@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="prepared dataset (folder or manifest.json, local or gs://)")
     p.add_argument("--out", required=True, help="run folder (local or gs://): checkpoints, metrics.json, model/")
     p.add_argument("--init", help="stage-1 run folder or checkpoint (stage 2, and temporal_init=stage1)")
-    p.add_argument("--recipe", default="k400", choices=sorted(RECIPES))
+    p.add_argument("--recipe", default="kinetics400", choices=sorted(RECIPES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set batch_size=32 --set model.spatial_depth=4")
 
@@ -179,12 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
     p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="a pipeline parameter")
     p.add_argument("--experiment", default="sfa-vivit")
+    p.add_argument("--service-account", help="Kubernetes (KFP) or Google (Vertex) service account of the run's pods")
+    p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
     p = pipe.add_parser("schedule", help="recurring reproduction runs, one per dataset")
     p.add_argument("package", help="compiled sfa pipeline YAML")
     p.add_argument("--host", required=True)
-    p.add_argument("--datasets", required=True, help="JSON file: {recipe: {annotations, videos, data_uri, ...}}")
+    p.add_argument("--datasets", required=True, help="JSON file: {dataset: {annotations, videos, data_uri, ...}}")
     p.add_argument("--cron", default="0 0 3 * * 0", help="KFP cron (with seconds); default Sundays 03:00")
-    p.add_argument("--pipeline-root")
+    p.add_argument("--stagger-minutes", type=int, default=60, help="start each dataset's run this much later")
+    p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
+    p.add_argument("--service-account", help="Kubernetes service account of the runs' pods")
+    p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -280,13 +285,15 @@ def _pipeline(args: argparse.Namespace) -> int:
         elif args.pipeline_command == "submit":
             params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
             ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
-                                params=params, experiment=args.experiment)
+                                params=params, experiment=args.experiment, service_account=args.service_account,
+                                namespace=args.namespace)
             print(f"sfa pipeline submit: {ref}")
         elif args.pipeline_command == "schedule":
             with open(args.datasets) as f:
                 datasets = json.load(f)
             ids = runner.schedule(args.package, host=args.host, datasets=datasets, cron=args.cron,
-                                  pipeline_root=args.pipeline_root)
+                                  pipeline_root=args.pipeline_root, service_account=args.service_account,
+                                  namespace=args.namespace, stagger_minutes=args.stagger_minutes)
             print(f"sfa pipeline schedule: {len(ids)} recurring runs: {', '.join(ids)}")
     except runner.PipelineError as e:
         print(f"sfa pipeline {args.pipeline_command}: error: {e}", file=sys.stderr)

@@ -20,12 +20,19 @@ IMAGE = f"ghcr.io/sfa-vivit/sfa-vivit:{__version__}-cuda"
 
 
 @dsl.component(base_image=IMAGE)
-def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str) -> str:
-    """Find or create the MLflow parent run of this pipeline run (tagged with the KFP run id).
+def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, dataset: str = "") -> str:
+    """Find or create the MLflow parent run of this pipeline run and dataset (tagged with both), so that
+    each dataset of a `reproduce` run has its own.
+
+    Args:
+        kfp_run_id: the KFP run's id (the pipeline passes its job id placeholder).
+        pipeline_name: the pipeline's name, for the run's name and tags.
+        tracking_uri: the MLflow server (empty: MLFLOW_TRACKING_URI, else a SQLite file in the working folder).
+        dataset: the dataset this branch trains on.
 
     Returns its id, or '' when MLflow is unreachable (the pipeline then runs untracked)."""
     from sfa_vivit.kubeflow import steps
-    return steps.start_tracking(kfp_run_id, pipeline_name, tracking_uri)
+    return steps.start_tracking(kfp_run_id, pipeline_name, tracking_uri, dataset=dataset)
 
 
 @dsl.component(base_image=IMAGE)

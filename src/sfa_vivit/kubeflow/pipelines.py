@@ -13,10 +13,8 @@ from kfp import dsl
 from sfa_vivit.kubeflow import components as c
 from sfa_vivit.kubeflow import profiles
 
-REPRODUCE_DATASETS = ("k400", "k600", "mit", "epic-kitchens", "ssv2", "something-else")
-# The annotation format of each recipe's dataset (sfa data prep's adapters).
-DATASET_OF_RECIPE = {"k400": "kinetics400", "k600": "kinetics600", "mit": "moments", "epic-kitchens": "epic-kitchens",
-                     "ssv2": "ssv2", "something-else": "something-else", "synthetic": "synthetic"}
+# The paper's six datasets: each name is both `sfa data prep --dataset` and the training recipe.
+REPRODUCE_DATASETS = ("kinetics400", "kinetics600", "mit", "epic-kitchens-100", "ssv2", "something-else")
 
 
 def _light(task: Any, cpu: str = "2", memory: str = "8G") -> Any:
@@ -35,7 +33,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
     def sfa(dataset: str = "synthetic", annotations: str = "", videos: str = "", data_uri: str = "",
             prep_parts: int = 1, fps: float = 12.5, short_side: int = 256, shard_size: int = 128,
             jpeg_quality: int = 90, prep_workers: int = 4, max_reject_fraction: float = 0.05,
-            recipe: str = "k400", sets: List[str] = [], stage1_sets: List[str] = ["num_frames=8"],
+            recipe: str = "kinetics400", sets: List[str] = [], stage1_sets: List[str] = ["num_frames=8"],
             stage2_sets: List[str] = ["num_frames=32"], baseline_sets: List[str] = ["num_frames=32"],
             run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = "B",
             membench_frames: str = "8,16,32,64,128", membench_image_size: int = 224, membench_batch_size: int = 1,
@@ -47,7 +45,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
         key=value overrides for every training step, *_sets for one step; run_baseline: also train the
         conventional recipe for comparison; tracking_uri: MLflow (empty: MLFLOW_TRACKING_URI)."""
         tracking = _light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
-                                           tracking_uri=tracking_uri), "1", "2G")
+                                           tracking_uri=tracking_uri, dataset=dataset), "1", "2G")
         parent = tracking.output
         prep_args = dict(dataset=dataset, annotations=annotations, videos=videos, data_uri=data_uri, fps=fps,
                          short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
@@ -123,7 +121,7 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow") -> Call
         for name in REPRODUCE_DATASETS:
             key = name.replace("-", "_")
             with dsl.If(kw[f"{key}_videos"] != "", name):
-                inner(dataset=DATASET_OF_RECIPE[name], annotations=kw[f"{key}_annotations"],
+                inner(dataset=name, annotations=kw[f"{key}_annotations"],
                       videos=kw[f"{key}_videos"], data_uri=kw[f"{key}_data_uri"], prep_parts=kw["prep_parts"],
                       recipe=name, run_baseline=kw["run_baseline"], tracking_uri=kw["tracking_uri"])
 

@@ -190,11 +190,31 @@ def _check_bucket(root: str | None) -> None:
         raise PipelineError(f"bucket gs://{bucket} does not exist (pipeline root {root})")
 
 
-def submit(package: str, *, host: str | None = None, vertex: str | None = None, pipeline_root: str | None = None,
-           params: dict[str, Any] | None = None, experiment: str = "sfa-vivit", run_name: str | None = None) -> str:
-    """Submit a compiled pipeline; returns the run's id (KFP) or resource name (Vertex)."""
+def pipeline_inputs(package: str) -> dict[str, Any]:
+    """The parameters a compiled pipeline takes: name → default (None when it has none)."""
+    import yaml
     if not os.path.exists(package):
         raise PipelineError(f"{package}: no such compiled pipeline (run `sfa pipeline compile`)")
+    with open(package) as f:
+        spec = next(yaml.safe_load_all(f))     # the PipelineSpec; a platform spec may follow
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    return {name: p.get("defaultValue") for name, p in params.items()}
+
+
+def check_parameters(package: str, params: dict[str, Any]) -> None:
+    """Raise PipelineError naming every parameter the compiled pipeline does not take."""
+    known = pipeline_inputs(package)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise PipelineError(f"{package} has no parameter(s) {unknown}; it takes {sorted(known)}")
+
+
+def submit(package: str, *, host: str | None = None, vertex: str | None = None, pipeline_root: str | None = None,
+           params: dict[str, Any] | None = None, run_name: str | None = None, experiment: str = "sfa-vivit",
+           service_account: str | None = None, namespace: str | None = None) -> str:
+    """Submit a compiled pipeline; returns the run's id (KFP) or resource name (Vertex). Every parameter is
+    checked against the compiled pipeline's inputs before any request."""
+    check_parameters(package, params or {})
     if bool(host) == bool(vertex):
         raise PipelineError("give exactly one of --host (a KFP endpoint) and --vertex PROJECT/REGION")
     run_name = run_name or f"{Path(package).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -213,36 +233,59 @@ def submit(package: str, *, host: str | None = None, vertex: str | None = None, 
         aiplatform.init(project=project, location=region)
         job = aiplatform.PipelineJob(display_name=run_name, template_path=package, pipeline_root=pipeline_root,
                                      parameter_values=params or {})
-        job.submit()
+        job.submit(service_account=service_account, experiment=experiment)
         return job.resource_name
     _check_endpoint(host)
     _check_bucket(pipeline_root)
     import kfp
-    client = kfp.Client(host=host)
+    client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     run = client.create_run_from_pipeline_package(package, arguments=params or {}, run_name=run_name,
-                                                  experiment_name=experiment, pipeline_root=pipeline_root)
+                                                  experiment_name=experiment, namespace=namespace,
+                                                  pipeline_root=pipeline_root, service_account=service_account)
     return run.run_id
 
 
+def staggered_crons(cron: str, count: int, minutes: int) -> list[str]:
+    """`count` KFP cron expressions (with seconds) `minutes` apart, from `cron`'s minute and hour."""
+    fields = cron.split()
+    if minutes == 0:
+        return [cron] * count
+    if len(fields) != 6 or not (fields[1].isdigit() and fields[2].isdigit()):
+        raise PipelineError(f"--cron {cron!r}: to stagger the runs it must name a fixed minute and hour "
+                            "('SEC MIN HOUR DOM MON DOW'), or pass --stagger-minutes 0")
+    start = int(fields[2]) * 60 + int(fields[1])
+    if start + (count - 1) * minutes >= 24 * 60:
+        raise PipelineError(f"{count} runs {minutes} min apart from {fields[2]}:{fields[1]} pass midnight; "
+                            "start earlier or stagger less")
+    return [" ".join([fields[0], str((start + i * minutes) % 60), str((start + i * minutes) // 60), *fields[3:]])
+            for i in range(count)]
+
+
 def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cron: str = "0 0 3 * * 0",
-             experiment: str = "sfa-vivit-reproductions", pipeline_root: str | None = None) -> list[str]:
-    """One recurring run per dataset (recipe = the dataset's name), with its parameters; returns ids."""
-    from sfa_vivit.kubeflow.pipelines import DATASET_OF_RECIPE
-    if not os.path.exists(package):
-        raise PipelineError(f"{package}: no such compiled pipeline (run `sfa pipeline compile`)")
-    unknown = sorted(set(datasets) - set(DATASET_OF_RECIPE))
+             experiment: str = "sfa-vivit-reproductions", pipeline_root: str | None = None,
+             service_account: str | None = None, namespace: str | None = None,
+             stagger_minutes: int = 60) -> list[str]:
+    """One recurring run per dataset (its name is both the data-prep dataset and the recipe), `stagger_minutes`
+    apart; every parameter is checked against the compiled pipeline's inputs before any request. Returns ids."""
+    from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS
+    from sfa_vivit.train.config import RECIPES
+    unknown = sorted(set(datasets) - set(RECIPES))
     if unknown:
-        raise PipelineError(f"unknown datasets {unknown}; choose from {sorted(DATASET_OF_RECIPE)}")
+        raise PipelineError(f"unknown datasets {unknown}; choose from {list(REPRODUCE_DATASETS)}")
+    runs = {name: {"dataset": name, "recipe": name, **values} for name, values in datasets.items()}
+    for params in runs.values():
+        check_parameters(package, params)
+    crons = staggered_crons(cron, len(runs), stagger_minutes)
     _check_endpoint(host)
     _check_bucket(pipeline_root)
     import kfp
-    client = kfp.Client(host=host)
-    exp = client.create_experiment(experiment)
+    client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
+    exp = client.create_experiment(experiment, namespace=namespace)
     ids = []
-    for recipe, values in datasets.items():
-        params = {"dataset": DATASET_OF_RECIPE[recipe], "recipe": recipe, **values}
-        job = client.create_recurring_run(exp.experiment_id, job_name=f"sfa-{recipe}", cron_expression=cron,
+    for (name, params), when in zip(runs.items(), crons):
+        job = client.create_recurring_run(exp.experiment_id, job_name=f"sfa-{name}", cron_expression=when,
                                           pipeline_package_path=package, params=params, max_concurrency=1,
-                                          no_catchup=True)
+                                          no_catchup=True, pipeline_root=pipeline_root,
+                                          service_account=service_account)
         ids.append(job.recurring_run_id)
     return ids

@@ -29,9 +29,11 @@ def artifact_url(artifact: Any) -> str:
 # MLflow: one parent run per pipeline run, one child run per step
 # ----------------------------------------------------------------------------------------------
 
-def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", experiment: str = EXPERIMENT) -> str:
-    """The MLflow parent run of pipeline run `kfp_run_id` (found by tag, else created); '' when MLflow
-    cannot be reached (the pipeline goes on untracked)."""
+def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", experiment: str = EXPERIMENT,
+                   dataset: str = "") -> str:
+    """The MLflow parent run of pipeline run `kfp_run_id` and `dataset` (found by tag, else created); ''
+    when MLflow cannot be reached (the pipeline goes on untracked)."""
+    key = f"{kfp_run_id}/{dataset}" if dataset else kfp_run_id
     from sfa_vivit.train.tracking import Tracker, default_tracking_uri
     uri = tracking_uri or default_tracking_uri(os.getcwd())
     try:
@@ -39,14 +41,14 @@ def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", exper
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
-            found = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{kfp_run_id}'", max_results=1)
+            found = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{key}'", max_results=1)
             if found:
                 return found[0].info.run_id
     except Exception as e:  # noqa: BLE001 - tracking never stops the pipeline
         log.warning("MLflow at %s unreachable (%s): this pipeline run is not tracked", uri, e)
         return ""
-    tracker = Tracker(uri, experiment, f"{pipeline} {kfp_run_id}", tags={PARENT_TAG: kfp_run_id,
-                                                                         "sfa.pipeline": pipeline})
+    tracker = Tracker(uri, experiment, f"{pipeline} {dataset} {kfp_run_id}".replace("  ", " "),
+                      tags={PARENT_TAG: key, "sfa.pipeline": pipeline, "sfa.dataset": dataset})
     return tracker.run_id or ""
 
 

@@ -5,10 +5,10 @@ synchronous SGD with momentum 0.9, batch 128, cosine schedule with 2.5 linear wa
 random crop (1.0), flip (0.5), scale jitter 0.9-1.33 for all datasets, and per dataset:
 
     recipe          base LR  epochs  colour jitter  RandAugment  stoch. depth  label smooth.  mixup
-    k400            0.1      30      0.8            -            -             -              -
-    k600            0.1      30      0.8            -            -             -              -
+    kinetics400     0.1      30      0.8            -            -             -              -
+    kinetics600     0.1      30      0.8            -            -             -              -
     mit             0.25     10      0.8            -            -             -              -
-    epic-kitchens   0.5      50      -              2 / 15       0.2           0.2            0.1
+    epic-kitchens-100 0.5      50      -              2 / 15       0.2           0.2            0.1
     ssv2            0.5      35      -              2 / 20       0.3           0.3            0.3
     something-else  0.5      35      -              -            -             -              -
 
@@ -54,7 +54,7 @@ class TrainConfig:
     """Everything a training run depends on. `None` fields take their mode's default (see `resolve`)."""
 
     mode: str = "baseline"
-    recipe: str = "k400"
+    recipe: str = "kinetics400"
     # Model ------------------------------------------------------------------------------------
     variant: str = "B"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # ViViTConfig overrides
@@ -126,10 +126,10 @@ _COMMON = dict(batch_size=128, warmup_epochs=2.5, momentum=0.9, min_scale=0.9, m
                flip_probability=0.5, grad_clip=1.0)
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "k400": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
-    "k600": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
+    "kinetics400": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
+    "kinetics600": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
     "mit": dict(_COMMON, base_lr=0.25, epochs=10, color_jitter_probability=0.8),
-    "epic-kitchens": dict(_COMMON, base_lr=0.5, epochs=50, color_jitter_probability=0.0, randaugment_layers=2,
+    "epic-kitchens-100": dict(_COMMON, base_lr=0.5, epochs=50, color_jitter_probability=0.0, randaugment_layers=2,
                           randaugment_magnitude=15, drop_path=0.2, label_smoothing=0.2, mixup_alpha=0.1),
     "ssv2": dict(_COMMON, base_lr=0.5, epochs=35, color_jitter_probability=0.0, randaugment_layers=2,
                  randaugment_magnitude=20, drop_path=0.3, label_smoothing=0.3, mixup_alpha=0.3),
@@ -152,6 +152,9 @@ def tiny_sets() -> list[str]:
                                                                 "log_every=1"]
 
 
+# Names of earlier releases: a recipe is now named after its dataset (`sfa data prep --dataset`).
+_RENAMED_RECIPES = {"k400": "kinetics400", "k600": "kinetics600", "epic-kitchens": "epic-kitchens-100"}
+
 _MODE_DEFAULTS = {
     "baseline": dict(num_frames=32, freeze_spatial=False, adapter=False, temporal_init="scratch"),
     "stage1": dict(num_frames=8, freeze_spatial=False, adapter=False, temporal_init="scratch"),
@@ -159,13 +162,16 @@ _MODE_DEFAULTS = {
 }
 
 
-def resolve(mode: str, recipe: str = "k400", overrides: dict[str, Any] | None = None,
+def resolve(mode: str, recipe: str = "kinetics400", overrides: dict[str, Any] | None = None,
             sets: list[str] | None = None) -> TrainConfig:
     """The config of a run: dataclass defaults < recipe < mode defaults (for fields left None) <
     `overrides` < `--set key=value` strings. Raises ValueError naming an unknown mode, recipe or key,
     a value that does not parse, or settings that contradict each other."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    if recipe in _RENAMED_RECIPES:
+        raise ValueError(f"recipe {recipe!r} is now called {_RENAMED_RECIPES[recipe]!r} (recipes take their "
+                         "dataset's name, as `sfa data prep --dataset` does)")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
     values: dict[str, Any] = {"mode": mode, "recipe": recipe, **_copy(RECIPES[recipe])}
