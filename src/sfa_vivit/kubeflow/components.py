@@ -18,6 +18,63 @@ from sfa_vivit import __version__
 # on CPU nodes too). TPU runs use the -tpu tag of the same version (containers/Dockerfile.tpu).
 IMAGE = f"ghcr.io/sfa-vivit/sfa-vivit:{__version__}-cuda"
 
+# What each input and output of a component means, shown in the Kubeflow UI (one text per name, for
+# every component that has it; `described` appends them to the docstring as the `Args:` KFP reads).
+ARGUMENTS = {
+    "dataset": "the dataset, as `sfa data prep --dataset` names it (kinetics400, kinetics600, mit, "
+               "epic-kitchens-100, ssv2, something-else, synthetic).",
+    "annotations": "comma-separated annotation files as released (local paths or gs:// URLs).",
+    "videos": "the folder or bucket prefix holding the videos.",
+    "data_uri": "where the shards and manifest.json go (gs:// on a cluster).",
+    "part": "which piece of the data-prep fan-out this is (0-based).",
+    "parts": "how many data-prep pieces run in parallel.",
+    "parts_done": "the fan-out's sample counts (also orders this step after it).",
+    "fps": "frames per second stored in the shards.",
+    "short_side": "the stored frames' short side in pixels.",
+    "shard_size": "samples per shard.",
+    "jpeg_quality": "JPEG quality of the stored frames.",
+    "workers": "decoding processes.",
+    "max_reject_fraction": "fail, publishing nothing, past this fraction of rejected videos.",
+    "data": "the prepared dataset (shards + manifest.json).",
+    "stage1": "the SFA stage-1 model.",
+    "stage2": "the SFA stage-2 model.",
+    "recipe": "the training recipe (supplementary Table 1), named after its dataset.",
+    "sets": "key=value overrides of the recipe (e.g. variant=L, image_checkpoint=gs://..., epochs=30).",
+    "nproc": "training processes on the node (one per GPU; torchrun when > 1).",
+    "model": "the trained model (or, as an input, the model to evaluate).",
+    "metrics": "headline figures.",
+    "views": "clips x crops per video (e.g. 4x3).",
+    "name": "the MLflow child run's name.",
+    "classification": "the confusion matrix, when the classes fit the UI.",
+    "results": "the full results (metrics.json).",
+    "variant": "ViViT variant (Ti, S, B, L, H, g).",
+    "frames": "comma-separated frame counts.",
+    "regimes": "what each measured step computes: full, stage2 (frozen spatial), stage2-cached.",
+    "image_size": "frame size in pixels.",
+    "batch_size": "clips per step.",
+    "budget_gib": "with > 0, also the largest frame count whose step fits in this many GiB.",
+    "model_sizes": "ViViTConfig overrides of the measured model.",
+    "table": "the results as a Markdown table.",
+    "plot": "peak memory against frames.",
+    "evaluation": "SFA's evaluation results.",
+    "membench": "the memory benchmark's results.",
+    "baseline": "the conventional recipe's model (optional).",
+    "baseline_evaluation": "the conventional recipe's evaluation results (optional).",
+    "page": "the HTML report.",
+    "tracking_uri": "the MLflow server (empty: MLFLOW_TRACKING_URI of the pod).",
+    "parent_run_id": "the pipeline run's MLflow parent run (empty: untracked).",
+}
+
+
+def described(func):
+    """`func` with an `Args:` section listing its parameters from ARGUMENTS (KFP turns it into input and
+    output descriptions)."""
+    import inspect
+    names = [n for n in inspect.signature(func).parameters if n in ARGUMENTS]
+    func.__doc__ = (inspect.cleandoc(func.__doc__ or "") + "\n\nArgs:\n"
+                    + "\n".join(f"    {n}: {ARGUMENTS[n]}" for n in names) + "\n")
+    return func
+
 
 @dsl.component(base_image=IMAGE)
 def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, dataset: str = "") -> str:
@@ -36,6 +93,7 @@ def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, datas
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def shard_parts(parts: int) -> List[int]:
     """The items of the data-prep fan-out: 0 .. parts-1."""
     from sfa_vivit.kubeflow import steps
@@ -43,6 +101,7 @@ def shard_parts(parts: int) -> List[int]:
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def prepare_shards(dataset: str, annotations: str, videos: str, data_uri: str, part: int, parts: int, fps: float,
                    short_side: int, shard_size: int, jpeg_quality: int, workers: int) -> int:
     """One piece of data prep: decode the videos of shards part, part+parts, ... into WebDataset
@@ -54,6 +113,7 @@ def prepare_shards(dataset: str, annotations: str, videos: str, data_uri: str, p
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, fps: float, short_side: int,
                  shard_size: int, jpeg_quality: int, workers: int, max_reject_fraction: float,
                  parts_done: List[int], data: Output[Dataset]):
@@ -68,6 +128,7 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, fps
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def train_stage1(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
                  nproc: int, model: Output[Model], metrics: Output[Metrics]):
     """SFA stage 1: the full ViViT-FE at few frames (8 by default). Resumes from its own checkpoints
@@ -78,6 +139,7 @@ def train_stage1(data: Input[Dataset], recipe: str, sets: List[str], tracking_ur
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def train_stage2(data: Input[Dataset], stage1: Input[Model], recipe: str, sets: List[str], tracking_uri: str,
                  parent_run_id: str, nproc: int, model: Output[Model], metrics: Output[Metrics]):
     """SFA stage 2: spatial encoder frozen, adapter on, temporal encoder from stage 1, many frames."""
@@ -87,6 +149,7 @@ def train_stage2(data: Input[Dataset], stage1: Input[Model], recipe: str, sets: 
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def train_baseline(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
                    nproc: int, model: Output[Model], metrics: Output[Metrics]):
     """The conventional recipe: the full ViViT-FE trained at the final frame count."""
@@ -96,6 +159,7 @@ def train_baseline(data: Input[Dataset], recipe: str, sets: List[str], tracking_
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def evaluate(data: Input[Dataset], model: Input[Model], views: str, name: str, tracking_uri: str,
              parent_run_id: str, metrics: Output[Metrics], classification: Output[ClassificationMetrics],
              results: Output[Artifact]):
@@ -107,6 +171,7 @@ def evaluate(data: Input[Dataset], model: Input[Model], views: str, name: str, t
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def memory_benchmark(variant: str, frames: str, regimes: str, image_size: int, batch_size: int, budget_gib: float,
                      model_sizes: dict, tracking_uri: str, parent_run_id: str, table: Output[Markdown],
                      plot: Output[HTML], results: Output[Artifact]):
@@ -119,6 +184,7 @@ def memory_benchmark(variant: str, frames: str, regimes: str, image_size: int, b
 
 
 @dsl.component(base_image=IMAGE)
+@described
 def report(stage1: Input[Model], stage2: Input[Model], evaluation: Input[Artifact], membench: Input[Artifact],
            tracking_uri: str, parent_run_id: str, page: Output[HTML], baseline: Input[Model] = None,
            baseline_evaluation: Input[Artifact] = None):

@@ -38,12 +38,36 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = "B",
             membench_frames: str = "8,16,32,64,128", membench_image_size: int = 224, membench_batch_size: int = 1,
             membench_budget_gib: float = 0.0, membench_model_sizes: dict = {}, tracking_uri: str = ""):
-        """dataset: the annotation format (kinetics400, kinetics600, moments, epic-kitchens, ssv2,
-        something-else); annotations: comma-separated annotation files; videos: the video folder;
-        data_uri: where shards + manifest go (gs:// on a cluster); prep_parts: data-prep fan-out width;
-        recipe: the training recipe (k400, k600, mit, epic-kitchens, ssv2, something-else); sets:
-        key=value overrides for every training step, *_sets for one step; run_baseline: also train the
-        conventional recipe for comparison; tracking_uri: MLflow (empty: MLFLOW_TRACKING_URI)."""
+        """SFA (stage 1 -> stage 2) and, optionally, the conventional recipe on one dataset.
+
+        Args:
+            dataset: the dataset, as `sfa data prep --dataset` names it (kinetics400, kinetics600, mit,
+                epic-kitchens-100, ssv2, something-else, synthetic).
+            annotations: comma-separated annotation files as released (local paths or gs:// URLs).
+            videos: the folder or bucket prefix holding the videos.
+            data_uri: where the shards and manifest.json go (gs:// on a cluster); empty: the step's artifact.
+            prep_parts: how many data-prep pieces run in parallel.
+            fps: frames per second stored in the shards.
+            short_side: the stored frames' short side in pixels.
+            shard_size: samples per shard.
+            jpeg_quality: JPEG quality of the stored frames.
+            prep_workers: decoding processes per data-prep piece.
+            max_reject_fraction: data prep fails, publishing nothing, past this fraction of rejected videos.
+            recipe: the training recipe (supplementary Table 1), named after its dataset like `dataset`.
+            sets: key=value overrides for every training step (e.g. variant=L, image_checkpoint=gs://...).
+            stage1_sets: overrides for SFA stage 1 only.
+            stage2_sets: overrides for SFA stage 2 only.
+            baseline_sets: overrides for the conventional recipe only.
+            run_baseline: also train the conventional recipe, for comparison.
+            eval_views: clips x crops of the final evaluation (e.g. 4x3).
+            membench_variant: ViViT variant of the memory benchmark (Ti, S, B, L, H, g).
+            membench_frames: comma-separated frame counts the memory benchmark measures.
+            membench_image_size: frame size of the memory benchmark.
+            membench_batch_size: batch of the memory benchmark.
+            membench_budget_gib: with > 0, the largest frame count whose step fits in this many GiB.
+            membench_model_sizes: ViViTConfig overrides of the memory benchmark's model.
+            tracking_uri: the MLflow server (empty: MLFLOW_TRACKING_URI of the pods, else untracked files).
+        """
         tracking = _light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
                                            tracking_uri=tracking_uri, dataset=dataset), "1", "2G")
         parent = tracking.output
@@ -127,6 +151,15 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow") -> Call
 
     reproduce.__signature__ = inspect.Signature(params)
     reproduce.__annotations__ = {p.name: p.annotation for p in params}
-    reproduce.__doc__ = ("The SFA paper's six datasets, each trained with its recipe (stage 1, stage 2, evaluation, "
-                         "memory benchmark, report; baseline optional). Leave a dataset's videos empty to skip it.")
-    return dsl.pipeline(name="reproduce", description=reproduce.__doc__)(reproduce)
+    summary = ("The SFA paper's six datasets, each trained with its recipe (stage 1, stage 2, evaluation, "
+               "memory benchmark, report; baseline optional). Leave a dataset's videos empty to skip it.")
+    described = {"prep_parts": "how many data-prep pieces run in parallel per dataset.",
+                 "run_baseline": "also train the conventional recipe, for comparison.",
+                 "tracking_uri": "the MLflow server (empty: MLFLOW_TRACKING_URI of the pods)."}
+    for name in REPRODUCE_DATASETS:
+        key = name.replace("-", "_")
+        described.update({f"{key}_annotations": f"{name}: comma-separated annotation files as released.",
+                          f"{key}_videos": f"{name}: the folder or bucket prefix of its videos (empty: skip {name}).",
+                          f"{key}_data_uri": f"{name}: where its shards and manifest.json go (gs://)."})
+    reproduce.__doc__ = summary + "\n\nArgs:\n" + "\n".join(f"    {p.name}: {described[p.name]}" for p in params)
+    return dsl.pipeline(name="reproduce", description=summary)(reproduce)
