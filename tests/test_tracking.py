@@ -73,3 +73,77 @@ def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_se
     assert any(item["kind"] == "metrics" and item["step"] == 3 for item in report["unlogged"])
     spool = (tmp_path / "outage" / "mlflow_unlogged.jsonl").read_text().splitlines()
     assert any(json.loads(line).get("step") == 3 for line in spool)
+
+
+def _manifest_allowed_hosts() -> str:
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    for doc in yaml.safe_load_all((root / "k8s" / "mlflow.yaml").read_text()):
+        if doc and doc.get("kind") == "Deployment":
+            args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+            return next(a.split("=", 1)[1] for a in args if a.startswith("--allowed-hosts="))
+    raise AssertionError("no mlflow Deployment in k8s/mlflow.yaml")
+
+
+def test_in_cluster_clients_reach_the_server_as_the_manifest_starts_it(tmp_path, monkeypatch):
+    """A real `mlflow server` with the manifest's --allowed-hosts, reached at the in-cluster Service name
+    (resolved to loopback here, as cluster DNS would resolve it to the Service), records a pipeline step's
+    parent and child runs; a Host outside the list is refused, so the check is live."""
+    import http.client
+    import socket as socket_module
+
+    from mlflow.tracking import MlflowClient
+
+    from sfa_vivit.kubeflow import steps
+    port = _free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", f"--allowed-hosts={_manifest_allowed_hosts()}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+
+        def status(host: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+            return conn.getresponse().status
+        assert status("evil.example.com") == 403
+        assert status(f"mlflow.sfa-vivit.svc.cluster.local:{port}") == 200
+
+        service = "mlflow.sfa-vivit.svc.cluster.local"
+        real = socket_module.getaddrinfo
+        monkeypatch.setattr(socket_module, "getaddrinfo",
+                            lambda host, *a, **k: real("127.0.0.1" if host == service else host, *a, **k))
+        uri = f"http://{service}:{port}"
+        parent = steps.start_tracking("run-1", "sfa", uri, dataset="ssv2", require=True)
+        assert parent
+        steps._child_run("evaluate", uri, parent, {"top1": 12.5}, {"sfa.step": "evaluate"})
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        exp = client.get_experiment_by_name(steps.EXPERIMENT)
+        (child,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert child.data.metrics["top1"] == 12.5 and child.data.tags["sfa.step"] == "evaluate"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_an_unreachable_server_is_loud_or_fatal(tmp_path, caplog):
+    from sfa_vivit.kubeflow import steps
+    from sfa_vivit.kubeflow.report import UNTRACKED
+    uri = f"http://127.0.0.1:{_free_port()}"        # nothing listens there
+    with caplog.at_level("WARNING"):
+        assert steps.start_tracking("run-1", "sfa", uri) == ""
+    assert "NOT tracked" in caplog.text
+    with pytest.raises(steps.TrackingUnavailable, match="require_tracking"):
+        steps.start_tracking("run-1", "sfa", uri, require=True)
+    assert "NOT tracked" in UNTRACKED

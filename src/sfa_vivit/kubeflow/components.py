@@ -77,7 +77,8 @@ def described(func):
 
 
 @dsl.component(base_image=IMAGE)
-def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, dataset: str = "") -> str:
+def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, dataset: str = "",
+                   require_tracking: bool = False) -> str:
     """Find or create the MLflow parent run of this pipeline run and dataset (tagged with both), so that
     each dataset of a `reproduce` run has its own.
 
@@ -86,10 +87,11 @@ def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, datas
         pipeline_name: the pipeline's name, for the run's name and tags.
         tracking_uri: the MLflow server (empty: MLFLOW_TRACKING_URI, else a SQLite file in the working folder).
         dataset: the dataset this branch trains on.
+        require_tracking: fail here when MLflow cannot be reached (else: go on untracked, loudly).
 
-    Returns its id, or '' when MLflow is unreachable (the pipeline then runs untracked)."""
+    Returns its id, or '' when MLflow is unreachable (the pipeline then runs untracked; the report says so)."""
     from sfa_vivit.kubeflow import steps
-    return steps.start_tracking(kfp_run_id, pipeline_name, tracking_uri, dataset=dataset)
+    return steps.start_tracking(kfp_run_id, pipeline_name, tracking_uri, dataset=dataset, require=require_tracking)
 
 
 @dsl.component(base_image=IMAGE)

@@ -37,7 +37,8 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             stage2_sets: List[str] = ["num_frames=32"], baseline_sets: List[str] = ["num_frames=32"],
             run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = "B",
             membench_frames: str = "8,16,32,64,128", membench_image_size: int = 224, membench_batch_size: int = 1,
-            membench_budget_gib: float = 0.0, membench_model_sizes: dict = {}, tracking_uri: str = ""):
+            membench_budget_gib: float = 0.0, membench_model_sizes: dict = {}, tracking_uri: str = "",
+            require_tracking: bool = False):
         """SFA (stage 1 -> stage 2) and, optionally, the conventional recipe on one dataset.
 
         Args:
@@ -67,9 +68,12 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             membench_budget_gib: with > 0, the largest frame count whose step fits in this many GiB.
             membench_model_sizes: ViViTConfig overrides of the memory benchmark's model.
             tracking_uri: the MLflow server (empty: MLFLOW_TRACKING_URI of the pods, else untracked files).
+            require_tracking: fail at the first step when MLflow cannot be reached (else go on, untracked, and
+                say so in the logs and the report).
         """
         tracking = _light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
-                                           tracking_uri=tracking_uri, dataset=dataset), "1", "2G")
+                                           tracking_uri=tracking_uri, dataset=dataset,
+                                           require_tracking=require_tracking), "1", "2G")
         parent = tracking.output
         prep_args = dict(dataset=dataset, annotations=annotations, videos=videos, data_uri=data_uri, fps=fps,
                          short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,

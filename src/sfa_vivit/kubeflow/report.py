@@ -12,6 +12,9 @@ from typing import Any
 from sfa_vivit.plots import line_plot
 from sfa_vivit.storage import join, open_url
 
+UNTRACKED = ("MLflow: this pipeline run is NOT tracked (the tracking server could not be reached when it "
+             "started; see the start-tracking step's log). Its figures are in this page and the steps' artifacts.")
+
 
 def _json(url: str) -> dict[str, Any]:
     with open_url(url, "rb") as f:
@@ -44,8 +47,9 @@ def summarise(stage1: dict, stage2: dict, evaluation: dict, baseline: dict | Non
 
 
 def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, out: str, baseline: str | None = None,
-                 baseline_evaluation: str | None = None) -> tuple[str, dict[str, float]]:
-    """Read the runs' metrics.json and the membench JSON; write `out` (HTML). Returns (out, summary)."""
+                 baseline_evaluation: str | None = None, tracking: str = "") -> tuple[str, dict[str, float]]:
+    """Read the runs' metrics.json and the membench JSON; write `out` (HTML). `tracking` says where the run
+    is tracked ('' says, in red, that it is not). Returns (out, summary)."""
     s1, s2 = _json(join(stage1, "metrics.json")), _json(join(stage2, "metrics.json"))
     ev = _json(join(evaluation, "metrics.json"))
     base = _json(join(baseline, "metrics.json")) if baseline else None
@@ -83,6 +87,7 @@ def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, ou
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:right}}
 td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
 </head><body><h1>SFA vs the conventional recipe</h1><p><b>{headline}</b></p>
+<p{'' if tracking else ' style="color:#b00"'}>{html.escape(tracking or UNTRACKED)}</p>
 <table>{''.join(table)}</table>
 <h2>Validation top-1 per epoch</h2><img src="data:image/png;base64,{
     _png(curves, xlabel='epoch', ylabel='top-1 (%)', title='validation top-1 (training views)')}">

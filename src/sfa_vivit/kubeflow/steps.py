@@ -29,10 +29,15 @@ def artifact_url(artifact: Any) -> str:
 # MLflow: one parent run per pipeline run, one child run per step
 # ----------------------------------------------------------------------------------------------
 
+class TrackingUnavailable(RuntimeError):
+    """require_tracking is on and the MLflow server cannot be reached."""
+
+
 def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", experiment: str = EXPERIMENT,
-                   dataset: str = "") -> str:
+                   dataset: str = "", require: bool = False) -> str:
     """The MLflow parent run of pipeline run `kfp_run_id` and `dataset` (found by tag, else created); ''
-    when MLflow cannot be reached (the pipeline goes on untracked)."""
+    when MLflow cannot be reached: the pipeline then goes on untracked, with a warning here and on its
+    report, or, with `require`, fails here (TrackingUnavailable) before any other step."""
     key = f"{kfp_run_id}/{dataset}" if dataset else kfp_run_id
     from sfa_vivit.train.tracking import Tracker, default_tracking_uri
     uri = tracking_uri or default_tracking_uri(os.getcwd())
@@ -44,12 +49,21 @@ def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", exper
             found = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{key}'", max_results=1)
             if found:
                 return found[0].info.run_id
-    except Exception as e:  # noqa: BLE001 - tracking never stops the pipeline
-        log.warning("MLflow at %s unreachable (%s): this pipeline run is not tracked", uri, e)
-        return ""
+    except Exception as e:  # noqa: BLE001 - tracking stops the pipeline only when required
+        return _untracked(uri, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", require)
     tracker = Tracker(uri, experiment, f"{pipeline} {dataset} {kfp_run_id}".replace("  ", " "),
                       tags={PARENT_TAG: key, "sfa.pipeline": pipeline, "sfa.dataset": dataset})
-    return tracker.run_id or ""
+    if not tracker.run_id:
+        return _untracked(uri, "; ".join(tracker.errors) or "no run created", require)
+    return tracker.run_id
+
+
+def _untracked(uri: str, reason: str, require: bool) -> str:
+    if require:
+        raise TrackingUnavailable(f"MLflow at {uri} cannot be reached ({reason}) and require_tracking is on")
+    log.warning("MLflow at %s cannot be reached (%s): this pipeline run is NOT tracked; its figures stay in the "
+                "step artifacts and the report (set require_tracking=true to fail instead)", uri, reason)
+    return ""
 
 
 def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:
@@ -180,10 +194,14 @@ def report(*, stage1: Any, stage2: Any, evaluation: Any, membench: Any, out: Any
            baseline_evaluation: Any = None, tracking_uri: str = "", parent_run_id: str = "") -> str:
     """One HTML page: SFA vs baseline accuracy and time, training curves, memory vs frames."""
     from sfa_vivit.kubeflow.report import write_report
+    where = f"MLflow: parent run {parent_run_id} at {tracking_uri or 'MLFLOW_TRACKING_URI'}" if parent_run_id else ""
     html_path, summary = write_report(
         stage1=artifact_url(stage1), stage2=artifact_url(stage2), evaluation=artifact_url(evaluation),
         membench=os.path.join(membench.path, "membench.json"), out=out.path,
         baseline=artifact_url(baseline) if baseline is not None else None,
-        baseline_evaluation=artifact_url(baseline_evaluation) if baseline_evaluation is not None else None)
+        baseline_evaluation=artifact_url(baseline_evaluation) if baseline_evaluation is not None else None,
+        tracking=where)
+    if not parent_run_id:
+        log.warning("this pipeline run is not tracked in MLflow (the report says so)")
     _child_run("report", tracking_uri, parent_run_id, summary, {"sfa.step": "report"})
     return html_path
