@@ -236,3 +236,32 @@ def test_every_input_of_every_compiled_pipeline_and_component_is_described():
         assert fields, path.name
         missing = sorted(name for name, field in fields.items() if not field.get("description"))
         assert not missing, f"{path.name}: {missing}"
+
+
+def _tasks(dag: dict, components: dict):
+    """Every task of a compiled DAG, nested DAGs (ParallelFor, conditions, inner pipelines) included."""
+    for name, task in dag.get("tasks", {}).items():
+        yield name, task
+        inner = components[task["componentRef"]["name"]].get("dag")
+        if inner:
+            yield from _tasks(inner, components)
+
+
+def test_data_training_and_evaluation_steps_retry_and_are_never_cached():
+    """In every checked-in pipeline: prep, training and evaluation retry with back-off; those and every
+    step that reads outside data or measures run afresh (no reuse of another run's outputs)."""
+    import yaml
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        spec = next(yaml.safe_load_all(path.read_text()))
+        seen = set()
+        for name, task in _tasks(spec["root"]["dag"], spec["components"]):
+            kind = re.sub(r"-\d+$", "", task["componentRef"]["name"].removeprefix("comp-"))   # comp-evaluate-2
+            if kind in ("prepare-shards", "prepare-data", "train-stage1", "train-stage2", "train-baseline",
+                        "evaluate", "memory-benchmark"):
+                policy = task.get("retryPolicy", {})
+                assert policy.get("maxRetryCount", 0) >= 1 and policy.get("backoffDuration"), (path.name, name)
+            if kind in ("start-tracking", "prepare-shards", "prepare-data", "train-stage1", "train-stage2",
+                        "train-baseline", "evaluate", "memory-benchmark", "report"):
+                assert not task.get("cachingOptions", {}).get("enableCache"), (path.name, name)
+                seen.add(kind)
+        assert {"train-stage1", "train-stage2", "evaluate", "prepare-data"} <= seen, (path.name, seen)

@@ -21,12 +21,28 @@ def _light(task: Any, cpu: str = "2", memory: str = "8G") -> Any:
     return task.set_cpu_request(cpu).set_memory_request(memory)
 
 
+# A step that reads data from outside the pipeline, trains or measures is never answered from another run's
+# cache: its output depends on more than its parameters (the bucket's contents, the MLflow server, the
+# clock). Users who want reuse turn caching on at submission (`enable_caching`, which overrides this).
+def _fresh(task: Any) -> Any:
+    return task.set_caching_options(False)
+
+
+# Preemption and transient failures: the step runs again, later each time; data prep skips finished shards
+# and training resumes from its last committed checkpoint, so a retry repeats little work.
+RETRY = dict(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
+
+
+def _retried(task: Any) -> Any:
+    return _fresh(task).set_retry(**RETRY)
+
+
 def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
     """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES)."""
     prof = profiles.get(profile)
 
     def accelerated(task: Any) -> Any:
-        return profiles.apply(task, prof, target=target)
+        return _retried(profiles.apply(task, prof, target=target))
 
     @dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
                                           f"(accelerator profile {profile}).")
@@ -71,18 +87,18 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             require_tracking: fail at the first step when MLflow cannot be reached (else go on, untracked, and
                 say so in the logs and the report).
         """
-        tracking = _light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
+        tracking = _fresh(_light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
                                            tracking_uri=tracking_uri, dataset=dataset,
-                                           require_tracking=require_tracking), "1", "2G")
+                                           require_tracking=require_tracking), "1", "2G"))
         parent = tracking.output
         prep_args = dict(dataset=dataset, annotations=annotations, videos=videos, data_uri=data_uri, fps=fps,
                          short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
                          workers=prep_workers)
         parts = _light(c.shard_parts(parts=prep_parts), "1", "1G")
         with dsl.ParallelFor(parts.output) as part:
-            piece = _light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G")
-        data = _light(c.prepare_data(max_reject_fraction=max_reject_fraction, parts_done=dsl.Collected(piece.output),
-                                     **prep_args), "8", "32G").output
+            piece = _retried(_light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G"))
+        data = _retried(_light(c.prepare_data(max_reject_fraction=max_reject_fraction,
+                                              parts_done=dsl.Collected(piece.output), **prep_args), "8", "32G")).output
         stage1 = accelerated(c.train_stage1(data=data, recipe=recipe, sets=_concat(sets, stage1_sets, prof),
                                             tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc))
         stage2 = accelerated(c.train_stage2(data=data, stage1=stage1.outputs["model"], recipe=recipe,
@@ -94,7 +110,6 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             variant=membench_variant, frames=membench_frames, regimes="full,stage2,stage2-cached",
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
             model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent)).after(evaluation)
-        membench.set_caching_options(False)      # a measurement, not a pure function of its inputs
         report_args = dict(stage1=stage1.outputs["model"], stage2=stage2.outputs["model"],
                            evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
                            tracking_uri=tracking_uri, parent_run_id=parent)
@@ -105,10 +120,10 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             baseline_eval = accelerated(c.evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
                                                    parent_run_id=parent))
-            _light(c.report(baseline=baseline.outputs["model"], baseline_evaluation=baseline_eval.outputs["results"],
-                            **report_args))
+            _fresh(_light(c.report(baseline=baseline.outputs["model"],
+                                   baseline_evaluation=baseline_eval.outputs["results"], **report_args)))
         with dsl.Else("no-baseline"):
-            _light(c.report(**report_args))
+            _fresh(_light(c.report(**report_args)))
 
     return sfa
 
