@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sfa_vivit.kubeflow import profiles, runner
-from sfa_vivit.kubeflow.components import COMPONENTS, IMAGE
+from sfa_vivit.kubeflow.components import COMPONENTS, image_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,8 @@ def test_the_compiled_pipeline_holds_the_profile(tmp_path, profile):
     assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
     # Light steps stay off the accelerator pool.
     assert "accelerator" not in executors["exec-prepare-data"]["container"].get("resources", {})
-    assert all(e["container"]["image"] == IMAGE for e in executors.values())
+    # Every step runs the profile's image flavour (TPU profiles: the torch-xla image).
+    assert {e["container"]["image"] for e in executors.values()} == {image_for(prof.image_flavour)}
 
 
 def test_every_component_body_is_one_library_call():
@@ -265,3 +266,24 @@ def test_data_training_and_evaluation_steps_retry_and_are_never_cached():
                 assert not task.get("cachingOptions", {}).get("enableCache"), (path.name, name)
                 seen.add(kind)
         assert {"train-stage1", "train-stage2", "evaluate", "prepare-data"} <= seen, (path.name, seen)
+
+
+def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavour(tmp_path):
+    import yaml
+
+    from sfa_vivit.kubeflow.components import image_for
+
+    def images(path):
+        spec = next(yaml.safe_load_all(open(path)))
+        return {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+
+    for file, (name, profile) in runner.COMPILED_PIPELINES.items():   # the checked-in ones: the profile's flavour
+        flavour = "tpu" if "tpu" in profile else "cuda" if "gpu" in profile else "cpu"
+        assert images(ROOT / "pipelines" / file) == {image_for(flavour)}, file
+    out = runner.compile_pipeline("reproduce", "tpu-v3-8", str(tmp_path / "r.yaml"),
+                                  registry="europe-docker.pkg.dev/p/r/sfa")
+    assert images(out) == {image_for("tpu", "europe-docker.pkg.dev/p/r/sfa")}
+    out = runner.compile_pipeline("sfa", "gpu-a100", str(tmp_path / "s.yaml"), image="registry.example/sfa:mine")
+    assert images(out) == {"registry.example/sfa:mine"}
+    with pytest.raises(runner.PipelineError, match="not an image reference"):
+        runner.set_image(out, "two words")

@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--target", default="kubeflow", choices=["kubeflow", "vertex"])
     p.add_argument("--out", help="with --name: the YAML file to write")
+    p.add_argument("--registry", help="with --name: REGISTRY/NAME of your images; the profile's flavour tag "
+                                      "(<version>-cpu|cuda|tpu) is added")
+    p.add_argument("--image", help="with --name: one image for every step (overrides --registry)")
     p = pipe.add_parser("run", help="run the sfa pipeline here (kfp.local) on synthetic data")
     p.add_argument("--runs", default="runs", help="artifacts go to RUNS/<run-id>/")
     p.add_argument("--run-id")
@@ -181,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--experiment", default="sfa-vivit")
     p.add_argument("--service-account", help="Kubernetes (KFP) or Google (Vertex) service account of the run's pods")
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
+    p.add_argument("--image", help="run every step in this image instead of the one compiled in")
     p = pipe.add_parser("schedule", help="recurring reproduction runs, one per dataset")
     p.add_argument("package", help="compiled sfa pipeline YAML")
     p.add_argument("--host", required=True)
@@ -264,7 +268,8 @@ def _pipeline(args: argparse.Namespace) -> int:
         if args.pipeline_command == "compile":
             if args.name:
                 out = args.out or f"{args.name}-{args.profile}.yaml"
-                print(runner.compile_pipeline(args.name, args.profile, out, args.target))
+                print(runner.compile_pipeline(args.name, args.profile, out, args.target, image=args.image,
+                                              registry=args.registry))
             else:
                 print("\n".join(runner.compile_all(args.root)))
         elif args.pipeline_command == "run":
@@ -286,7 +291,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
             ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
                                 params=params, experiment=args.experiment, service_account=args.service_account,
-                                namespace=args.namespace)
+                                namespace=args.namespace, image=args.image)
             print(f"sfa pipeline submit: {ref}")
         elif args.pipeline_command == "schedule":
             with open(args.datasets) as f:

@@ -14,9 +14,21 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markd
 
 from sfa_vivit import __version__
 
-# One image for every step, tagged with the package version (containers/Dockerfile.cuda: it runs
-# on CPU nodes too). TPU runs use the -tpu tag of the same version (containers/Dockerfile.tpu).
-IMAGE = f"ghcr.io/sfa-vivit/sfa-vivit:{__version__}-cuda"
+# One image per flavour (containers/Dockerfile.{cpu,cuda,tpu}), tagged with the package version. The
+# components are written against the cuda flavour of the default registry; `sfa pipeline compile` and
+# `submit` put the profile's flavour from the user's registry (or one --image) on every executor.
+REGISTRY = "ghcr.io/sfa-vivit/sfa-vivit"
+FLAVOURS = ("cpu", "cuda", "tpu")
+
+
+def image_for(flavour: str, registry: str = REGISTRY) -> str:
+    """`registry:<package version>-<flavour>`."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"image flavour {flavour!r} is not one of {list(FLAVOURS)}")
+    return f"{registry.rstrip('/')}:{__version__}-{flavour}"
+
+
+IMAGE = image_for("cuda")
 
 # What each input and output of a component means, shown in the Kubeflow UI (one text per name, for
 # every component that has it; `described` appends them to the docstring as the `Args:` KFP reads).

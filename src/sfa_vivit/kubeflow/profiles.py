@@ -34,6 +34,11 @@ class Profile:
     shm_size: str = "16Gi"
 
     @property
+    def image_flavour(self) -> str:
+        """The image its steps run: tpu (torch-xla) for TPU profiles, cuda for GPUs, cpu otherwise."""
+        return {"xla": "tpu", "cuda": "cuda"}.get(self.device, "cpu")
+
+    @property
     def nproc(self) -> int:
         """Training processes per pod: one per GPU; TPU and CPU run one (PJRT spreads over TPU cores)."""
         return self.accelerator_count if self.accelerator == "nvidia.com/gpu" else 1

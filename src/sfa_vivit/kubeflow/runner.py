@@ -40,9 +40,33 @@ def _builder(name: str):
     return {"sfa": pipelines.build_sfa, "reproduce": pipelines.build_reproduce}[name]
 
 
-def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow") -> str:
+def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow", *, image: str | None = None,
+                     registry: str | None = None) -> str:
+    """Compile pipeline `name` for `profile` into `out`. Every executor runs `image` when given, else the
+    profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's)."""
     from kfp import compiler
+
+    from sfa_vivit.kubeflow import profiles
+    from sfa_vivit.kubeflow.components import REGISTRY, image_for
     compiler.Compiler().compile(_builder(name)(profile, target), out)
+    set_image(out, image or image_for(profiles.get(profile).image_flavour, registry or REGISTRY))
+    return out
+
+
+def set_image(package: str, image: str, out: str | None = None) -> str:
+    """Write `package` (compiled pipeline YAML) to `out` (default: in place) with every executor running
+    `image`. Returns the path written."""
+    import yaml
+    if not image or any(c.isspace() for c in image):
+        raise PipelineError(f"--image {image!r} is not an image reference")
+    with open(package) as f:
+        docs = list(yaml.safe_load_all(f))
+    for executor in docs[0].get("deploymentSpec", {}).get("executors", {}).values():
+        if "container" in executor:
+            executor["container"]["image"] = image
+    out = out or package
+    with open(out, "w") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=True)
     return out
 
 
@@ -211,10 +235,15 @@ def check_parameters(package: str, params: dict[str, Any]) -> None:
 
 def submit(package: str, *, host: str | None = None, vertex: str | None = None, pipeline_root: str | None = None,
            params: dict[str, Any] | None = None, run_name: str | None = None, experiment: str = "sfa-vivit",
-           service_account: str | None = None, namespace: str | None = None) -> str:
+           service_account: str | None = None, namespace: str | None = None, image: str | None = None) -> str:
     """Submit a compiled pipeline; returns the run's id (KFP) or resource name (Vertex). Every parameter is
-    checked against the compiled pipeline's inputs before any request."""
+    checked against the compiled pipeline's inputs before any request; `image` replaces every step's image
+    (in a copy of the package)."""
     check_parameters(package, params or {})
+    if image:
+        import tempfile
+        copy = os.path.join(tempfile.mkdtemp(prefix="sfa-submit-"), os.path.basename(package))
+        package = set_image(package, image, out=copy)
     if bool(host) == bool(vertex):
         raise PipelineError("give exactly one of --host (a KFP endpoint) and --vertex PROJECT/REGION")
     run_name = run_name or f"{Path(package).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
