@@ -271,8 +271,6 @@ def test_data_training_and_evaluation_steps_retry_and_are_never_cached():
 def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavour(tmp_path):
     import yaml
 
-    from sfa_vivit.kubeflow.components import image_for
-
     def images(path):
         spec = next(yaml.safe_load_all(open(path)))
         return {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
