@@ -285,3 +285,18 @@ def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavou
     assert images(out) == {"registry.example/sfa:mine"}
     with pytest.raises(runner.PipelineError, match="not an image reference"):
         runner.set_image(out, "two words")
+
+
+def test_the_first_data_step_names_a_parameter_that_cannot_work():
+    """The compiled `sfa` pipeline's defaults fail here, at the first data step, naming what is missing."""
+    from sfa_vivit.kubeflow import steps
+    defaults = runner.pipeline_inputs(str(ROOT / "pipelines" / "sfa-cpu.yaml"))
+    ok = dict(dataset="ssv2", annotations="gs://b/labels.json", videos="gs://b/v", data_uri="gs://b/s", recipe="ssv2")
+    with pytest.raises(steps.PipelineInputError, match="annotations is empty: give the comma-separated annotation"):
+        steps.shard_parts(defaults["prep_parts"], defaults["dataset"], defaults["annotations"], defaults["videos"],
+                          defaults["data_uri"], defaults["recipe"])
+    with pytest.raises(steps.PipelineInputError, match="dataset='moments' is not one of"):
+        steps.shard_parts(2, **{**ok, "dataset": "moments"})
+    with pytest.raises(steps.PipelineInputError, match="recipe: recipe 'k400' is now called 'kinetics400'"):
+        steps.shard_parts(2, **{**ok, "recipe": "k400"})
+    assert steps.shard_parts(2, **ok) == [0, 1]

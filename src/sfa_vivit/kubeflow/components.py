@@ -108,10 +108,11 @@ def start_tracking(kfp_run_id: str, pipeline_name: str, tracking_uri: str, datas
 
 @dsl.component(base_image=IMAGE)
 @described
-def shard_parts(parts: int) -> List[int]:
-    """The items of the data-prep fan-out: 0 .. parts-1."""
+def shard_parts(parts: int, dataset: str, annotations: str, videos: str, data_uri: str, recipe: str) -> List[int]:
+    """The first data step: check the run's data and recipe parameters (a one-line error naming the first that
+    cannot work), then the items of the data-prep fan-out: 0 .. parts-1."""
     from sfa_vivit.kubeflow import steps
-    return steps.shard_parts(parts)
+    return steps.shard_parts(parts, dataset, annotations, videos, data_uri, recipe)
 
 
 @dsl.component(base_image=IMAGE)

@@ -46,7 +46,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
 
     @dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
                                           f"(accelerator profile {profile}).")
-    def sfa(dataset: str = "synthetic", annotations: str = "", videos: str = "", data_uri: str = "",
+    def sfa(dataset: str = "kinetics400", annotations: str = "", videos: str = "", data_uri: str = "",
             prep_parts: int = 1, fps: float = 12.5, short_side: int = 256, shard_size: int = 128,
             jpeg_quality: int = 90, prep_workers: int = 4, max_reject_fraction: float = 0.05,
             recipe: str = "kinetics400", sets: List[str] = [], stage1_sets: List[str] = ["num_frames=8"],
@@ -94,7 +94,8 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
         prep_args = dict(dataset=dataset, annotations=annotations, videos=videos, data_uri=data_uri, fps=fps,
                          short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
                          workers=prep_workers)
-        parts = _light(c.shard_parts(parts=prep_parts), "1", "1G")
+        parts = _light(c.shard_parts(parts=prep_parts, dataset=dataset, annotations=annotations, videos=videos,
+                                     data_uri=data_uri, recipe=recipe), "1", "1G")
         with dsl.ParallelFor(parts.output) as part:
             piece = _retried(_light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G"))
         data = _retried(_light(c.prepare_data(max_reject_fraction=max_reject_fraction,

@@ -78,10 +78,29 @@ def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[s
 # Data
 # ----------------------------------------------------------------------------------------------
 
-def shard_parts(parts: int) -> list[int]:
-    """The ParallelFor items of a data-prep fan-out: 0 .. parts-1."""
+class PipelineInputError(ValueError):
+    """A pipeline parameter that cannot work, found by the first data step before any other work."""
+
+
+def shard_parts(parts: int, dataset: str = "", annotations: str = "", videos: str = "", data_uri: str = "",
+                recipe: str = "") -> list[int]:
+    """Check the run's data and recipe parameters (PipelineInputError naming the first one that cannot
+    work), then the ParallelFor items of the data-prep fan-out: 0 .. parts-1."""
+    from sfa_vivit.data.annotations import DATASETS
+    from sfa_vivit.train.config import resolve
+    if dataset not in DATASETS:
+        raise PipelineInputError(f"dataset={dataset!r} is not one of {list(DATASETS)}")
+    for name, value, what in (("annotations", annotations, f"the comma-separated annotation files of {dataset}"),
+                              ("videos", videos, "the folder or gs:// prefix of the videos"),
+                              ("data_uri", data_uri, "where the shards go, e.g. gs://BUCKET/shards/" + dataset)):
+        if not value.strip():
+            raise PipelineInputError(f"{name} is empty: give {what}")
+    try:
+        resolve("stage1", recipe or dataset)
+    except ValueError as e:
+        raise PipelineInputError(f"recipe: {e}") from None
     if parts < 1:
-        raise ValueError(f"prep_parts={parts} must be >= 1")
+        raise PipelineInputError(f"prep_parts={parts} must be >= 1")
     return list(range(parts))
 
 
@@ -117,6 +136,11 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
     out.metadata.update({"dataset": dataset, "data_uri": data_uri, "rejected": len(manifest["rejected"]),
                          **{f"{s}_samples": v["num_samples"] for s, v in manifest["splits"].items()}})
     return manifest
+
+
+# The metadata store takes messages up to 4 MB (gRPC's default): a confusion matrix goes to the UI only
+# well below that (about 350 classes); the full matrix is always in the results artifact.
+MAX_UI_MATRIX_BYTES = 1_000_000
 
 
 def _split_list(text: str) -> list[str]:
@@ -161,7 +185,12 @@ def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification:
         if result.get(key) is not None:
             metrics.log_metric(key, result[key])
     if isinstance(result.get("confusion"), list) and result.get("classes"):
-        classification.log_confusion_matrix(list(result["classes"]), result["confusion"])
+        size = len(json.dumps([result["classes"], result["confusion"]]))
+        if size <= MAX_UI_MATRIX_BYTES:
+            classification.log_confusion_matrix(list(result["classes"]), result["confusion"])
+        else:
+            log.warning("the %d-class confusion matrix (%.1f MB) is too large for the Kubeflow UI's metadata; it is "
+                        "in the results artifact (metrics.json)", len(result["classes"]), size / 1e6)
     _child_run(name, tracking_uri, parent_run_id, {k: result.get(k) for k in ("top1", "top5")},
                {"sfa.step": name, "sfa.views": views})
     return result
