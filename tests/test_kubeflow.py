@@ -300,3 +300,25 @@ def test_the_first_data_step_names_a_parameter_that_cannot_work():
     with pytest.raises(steps.PipelineInputError, match="recipe: recipe 'k400' is now called 'kinetics400'"):
         steps.shard_parts(2, **{**ok, "recipe": "k400"})
     assert steps.shard_parts(2, **ok) == [0, 1]
+
+
+def test_prep_options_have_one_source_across_the_cli_the_pipeline_and_the_library():
+    """Each data-prep option that the CLI and the compiled pipeline both expose has the library's default."""
+    import argparse
+    import dataclasses
+
+    from sfa_vivit.cli import build_parser
+    from sfa_vivit.data.prep import PrepOptions
+
+    def subcommand(parser, name):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]
+
+    library = dataclasses.asdict(PrepOptions())
+    pipeline = runner.pipeline_inputs(str(ROOT / "pipelines" / "sfa-cpu.yaml"))
+    prep = subcommand(subcommand(build_parser(), "data"), "prep")
+    cli = {a.dest: a.default for a in prep._actions}
+    shared = {"fps", "short_side", "jpeg_quality", "shard_size", "max_reject_fraction"}
+    assert shared <= set(library) and shared <= set(pipeline) and shared <= set(cli)
+    for name in shared:
+        assert pipeline[name] == library[name] == cli[name], name

@@ -71,7 +71,8 @@ def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `sfa` command line: every command, flag and default."""
     parser = argparse.ArgumentParser(prog="sfa", description="ViViT factorised encoders, trained the SFA way.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -195,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--service-account", help="Kubernetes service account of the runs' pods")
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
 
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -10,8 +10,13 @@ from typing import Any, Callable, List
 
 from kfp import dsl
 
+from sfa_vivit.data.prep import PrepOptions
 from sfa_vivit.kubeflow import components as c
 from sfa_vivit.kubeflow import profiles
+
+# Data-prep defaults come from the library (as the CLI's do); prep_workers is the pipeline's own: the prep
+# pods request 8 CPUs, where the library's 0 (one per CPU) would count the node's.
+_PREP = PrepOptions()
 
 # The paper's six datasets: each name is both `sfa data prep --dataset` and the training recipe.
 REPRODUCE_DATASETS = ("kinetics400", "kinetics600", "mit", "epic-kitchens-100", "ssv2", "something-else")
@@ -47,8 +52,9 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
     @dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
                                           f"(accelerator profile {profile}).")
     def sfa(dataset: str = "kinetics400", annotations: str = "", videos: str = "", data_uri: str = "",
-            prep_parts: int = 1, fps: float = 12.5, short_side: int = 256, shard_size: int = 128,
-            jpeg_quality: int = 90, prep_workers: int = 4, max_reject_fraction: float = 0.05,
+            prep_parts: int = 1, fps: float = _PREP.fps, short_side: int = _PREP.short_side,
+            shard_size: int = _PREP.shard_size, jpeg_quality: int = _PREP.jpeg_quality, prep_workers: int = 4,
+            max_reject_fraction: float = _PREP.max_reject_fraction,
             recipe: str = "kinetics400", sets: List[str] = [], stage1_sets: List[str] = ["num_frames=8"],
             stage2_sets: List[str] = ["num_frames=32"], baseline_sets: List[str] = ["num_frames=32"],
             run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = "B",
