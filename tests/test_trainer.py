@@ -1,6 +1,7 @@
 """The Trainer: stage-2 surgery, exact resume, preemption (SIGTERM), a non-finite loss, bad input,
 and the paper's time/top-1 claim (slow)."""
 
+import hashlib
 import json
 import os
 import signal
@@ -156,3 +157,33 @@ def test_sfa_reaches_the_baseline_top1_in_less_time(tmp_path, no_mlflow_env):
     if s2["final"]["top1"] < base["final"]["top1"]:
         # Known and open (README, "Measured: SFA against the conventional recipe"): reported, not hidden.
         pytest.xfail(f"SFA top-1 {s2['final']['top1']:.1f} < baseline {base['final']['top1']:.1f} on seed 0")
+
+
+def _as_written_before(out, **changes):
+    """Edit the run's committed step checkpoint as an older release wrote it (drop exempt_from_decay, set
+    `changes`), re-committing it with the new digest."""
+    (step,) = checkpoints.committed_steps(str(out))
+    cfg, marker = Path(step) / checkpoints.CONFIG_FILE, Path(step) / checkpoints.MARKER_FILE
+    data = json.loads(cfg.read_text())
+    del data["extra"]["config"]["exempt_from_decay"]
+    data["extra"]["config"].update(changes)
+    cfg.write_text(json.dumps(data))
+    digests = json.loads(marker.read_text())
+    digests[checkpoints.CONFIG_FILE] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+    marker.write_text(json.dumps(digests))
+
+
+def test_a_run_from_before_the_recipe_rename_and_the_decay_switch_resumes(tiny_data, tmp_path):
+    """A checkpoint that names a recipe by its old name and has no exempt_from_decay resumes under today's
+    names; with weight decay on, only with the setting it ran with (every parameter decayed)."""
+    import dataclasses
+    renamed = dataclasses.replace(config("stage1", epochs=2), recipe="kinetics400")
+    Trainer(renamed, tiny_data, str(tmp_path / "old")).fit(stop_after_steps=1)
+    _as_written_before(tmp_path / "old", recipe="k400")
+    assert Trainer(renamed, tiny_data, str(tmp_path / "old")).fit()["steps"] > 1
+    decayed = config("stage1", "weight_decay=0.01", epochs=2)
+    Trainer(decayed, tiny_data, str(tmp_path / "decayed")).fit(stop_after_steps=1)
+    _as_written_before(tmp_path / "decayed")
+    with pytest.raises(TrainError, match="exempt_from_decay"):
+        Trainer(decayed, tiny_data, str(tmp_path / "decayed"))
+    Trainer(dataclasses.replace(decayed, exempt_from_decay="none"), tiny_data, str(tmp_path / "decayed")).fit()

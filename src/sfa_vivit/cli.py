@@ -253,19 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sfa {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        _close_process_group()
+        from sfa_vivit import runtime
+        runtime.close()
     return 0
-
-
-def _close_process_group() -> None:
-    """Under torchrun: leave together and tear the process group down, so that no rank exits while
-    another still talks to the store it hosts (that ends in an abort instead of exit code 0)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 def _pipeline(args: argparse.Namespace) -> int:

@@ -43,8 +43,10 @@ class Runtime:
         return peak_memory_bytes(self.device)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place over every rank (a no-op for one process); op is sum, min or max."""
+        """The reduction of `tensor` over every rank (itself for one process); op is sum, min or max. The
+        reduction runs on this process's device (NCCL has no CPU tensors); use the returned tensor."""
         if self.world > 1:
+            tensor = tensor.to(self.device)
             dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                                         "max": dist.ReduceOp.MAX}[op])
         return tensor
@@ -89,6 +91,16 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
         log.warning("bf16 autocast on CPU is slow on most CPUs; fp32 is the default there")
     autocast = torch.autocast(device_type=where.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     return Runtime(where, rank, world, autocast)
+
+
+def close() -> None:
+    """Under torchrun: leave together and tear the process group down, so that no rank exits while
+    another still talks to the store it hosts (that ends in an abort instead of exit code 0)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -68,7 +68,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
                 epic-kitchens-100, ssv2, something-else, synthetic).
             annotations: comma-separated annotation files as released (local paths or gs:// URLs).
             videos: the folder or bucket prefix holding the videos.
-            data_uri: where the shards and manifest.json go (gs:// on a cluster); empty: the step's artifact.
+            data_uri: where the shards and manifest.json go (gs:// on a cluster).
             prep_parts: how many data-prep pieces run in parallel.
             fps: frames per second stored in the shards.
             short_side: the stored frames' short side in pixels.

@@ -262,7 +262,11 @@ def submit(package: str, *, host: str | None = None, vertex: str | None = None, 
         aiplatform.init(project=project, location=region)
         job = aiplatform.PipelineJob(display_name=run_name, template_path=package, pipeline_root=pipeline_root,
                                      parameter_values=params or {})
-        job.submit(service_account=service_account, experiment=experiment)
+        try:
+            job.submit(service_account=service_account, experiment=experiment)
+        except Exception as e:  # noqa: BLE001 - the API's own message, in one line
+            raise PipelineError(f"Vertex AI refused or half-took the run {run_name} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         return job.resource_name
     _check_endpoint(host)
     _check_bucket(pipeline_root)
@@ -300,7 +304,8 @@ def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cr
     from sfa_vivit.train.config import RECIPES
     unknown = sorted(set(datasets) - set(RECIPES))
     if unknown:
-        raise PipelineError(f"unknown datasets {unknown}; choose from {list(REPRODUCE_DATASETS)}")
+        raise PipelineError(f"unknown datasets {unknown}; choose from {list(REPRODUCE_DATASETS)} (or another "
+                            f"recipe: {sorted(set(RECIPES) - set(REPRODUCE_DATASETS))})")
     runs = {name: {"dataset": name, "recipe": name, **values} for name, values in datasets.items()}
     for params in runs.values():
         check_parameters(package, params)

@@ -423,17 +423,16 @@ class ViViT(nn.Module):
         # Registered even when absent, so that parameters keep one order whether the adapter came
         # with the config or from add_adapter().
         self.register_module("adapter", Adapter(config) if config.adapter else None)
-        self.temporal, self.head = self._new_temporal_and_head()
+        self.temporal = self._new_temporal()
+        self.head = nn.Linear(config.width, config.total_classes)
+        nn.init.zeros_(self.head.weight)   # Scenic zero-initialises output_projection
+        nn.init.zeros_(self.head.bias)
         self.spatial_frozen = False
 
-    def _new_temporal_and_head(self) -> tuple[Encoder, nn.Linear]:
+    def _new_temporal(self) -> Encoder:
         c = self.config
-        temporal = Encoder(c, c.num_tubelets, c.temporal_depth, c.temporal_heads or c.heads,
-                           c.temporal_mlp_dim or c.mlp_dim)
-        head = nn.Linear(c.width, c.total_classes)
-        nn.init.zeros_(head.weight)   # Scenic zero-initialises output_projection
-        nn.init.zeros_(head.bias)
-        return temporal, head
+        return Encoder(c, c.num_tubelets, c.temporal_depth, c.temporal_heads or c.heads,
+                       c.temporal_mlp_dim or c.mlp_dim)
 
     # Forward ------------------------------------------------------------------------------------
     def check_video(self, video: torch.Tensor) -> None:
@@ -563,8 +562,10 @@ class ViViT(nn.Module):
 
     def reset_temporal(self) -> "ViViT":
         """A fresh temporal encoder and a zero head (Table 1 rows I-III: only the spatial encoder is kept)."""
-        device = self.head.weight.device
-        self.temporal, self.head = (m.to(device) for m in self._new_temporal_and_head())
+        self.temporal = self._new_temporal().to(self.head.weight.device)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
         return self
 
     def no_weight_decay(self) -> set[str]:

@@ -153,7 +153,7 @@ def tiny_sets() -> list[str]:
 
 
 # Names of earlier releases: a recipe is now named after its dataset (`sfa data prep --dataset`).
-_RENAMED_RECIPES = {"k400": "kinetics400", "k600": "kinetics600", "epic-kitchens": "epic-kitchens-100"}
+RENAMED_RECIPES = {"k400": "kinetics400", "k600": "kinetics600", "epic-kitchens": "epic-kitchens-100"}
 
 _MODE_DEFAULTS = {
     "baseline": dict(num_frames=32, freeze_spatial=False, adapter=False, temporal_init="scratch"),
@@ -169,8 +169,8 @@ def resolve(mode: str, recipe: str = "kinetics400", overrides: dict[str, Any] | 
     a value that does not parse, or settings that contradict each other."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
-    if recipe in _RENAMED_RECIPES:
-        raise ValueError(f"recipe {recipe!r} is now called {_RENAMED_RECIPES[recipe]!r} (recipes take their "
+    if recipe in RENAMED_RECIPES:
+        raise ValueError(f"recipe {recipe!r} is now called {RENAMED_RECIPES[recipe]!r} (recipes take their "
                          "dataset's name, as `sfa data prep --dataset` does)")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")

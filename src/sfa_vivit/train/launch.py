@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from typing import Any
 
+from sfa_vivit import runtime
 from sfa_vivit.storage import join, open_url
 from sfa_vivit.train.config import TrainConfig, validate
 from sfa_vivit.train.tracking import TrackingTarget
@@ -42,11 +44,15 @@ def run(config: TrainConfig, data: str, out: str, init: str | None = None, *,
 
 def main(argv: list[str]) -> None:
     """One rank: train the run described by the JSON file argv[0] (written by `run`)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with open(argv[0]) as f:
         spec = json.load(f)
     config = TrainConfig(**spec["config"])
     validate(config)
-    train(config, spec["data"], spec["out"], spec["init"], tracking=TrackingTarget(**spec["tracking"]))
+    try:
+        train(config, spec["data"], spec["out"], spec["init"], tracking=TrackingTarget(**spec["tracking"]))
+    finally:
+        runtime.close()
 
 
 if __name__ == "__main__":

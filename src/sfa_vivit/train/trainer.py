@@ -34,7 +34,7 @@ from sfa_vivit.data.manifest import load_manifest
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
 from sfa_vivit.storage import join, write_bytes_atomic
 from sfa_vivit.train import cache
-from sfa_vivit.train.config import TrainConfig, learning_rate, learning_rate_at, make_optimizer
+from sfa_vivit.train.config import RENAMED_RECIPES, TrainConfig, learning_rate, learning_rate_at, make_optimizer
 from sfa_vivit.train.evaluation import evaluate_model
 from sfa_vivit.train.run_data import RunData
 from sfa_vivit.train.tracking import Tracker, TrackingTarget
@@ -127,9 +127,9 @@ class Trainer:
         c = self.config
         if resume is not None:
             loaded, extra = checkpoints.load(resume)
-            stored, now = extra.get("config", {}), c.to_dict()
-            changed = {k for k in set(stored) | set(now)
-                       if stored.get(k, _DEFAULTS.get(k)) != now.get(k) and k not in _RESUMABLE_CHANGES}
+            now = c.to_dict()
+            stored = _as_today(extra.get("config", {}), now)
+            changed = {k for k in set(stored) | set(now) if stored.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES}
             if changed:
                 raise TrainError(f"{self.out} holds a run with a different config ({sorted(changed)} differ); "
                                  "use another --out, or the same settings to resume it")
@@ -370,7 +370,17 @@ class Trainer:
 
 
 # Fields that may change between a run and its resumption without changing what it computes.
-_DEFAULTS = TrainConfig().to_dict()   # what a checkpoint written before a field existed ran with
+def _as_today(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config in today's terms: a renamed recipe gets its new name; a field added since
+    takes the value that run had in effect (before `exempt_from_decay`, every parameter decayed, which is
+    the same as today's default when weight_decay is 0); other new fields their default."""
+    today = {**TrainConfig().to_dict(), **stored}
+    today["recipe"] = RENAMED_RECIPES.get(today["recipe"], today["recipe"])
+    if "exempt_from_decay" not in stored:
+        today["exempt_from_decay"] = now["exempt_from_decay"] if not today["weight_decay"] else "none"
+    return today
+
+
 _RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision",
                       "cache_dir", "compile"}
 
