@@ -322,3 +322,25 @@ def test_prep_options_have_one_source_across_the_cli_the_pipeline_and_the_librar
     assert shared <= set(library) and shared <= set(pipeline) and shared <= set(cli)
     for name in shared:
         assert pipeline[name] == library[name] == cli[name], name
+
+
+# GKE's node label for each GPU (https://cloud.google.com/kubernetes-engine/docs/how-to/gpus, "Available GPU
+# models") and Vertex AI's AcceleratorType enum (https://cloud.google.com/vertex-ai/docs/reference/rest/v1/
+# MachineSpec#acceleratortype); every accelerator of the 8-GPU machines (a2-highgpu-8g, a2-ultragpu-8g,
+# a3-highgpu-8g) is used.
+DOCUMENTED_GPUS = {
+    "gpu-t4": ("nvidia-tesla-t4", "NVIDIA_TESLA_T4", 1),
+    "gpu-a100": ("nvidia-tesla-a100", "NVIDIA_TESLA_A100", 8),
+    "gpu-a100-80gb": ("nvidia-a100-80gb", "NVIDIA_A100_80GB", 8),
+    "gpu-h100": ("nvidia-h100-80gb", "NVIDIA_H100_80GB", 8),
+}
+
+
+def test_gpu_profiles_hold_the_documented_values():
+    gpus = {name: p for name, p in profiles.PROFILES.items() if p.accelerator == "nvidia.com/gpu"}
+    assert set(gpus) == set(DOCUMENTED_GPUS)
+    for name, (label, vertex, count) in DOCUMENTED_GPUS.items():
+        p = gpus[name]
+        assert dict(p.node_selector) == {"cloud.google.com/gke-accelerator": label}, name
+        assert (p.vertex_accelerator, p.accelerator_count, p.nproc, p.image_flavour) == (vertex, count, count, "cuda")
+        assert ("nvidia.com/gpu", "Exists", "NoSchedule") in p.tolerations, name

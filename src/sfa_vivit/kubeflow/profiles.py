@@ -4,6 +4,7 @@
     cpu          -                                   -                                           -
     gpu-t4       nvidia.com/gpu x 1                  gke-accelerator=nvidia-tesla-t4              NVIDIA_TESLA_T4
     gpu-a100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-tesla-a100            NVIDIA_TESLA_A100
+    gpu-a100-80gb nvidia.com/gpu x 8                 gke-accelerator=nvidia-a100-80gb             NVIDIA_A100_80GB
     gpu-h100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-h100-80gb             NVIDIA_H100_80GB
     tpu-v3-8     cloud-tpus.google.com/v3 x 8        (TPU Node architecture: no selector)         TPU_V3
     tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   TPU_V4_POD
@@ -55,6 +56,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("gpu-a100", cpu="88", memory="640G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_TESLA_A100", device="cuda", tolerations=_GPU_TAINT, shm_size="64Gi",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),)),
+    Profile("gpu-a100-80gb", cpu="88", memory="1200G", accelerator="nvidia.com/gpu", accelerator_count=8,
+            vertex_accelerator="NVIDIA_A100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
+            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-a100-80gb"),)),
     Profile("gpu-h100", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
