@@ -344,3 +344,28 @@ def test_gpu_profiles_hold_the_documented_values():
         assert dict(p.node_selector) == {"cloud.google.com/gke-accelerator": label}, name
         assert (p.vertex_accelerator, p.accelerator_count, p.nproc, p.image_flavour) == (vertex, count, count, "cuda")
         assert ("nvidia.com/gpu", "Exists", "NoSchedule") in p.tolerations, name
+
+
+# GKE TPU slices as node selectors and google.com/tpu chips per host
+# (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus): single-host v3-8 (4 chips, tpu-v3-device,
+# 2x2), v4-8 (4 chips, tpu-v4-podslice, 2x2x1), v5e-8 (8 chips, tpu-v5-lite-podslice, 2x4).
+DOCUMENTED_TPUS = {
+    "tpu-v3-8": ("tpu-v3-device", "2x2", 4),
+    "tpu-v4-8": ("tpu-v4-podslice", "2x2x1", 4),
+    "tpu-v5e-8": ("tpu-v5-lite-podslice", "2x4", 8),
+}
+
+
+def test_tpu_profiles_hold_the_documented_values(tmp_path):
+    tpus = {name: p for name, p in profiles.PROFILES.items() if p.device == "xla"}
+    assert set(tpus) == set(DOCUMENTED_TPUS)
+    for name, (accelerator, topology, chips) in DOCUMENTED_TPUS.items():
+        p = tpus[name]
+        assert p.accelerator == "google.com/tpu" and p.accelerator_count == chips, name
+        assert dict(p.node_selector) == {"cloud.google.com/gke-tpu-accelerator": accelerator,
+                                         "cloud.google.com/gke-tpu-topology": topology}, name
+        assert ("google.com/tpu", "Exists", "NoSchedule") in p.tolerations and p.image_flavour == "tpu", name
+    spec = next(yaml.safe_load_all(open(runner.compile_pipeline("sfa", "tpu-v3-8", str(tmp_path / "v.yaml"),
+                                                                 target="vertex"))))
+    train = spec["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["resources"]["accelerator"]
+    assert (train["resourceType"], int(train["resourceCount"])) == ("TPU_V3", 8)      # Vertex counts v3 cores

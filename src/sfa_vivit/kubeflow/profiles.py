@@ -6,7 +6,7 @@
     gpu-a100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-tesla-a100            NVIDIA_TESLA_A100
     gpu-a100-80gb nvidia.com/gpu x 8                 gke-accelerator=nvidia-a100-80gb             NVIDIA_A100_80GB
     gpu-h100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-h100-80gb             NVIDIA_H100_80GB
-    tpu-v3-8     cloud-tpus.google.com/v3 x 8        (TPU Node architecture: no selector)         TPU_V3
+    tpu-v3-8     google.com/tpu x 4 (8 cores)        gke-tpu-accelerator=tpu-v3-device, 2x2       TPU_V3 x 8 cores
     tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   TPU_V4_POD
     tpu-v5e-8    google.com/tpu x 8                  gke-tpu-accelerator=tpu-v5-lite-podslice 2x4 TPU_V5_LITEPOD
 
@@ -29,6 +29,7 @@ class Profile:
     accelerator: str | None = None          # the Kubernetes resource name
     accelerator_count: int = 0
     vertex_accelerator: str | None = None   # the Vertex AI accelerator type
+    vertex_accelerator_count: int | None = None   # when Vertex counts otherwise (TPU v3: cores, not chips)
     node_selector: tuple[tuple[str, str], ...] = ()
     tolerations: tuple[tuple[str, str, str], ...] = ()   # key, operator, effect
     device: str = "cpu"                     # the trainer's device setting
@@ -62,8 +63,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("gpu-h100", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
-    Profile("tpu-v3-8", cpu="16", memory="300G", accelerator="cloud-tpus.google.com/v3", accelerator_count=8,
-            vertex_accelerator="TPU_V3", device="xla"),
+    # GKE TPU VMs (the two-VM "TPU Node" resource cloud-tpus.google.com/v3 is retired): a v3-8 is one
+    # ct3-hightpu-4t host, 4 chips (8 TensorCores), accelerator tpu-v3-device, topology 2x2
+    # (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus). Vertex counts v3 in cores.
+    Profile("tpu-v3-8", cpu="16", memory="96G", accelerator="google.com/tpu", accelerator_count=4,
+            vertex_accelerator="TPU_V3", vertex_accelerator_count=8, device="xla", tolerations=_TPU_TAINT,
+            node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v3-device"),
+                           ("cloud.google.com/gke-tpu-topology", "2x2"))),
     Profile("tpu-v4-8", cpu="200", memory="400G", accelerator="google.com/tpu", accelerator_count=4,
             vertex_accelerator="TPU_V4_POD", device="xla", tolerations=_TPU_TAINT,
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v4-podslice"),
@@ -89,7 +95,9 @@ def apply(task: Any, profile: Profile, *, target: str = "kubeflow") -> Any:
     task.set_memory_request(profile.memory).set_memory_limit(profile.memory)
     if profile.accelerator:
         accelerator = profile.vertex_accelerator if target == "vertex" else profile.accelerator
-        task.set_accelerator_type(accelerator).set_accelerator_limit(profile.accelerator_count)
+        count = (profile.vertex_accelerator_count or profile.accelerator_count) if target == "vertex" \
+            else profile.accelerator_count
+        task.set_accelerator_type(accelerator).set_accelerator_limit(count)
     for key, value in profile.node_selector:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for key, operator, effect in profile.tolerations:
