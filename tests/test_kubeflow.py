@@ -369,3 +369,17 @@ def test_tpu_profiles_hold_the_documented_values(tmp_path):
                                                                  target="vertex"))))
     train = spec["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["resources"]["accelerator"]
     assert (train["resourceType"], int(train["resourceCount"])) == ("TPU_V3", 8)      # Vertex counts v3 cores
+
+
+@pytest.mark.parametrize("profile", sorted(profiles.PROFILES))
+def test_the_vertex_compile_stays_within_vertex_caps_and_has_no_kubernetes_settings(tmp_path, profile):
+    docs = list(yaml.safe_load_all(open(runner.compile_pipeline("sfa", profile, str(tmp_path / "v.yaml"),
+                                                                target="vertex"))))
+    assert len(docs) == 1 or "kubernetes" not in docs[1].get("platforms", {}), "a kfp-kubernetes platform spec"
+    for name, executor in docs[0]["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        assert name != "exec-train-stage2" or "resourceCpuLimit" in resources    # the check below is not vacuous
+        cpu = float(resources.get("resourceCpuLimit", resources.get("cpuLimit", 0)) or 0)
+        memory = str(resources.get("resourceMemoryLimit", resources.get("memoryLimit", "0")) or "0")
+        assert cpu <= profiles.VERTEX_MAX_CPU, (name, cpu)
+        assert float(memory.rstrip("G")) <= profiles.VERTEX_MAX_MEMORY_GB, (name, memory)

@@ -87,17 +87,32 @@ def get(name: str) -> Profile:
     return PROFILES[name]
 
 
+# Vertex AI Pipelines picks a machine type from a step's CPU and memory limits, up to 96 vCPUs and 624 GB
+# (https://cloud.google.com/vertex-ai/docs/pipelines/machine-types); larger requests are refused.
+VERTEX_MAX_CPU = 96
+VERTEX_MAX_MEMORY_GB = 624
+
+
 def apply(task: Any, profile: Profile, *, target: str = "kubeflow") -> Any:
-    """Set the profile's resources, node selector, tolerations and /dev/shm on a pipeline task.
-    target 'vertex' uses the Vertex AI accelerator type instead of the Kubernetes resource name."""
-    from kfp import kubernetes
-    task.set_cpu_request(profile.cpu).set_cpu_limit(profile.cpu)
-    task.set_memory_request(profile.memory).set_memory_limit(profile.memory)
+    """Set the profile's resources on a pipeline task. target 'kubeflow': the Kubernetes accelerator
+    resource, node selector, tolerations and a memory-backed /dev/shm (kfp-kubernetes). target 'vertex':
+    the Vertex AI accelerator type and count, CPU and memory within Vertex's caps, and no Kubernetes-only
+    settings (Vertex runs no kfp-kubernetes platform spec)."""
+    vertex = target == "vertex"
+    cpu, memory = profile.cpu, profile.memory
+    if vertex:
+        cpu = str(min(int(cpu), VERTEX_MAX_CPU))
+        memory = f"{min(int(memory.rstrip('G')), VERTEX_MAX_MEMORY_GB)}G"
+    task.set_cpu_request(cpu).set_cpu_limit(cpu)
+    task.set_memory_request(memory).set_memory_limit(memory)
     if profile.accelerator:
-        accelerator = profile.vertex_accelerator if target == "vertex" else profile.accelerator
-        count = (profile.vertex_accelerator_count or profile.accelerator_count) if target == "vertex" \
+        accelerator = profile.vertex_accelerator if vertex else profile.accelerator
+        count = (profile.vertex_accelerator_count or profile.accelerator_count) if vertex \
             else profile.accelerator_count
         task.set_accelerator_type(accelerator).set_accelerator_limit(count)
+    if vertex:
+        return task
+    from kfp import kubernetes
     for key, value in profile.node_selector:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for key, operator, effect in profile.tolerations:
