@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sfa_vivit.cli import main
 
 
@@ -33,3 +35,20 @@ def test_console_script_is_installed():
     result = subprocess.run([exe, "info", "--variant", "Ti", "--frames", "8"], capture_output=True, text=True,
                             check=True)
     assert json.loads(result.stdout)["variant"] == "Ti"
+
+
+def test_version_print_config_did_you_mean_and_defaults_in_help(capsys):
+    from sfa_vivit import __version__
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"sfa-vivit {__version__}"
+    assert main(["train", "--mode", "stage2", "--recipe", "synthetic", "--data", "unused", "--out", "unused",
+                 "--set", "cache_views=2", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["mode"], printed["cache_views"], printed["freeze_spatial"]) == ("stage2", 2, True)
+    assert main(["train", "--mode", "stage1", "--recipe", "synthetic", "--data", "d", "--out", "o",
+                 "--set", "num_frame=4"]) == 2
+    assert "(did you mean 'num_frames'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "prep", "--help"])
+    assert "(default: 12.5)" in capsys.readouterr().out

@@ -71,9 +71,19 @@ def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_
     return rows
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every command's --help shows its defaults (subcommands are built with the parser's own class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfa` command line: every command, flag and default."""
-    parser = argparse.ArgumentParser(prog="sfa", description="ViViT factorised encoders, trained the SFA way.")
+    from sfa_vivit import __version__
+    parser = _Parser(prog="sfa", description="ViViT factorised encoders, trained the SFA way.")
+    parser.add_argument("--version", action="version", version=f"sfa-vivit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("smoke", help="one forward/backward step per variant, full and SFA stage 2, on this machine")
@@ -101,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--split", help="prepare only this split (train, validation, test)")
     defaults = PrepOptions()
-    p.add_argument("--fps", type=float, default=defaults.fps)
-    p.add_argument("--short-side", type=int, default=defaults.short_side)
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    p.add_argument("--fps", type=float, default=defaults.fps, help="frames per second stored")
+    p.add_argument("--short-side", type=int, default=defaults.short_side, help="stored frames' short side (px)")
+    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="JPEG quality of stored frames")
     p.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
-    p.add_argument("--max-reject-fraction", type=float, default=defaults.max_reject_fraction)
+    p.add_argument("--max-reject-fraction", type=float, default=defaults.max_reject_fraction,
+                   help="fail, publishing nothing, past this fraction of rejected videos")
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes (0: one per CPU)")
 
     p = data.add_parser("synth", help="write the synthetic motion-order dataset in the Kinetics layout")
@@ -130,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="kinetics400", choices=sorted(RECIPES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set batch_size=32 --set model.spatial_depth=4")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (recipe < mode < --set) as JSON and exit without training")
 
     p = sub.add_parser("evaluate", help="multi-view top-1/top-5, per-class accuracy and confusion of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint (local or gs://)")
@@ -219,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _data(args)
         elif args.command == "train":
             config = resolve(args.mode, args.recipe, sets=args.set)
+            if args.print_config:
+                print(json.dumps(config.to_dict(), indent=1))
+                return 0
             metrics = train(config, args.data, args.out, init=args.init)
             final = metrics.get("final", {})
             print(f"sfa train: {args.mode} done in {metrics['train_time_s']:.1f} s of training; "

@@ -206,13 +206,23 @@ def _set(values: dict[str, Any], key: str, value: Any) -> None:
     if key.startswith("model."):
         name = key[len("model."):]
         if name not in _MODEL_FIELDS:
-            raise ValueError(f"unknown key {key!r}; model keys: {sorted('model.' + k for k in _MODEL_FIELDS)}")
+            raise ValueError(f"unknown key {key!r}{_did_you_mean(key, ['model.' + k for k in _MODEL_FIELDS])}; "
+                             f"model keys: {sorted('model.' + k for k in _MODEL_FIELDS)}")
         values.setdefault("model", {})[name] = value
         return
     if key not in _FIELDS or key in ("mode",):
-        raise ValueError(f"unknown key {key!r}; known keys: {sorted(k for k in _FIELDS if k != 'mode')} "
-                         "and model.<ViViT field>")
+        known = [k for k in _FIELDS if k != "mode"]
+        raise ValueError(f"unknown key {key!r}{_did_you_mean(key, known + ['model.' + k for k in _MODEL_FIELDS])}; "
+                         f"known keys: {sorted(known)} and model.<ViViT field>")
     values[key] = value
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest known key (also a model field given without 'model.'), or ''."""
+    import difflib
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(f"model.{key}", known, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _parse(key: str, text: str) -> Any:
