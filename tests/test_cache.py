@@ -118,3 +118,14 @@ def test_stage2_from_the_cache_trains_resumes_exactly_and_counts_the_cache_time(
     resumed = Trainer(config("stage2", *args, frames=8, epochs=2), tiny_data, str(out), init=stage1_run).fit()
     assert resumed["weights_sha256"] == reference["weights_sha256"]
     assert resumed["cache"]["built_now"] == 0
+
+
+def test_a_truncated_cache_file_is_named_with_the_remedy(tiny_data, stage1_run, tmp_path, no_mlflow_env):
+    from sfa_vivit.train.cache import CorruptCacheError
+    args = ("cache_views=1", f"cache_dir={tmp_path / 'cache'}")
+    Trainer(config("stage2", *args, frames=8), tiny_data, str(tmp_path / "a"), init=stage1_run)._prepare_cache()
+    victim = sorted((tmp_path / "cache").glob("train-*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    again = Trainer(config("stage2", *args, frames=8), tiny_data, str(tmp_path / "b"), init=stage1_run)
+    with pytest.raises(CorruptCacheError, match=f"feature-cache file {victim} is truncated or damaged.*delete it"):
+        again._prepare_cache()

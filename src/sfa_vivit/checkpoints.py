@@ -2,7 +2,8 @@
 
 ViViT checkpoints (`save`/`load`): a folder at any fsspec URL holding ``model.safetensors``,
 ``config.json`` (model config + caller's ``extra``) and a ``COMMITTED`` marker written last, which
-records the sha256 of both. A folder without the marker is never loaded; loading never unpickles.
+names those files and records their sha256. A folder without the marker is never loaded; loading
+never unpickles. A re-save writes changed files under new names before the marker switches.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None =
     """Write model weights (safetensors), its config and `extra` (JSON) to the folder `url`, and
     optionally more tensors `state` (e.g. optimizer buffers) as state.safetensors.
 
-    Atomic: an existing marker is removed first, every file is written whole (temporary name + rename
-    on local disks; single-object uploads on object stores), and the COMMITTED marker, holding the
-    files' sha256, comes last. A crash at any point leaves either the previous committed checkpoint
-    or no committed one, never a torn one. Returns the URL.
-    Raises ValueError if `extra` is not JSON-serialisable (before anything is written).
+    Write the new, then switch: every file is written whole (temporary name + rename on local disks;
+    single-object uploads on object stores), then the COMMITTED marker, which names the files and holds
+    their sha256, is replaced in one write. Over a committed checkpoint, files whose bytes change are
+    written under new names (``model.<sha>.safetensors``) so that the committed ones stay intact until
+    the marker switches; files the new marker does not name are removed afterwards. A crash or a full
+    disk at any point leaves the previous committed checkpoint (or none) loadable, never a torn one.
+    Returns the URL. Raises ValueError if `extra` is not JSON-serialisable (before anything is written).
     """
     url = os.fspath(url)
     payload = {"format": CHECKPOINT_FORMAT, "model": model.config.to_dict(), "extra": extra or {}}
@@ -59,21 +62,51 @@ def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None =
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra for {url} is not JSON-serialisable: {e}") from e
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights_bytes = safetensors.torch.save(weights, metadata={"format": "pt"})
+    blobs = {WEIGHTS_FILE: safetensors.torch.save(weights, metadata={"format": "pt"}), CONFIG_FILE: config_bytes}
+    if state is not None:
+        blobs[STATE_FILE] = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
 
     fs, path = url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
-    marker = join(path, MARKER_FILE)
-    if fs.exists(marker):
-        fs.rm(marker)
-    blobs = {WEIGHTS_FILE: weights_bytes, CONFIG_FILE: config_bytes}
-    if state is not None:
-        blobs[STATE_FILE] = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
-    for name, blob in blobs.items():
+    current = _marker(fs, path) or {}
+    committed = {_part(name): (name, sha) for name, sha in current.items()}
+    marker: dict[str, str] = {}
+    for part, blob in blobs.items():
+        sha = hashlib.sha256(blob).hexdigest()
+        if committed.get(part, (None, None))[1] == sha:      # the same bytes are committed already
+            marker[committed[part][0]] = sha
+            continue
+        name = part if part not in current else _versioned(part, sha)
         write_bytes_atomic(join(url, name), blob)
-    digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
-    write_bytes_atomic(join(url, MARKER_FILE), json.dumps(digests, indent=2).encode())
+        marker[name] = sha
+    write_bytes_atomic(join(url, MARKER_FILE), json.dumps(marker, indent=2).encode())
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name != MARKER_FILE and name not in marker and _part(name) in (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE):
+            fs.rm_file(entry)
     return url
+
+
+def _versioned(part: str, sha: str) -> str:
+    """`model.safetensors` → `model.<sha[:16]>.safetensors`: the name of a replacement file."""
+    stem, ext = part.split(".", 1)
+    return f"{stem}.{sha[:16]}.{ext}"
+
+
+def _part(name: str) -> str:
+    """Which file of a checkpoint `name` is (`model.<sha>.safetensors` → `model.safetensors`); also
+    leftover temporary files (`<name>.tmp-<id>`) map to their part."""
+    name = name.split(".tmp-", 1)[0]
+    pieces = name.split(".")
+    return f"{pieces[0]}.{pieces[-1]}" if len(pieces) == 3 else name
+
+
+def _marker(fs, path: str) -> dict[str, str] | None:
+    """The COMMITTED marker's {file name: sha256}, or None when the folder has none."""
+    try:
+        return json.loads(fs.cat_file(join(path, MARKER_FILE)))
+    except FileNotFoundError:
+        return None
 
 
 def is_committed(url: str | os.PathLike) -> bool:
@@ -109,21 +142,28 @@ def load_state(url: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _read_committed(url: str, names: tuple[str, ...], optional: bool = False) -> dict[str, bytes]:
     """Read files of a committed checkpoint, each checked against the sha256 in its marker."""
     fs, path = url_to_fs(url)
-    marker = join(path, MARKER_FILE)
-    if not fs.exists(marker):
+    try:
+        digests = _marker(fs, path)
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {url}: {MARKER_FILE} is not readable JSON (the file was damaged)") from None
+    if digests is None:
         raise CheckpointError(f"no committed checkpoint at {url}: {MARKER_FILE} is missing "
                               "(the write was interrupted, or this is not an sfa-vivit checkpoint)")
-    digests = json.loads(fs.cat_file(marker))
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise CheckpointError(f"checkpoint {url}: {MARKER_FILE} is not an sfa-vivit commit marker")
+    files = {_part(name): name for name in digests}
     blobs = {}
-    for name in names:
-        if optional and name not in digests:
+    for part in names:
+        if optional and part not in files:
             continue
+        name = files.get(part, part)
         try:
-            blobs[name] = fs.cat_file(join(path, name))
+            blobs[part] = fs.cat_file(join(path, name))
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {url}: {name} is missing") from None
-        if hashlib.sha256(blobs[name]).hexdigest() != digests.get(name):
-            raise CheckpointError(f"checkpoint {url}: {name} does not match the sha256 recorded in {MARKER_FILE}")
+        if hashlib.sha256(blobs[part]).hexdigest() != digests.get(name):
+            raise CheckpointError(f"checkpoint {url}: {name} does not match the sha256 recorded in {MARKER_FILE} "
+                                  "(the file was changed or damaged after it was written)")
     return blobs
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set batch_size=32 --set model.spatial_depth=4")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (recipe < mode < --set) as JSON and exit without training")
+    p.add_argument("--force-init", action="store_true",
+                   help="accept an --init checkpoint of another mode (stage 2 normally starts from stage 1)")
 
     p = sub.add_parser("evaluate", help="multi-view top-1/top-5, per-class accuracy and confusion of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint (local or gs://)")
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="clips per batch (each with all its views)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--verify-data", action="store_true", help="check the split's shards against their sha256 first")
 
     p = sub.add_parser("membench", help="step time and peak memory of full vs SFA stage 2 per frame count, "
                                         "each setting in a fresh child process; --budget-gib finds the max frames")
@@ -235,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.print_config:
                 print(json.dumps(config.to_dict(), indent=1))
                 return 0
-            metrics = train(config, args.data, args.out, init=args.init)
+            metrics = train(config, args.data, args.out, init=args.init, force_init=args.force_init)
             final = metrics.get("final", {})
             print(f"sfa train: {args.mode} done in {metrics['train_time_s']:.1f} s of training; "
                   f"final top1 {final.get('top1')} ({final.get('views')}); {args.out}/metrics.json")
@@ -252,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _pipeline(args)
         elif args.command == "evaluate":
             metrics = evaluate(args.checkpoint, args.data, views=args.views, out=args.out, split=args.split,
-                               batch_size=args.batch_size, workers=args.workers, device=args.device)
+                               batch_size=args.batch_size, workers=args.workers, device=args.device,
+                               verify_data=args.verify_data)
             top5 = metrics.get("top5")
             print(f"sfa evaluate: top1 {metrics['top1']:.2f}" + (f", top5 {top5:.2f}" if top5 is not None else "")
                   + f" on {metrics['num_examples']} clips ({args.views} views)")
@@ -263,15 +268,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sfa train: error: {e}", file=sys.stderr)
         return 1
     except PrepError as e:
-        print(f"sfa data prep: error: {e}", file=sys.stderr)
+        print(f"sfa data prep: error: {one_line(e)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"sfa {args.command}: error: {e}", file=sys.stderr)
+        print(f"sfa {_command(args)}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sfa {_command(args)}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:        # a full disk, a permission, a lost mount: what failed, where
+        print(f"sfa {_command(args)}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback on request
+        if os.environ.get("SFA_TRACEBACK"):
+            raise
+        print(f"sfa {_command(args)}: error: {type(e).__name__}: {one_line(e)} (set SFA_TRACEBACK=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
     finally:
         from sfa_vivit import runtime
         runtime.close()
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: an OSError as 'what: path', and an error re-raised from a DataLoader worker
+    (whose message carries the worker's traceback) as the original error's own message."""
+    if isinstance(e, OSError) and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        return f"{e.strerror}: {where}" if where else e.strerror
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -313,7 +348,7 @@ def _pipeline(args: argparse.Namespace) -> int:
                                   namespace=args.namespace, stagger_minutes=args.stagger_minutes)
             print(f"sfa pipeline schedule: {len(ids)} recurring runs: {', '.join(ids)}")
     except runner.PipelineError as e:
-        print(f"sfa pipeline {args.pipeline_command}: error: {e}", file=sys.stderr)
+        print(f"sfa pipeline {args.pipeline_command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,7 +16,7 @@ import torch
 
 from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import AugmentConfig
-from sfa_vivit.data.manifest import load_manifest
+from sfa_vivit.data.manifest import load_manifest, verify_shards
 from sfa_vivit.data.reader import ClipDataset
 from sfa_vivit.storage import join, write_bytes_atomic
 from sfa_vivit.train.config import parse_views
@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None = None, split: str = "validation",
-             batch_size: int = 4, workers: int = 2, device: str = "auto") -> dict[str, Any]:
+             batch_size: int = 4, workers: int = 2, device: str = "auto", verify_data: bool = False) -> dict[str, Any]:
     """Evaluate the model at `checkpoint` (a run folder or a checkpoint) on `split` of `data`.
 
     Returns the metrics and writes them to `out`/metrics.json when `out` is given. Raises ValueError
-    when the data's classes are not the model's, or views do not parse.
+    when the data's classes are not the model's (their number, or, when the checkpoint records them,
+    their names and order), or views do not parse. verify_data: check the split's shards against their
+    sha256 first.
     """
     clips, crops = parse_views(views, "views")
     url = checkpoints.resolve_model(checkpoint)
@@ -38,6 +40,17 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     manifest = load_manifest(data)
     if model.config.num_classes != manifest.num_classes:
         raise ValueError(f"{url} predicts {model.config.num_classes} classes but {data} has {manifest.num_classes}")
+    for field in ("classes", "heads"):
+        theirs, ours = extra.get(field), manifest.data.get(field)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(f"{url} was trained on other class names than {data} has "
+                             f"({_first_difference(theirs, ours)}); its predictions would be scored against the "
+                             "wrong labels")
+    if verify_data:
+        bad = verify_shards(manifest, [split])
+        if bad:
+            raise ValueError(f"verify_data: {len(bad)} shard(s) of {data} split {split!r} do not match their "
+                             f"sha256: {', '.join(bad[:5])}; run prep again to rewrite them")
     run = extra.get("config", {})
     rt = runtime.start(device)
     model.to(rt.device)
@@ -56,3 +69,11 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
         log.info("evaluation of %s on %s/%s (%s views): top1 %s -> %s", url, data, split, views, metrics["top1"],
                  join(out, "metrics.json"))
     return metrics
+
+
+def _first_difference(theirs: Any, ours: Any) -> str:
+    if isinstance(theirs, list) and isinstance(ours, list):
+        i = next(i for i, (a, b) in enumerate(zip(theirs + [None], ours + [None])) if a != b)
+        a, b = (theirs[i] if i < len(theirs) else None), (ours[i] if i < len(ours) else None)
+        return f"class {i} is {a!r} in the checkpoint, {b!r} in the data"
+    return "the heads' class lists differ"

@@ -56,16 +56,38 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Publish `data` at `url` whole or not at all: temporary name + rename on local disks (with
-    fsync), a single-object upload on object stores (an object appears only when complete)."""
+    fsync), a single-object upload on object stores (an object appears only when complete). On any
+    failure (a full disk, an interrupt) the previous file at `url`, if any, is left as it was and the
+    temporary file is removed."""
     fs, path = url_to_fs(url)
     if is_local(fs):
         import uuid
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)    # a full disk or an interrupt leaves no *.tmp-* behind
+            raise
     else:
         fs.pipe_file(path, data)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def remove(url: str) -> None:
+    """Delete the file at `url` if it is there."""
+    fs, path = url_to_fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,8 @@ DATASETS = ("kinetics400", "kinetics600", "mit", "epic-kitchens-100", "ssv2", "s
 NO_FLIP = {"ssv2", "something-else", "synthetic"}
 
 EXPECTED_CLASSES = {"kinetics400": 400, "kinetics600": 600, "mit": 339, "ssv2": 174, "something-else": 174}
+
+DUPLICATE = "duplicate:"     # how a repeated annotation row's rejection reason starts
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".MP4", ".m4v")
 
@@ -107,6 +110,8 @@ def read_annotations(dataset: str, files: Iterable[str], split: str | None = Non
         raise AnnotationError(f"{dataset}: no annotation files given (--annotations)")
     texts = {f: _read_text(f) for f in files}
     result = _ADAPTERS[dataset](dataset, texts)
+    result.records, duplicates = unique_records(result.records)
+    result.rejected += duplicates
     if split is not None:
         result.records = [r for r in result.records if r.split == split]
         if not result.records:
@@ -137,6 +142,36 @@ def _split_from_filename(path: str) -> str:
         if word in base:
             return split
     raise AnnotationError(f"cannot tell the split of {path} from its name (expected train, validation or test in it)")
+
+
+def unique_records(records: list[VideoRecord]) -> tuple[list[VideoRecord], list[Rejection]]:
+    """One record per sample key of a split: a row repeated with the same label is rejected (kept once);
+    the same sample with two labels is an AnnotationError; two different videos whose ids sanitise to
+    the same key (``1.5`` and ``1_5``) both keep their samples, each key made unique by a hash of its
+    video name (a tar holding the same key twice could not be read)."""
+    by_key: dict[tuple[str, str], list[VideoRecord]] = {}
+    for r in records:
+        by_key.setdefault((r.split, r.key), []).append(r)
+    kept: list[VideoRecord] = []
+    rejected: list[Rejection] = []
+    for (split, key), group in by_key.items():
+        by_video: dict[tuple[str, ...], VideoRecord] = {}
+        for r in group:
+            first = by_video.setdefault(r.videos, r)
+            if first is r:
+                continue
+            if first.label != r.label:
+                raise AnnotationError(f"sample {r.videos[0]!r} of split {split!r} is annotated twice with different "
+                                      f"labels ({first.label} and {r.label}); fix the annotation file")
+            rejected.append(Rejection(r.videos[0], f"{DUPLICATE} sample {key!r} of split {split!r} is listed more than "
+                                                   "once with the same label; kept once"))
+        if len(by_video) == 1:
+            kept.extend(by_video.values())
+            continue
+        for videos, r in by_video.items():
+            digest = hashlib.sha256(videos[0].encode()).hexdigest()[:8]
+            kept.append(dataclasses.replace(r, key=f"{key}-{digest}"))
+    return kept, rejected
 
 
 def safe_key(*parts: str) -> str:

@@ -28,6 +28,10 @@ class ManifestError(ValueError):
     """No usable manifest at the given URL."""
 
 
+class ShardReadError(ValueError):
+    """A listed shard (or a sample in it) cannot be read: damaged after prep, or truncated."""
+
+
 @dataclasses.dataclass
 class Manifest:
     root: str
@@ -73,28 +77,49 @@ def load_manifest(url: str) -> Manifest:
     except FileNotFoundError:
         raise ManifestError(f"no {MANIFEST_FILE} at {root}: prep has not finished there, or it was refused "
                             "(too many rejected videos); shards without a manifest are never read") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise ManifestError(f"{url} is not a prep output folder or its {MANIFEST_FILE}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{root}/{MANIFEST_FILE} is not readable JSON ({e}); it was damaged: run prep "
+                            "again to write it") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{root}/{MANIFEST_FILE} is not an sfa-vivit manifest")
     if data.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"{root}/{MANIFEST_FILE}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     return Manifest(root, data)
 
 
-def verify_shards(manifest: Manifest, splits: list[str] | None = None) -> list[str]:
-    """Check every shard's sha256; returns the URLs that do not match (or cannot be read)."""
+def verify_shards(manifest: Manifest, splits: list[str] | None = None, *, rank: int = 0, world: int = 1) -> list[str]:
+    """Check every shard's sha256 (with rank/world: this rank's share of them); returns the URLs that do
+    not match or cannot be read."""
     bad = []
-    for split in splits or list(manifest.data["splits"]):
-        for url, sha in manifest.checksums(split).items():
-            try:
-                read_verified(url, sha)
-            except (ShardChecksumError, FileNotFoundError) as e:
-                log.error("%s", e)
-                bad.append(url)
+    urls = [(url, sha) for split in splits or list(manifest.data["splits"])
+            for url, sha in manifest.checksums(split).items()]
+    for url, sha in urls[rank::world]:
+        try:
+            read_verified(url, sha)
+        except (ShardChecksumError, OSError) as e:
+            log.error("%s", e)
+            bad.append(url)
     return bad
+
+
+def data_digest(manifest: Manifest, splits: list[str]) -> str:
+    """What a run trained on, as one sha256: the class names and the sha256 of every shard of `splits`
+    (independent of where the shards live or what they are called)."""
+    payload = {"classes": manifest.data.get("classes"), "heads": manifest.data.get("heads"),
+               "splits": {s: sorted(sh["sha256"] for sh in manifest.split(s)["shards"])
+                          for s in splits if s in manifest.data["splits"]}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def read_verified(url: str, sha256: str) -> bytes:
     """The bytes at `url`, or ShardChecksumError when their sha256 is not `sha256`."""
-    with open_url(url, "rb") as f:
-        data = f.read()
+    try:
+        with open_url(url, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise ShardChecksumError(f"shard {url} is a directory, not a shard file") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise ShardChecksumError(f"shard {url} is corrupt: sha256 {digest[:12]}... does not match the "

@@ -2,14 +2,21 @@
 
 Layout at the output URL::
 
-    manifest.json                    written last, only when the reject fraction is acceptable
-    {split}-{index:06d}.tar          one shard: per sample `<key>.json` + `<key>.jpgs`
-    {split}-{index:06d}.done.json    shard sidecar: sample count, sha256, rejects, input fingerprint
+    manifest.json                         written last, only when the reject fraction is acceptable
+    {split}-{index:06d}-{fp}.tar          one shard: per sample `<key>.json` + `<key>.jpgs`
+    {split}-{index:06d}-{fp}.done.json    shard sidecar: sample count, sha256, rejects, input fingerprint
+
+`fp` is the start of the shard's input fingerprint (its videos, their segments and labels, the
+options), so a prep run with other inputs writes other files: a published manifest and the shards it
+lists are never changed under a reader. Publish-last, unpublish-never: the new manifest replaces the
+old one in one write once every shard is written and the reject fraction is acceptable; only then
+are shards that no manifest lists any more removed. A failed run leaves the published dataset as it was.
 
 A sample's `<key>.jpgs` is its frames' JPEG files back to back; `<key>.json` holds the byte offsets,
 so a reader decodes only the frames a clip samples. Shards are byte-for-byte deterministic (fixed tar
-headers, records in key order) and a shard whose sidecar matches its inputs is not redone: re-running
-prep is idempotent and resumes an interrupted run. Readers only trust shards listed in a manifest.
+headers, records in key order) and a shard whose sidecar matches its inputs, and whose bytes still match
+the sha256 in its sidecar, is not redone: re-running prep is idempotent, resumes an interrupted run and
+repairs a damaged shard. Readers only trust shards listed in a manifest.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 from typing import Any, Iterable
 
 from sfa_vivit.data.annotations import (
+    DUPLICATE,
     EXPECTED_CLASSES,
     VIDEO_EXTENSIONS,
     Annotations,
@@ -34,7 +42,7 @@ from sfa_vivit.data.annotations import (
     VideoRecord,
     read_annotations,
 )
-from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT
+from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ShardChecksumError, read_verified
 from sfa_vivit.data.video import VideoRejected, decode_segment
 from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
 
@@ -95,7 +103,7 @@ class _ShardTask:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.index:06d}"
+        return f"{self.split}-{self.index:06d}-{self.fingerprint()[:10]}"
 
     def fingerprint(self) -> str:
         payload = {"options": self.options,
@@ -121,14 +129,14 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
     expected = EXPECTED_CLASSES.get(dataset)
     if expected and ann.classes is not None and len(ann.classes) != expected:
         log.warning("%s: %d classes in the annotations, the dataset has %d", dataset, len(ann.classes), expected)
+    resolved, missing = _resolve_videos(ann.records, videos)   # every input is checked before any write
     fs, out_path = url_to_fs(out)
     fs.makedirs(out_path, exist_ok=True)
-    previous = _unpublish(out, ann)
+    previous = _kept_splits(out, ann)
 
     rejected: list[Rejection] = list(ann.rejected)
     for r in ann.rejected:
         log.warning("rejected %s: %s", r.video, r.reason)
-    resolved, missing = _resolve_videos(ann.records, videos)
     for r in missing:
         log.warning("rejected %s: %s", r.video, r.reason)
     rejected += missing
@@ -155,13 +163,15 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
             entry["shards"].append({"path": f"{task.name}.tar", "num_samples": result["num_samples"],
                                     "sha256": result["sha256"]})
 
-    total = len(ann.records) + len(ann.rejected)
-    fraction = len(rejected) / total if total else 1.0
+    # A repeated row loses no sample: it is reported, not counted against the reject limit.
+    lost = [r for r in rejected if not r.reason.startswith(DUPLICATE)]
+    total = len(ann.records) + len(ann.rejected) - (len(rejected) - len(lost))
+    fraction = len(lost) / total if total else 1.0
     if fraction > options.max_reject_fraction:
-        first = "; ".join(f"{r.video}: {r.reason}" for r in rejected[:5])
-        raise PrepError(f"{len(rejected)} of {total} samples rejected ({fraction:.1%}), more than "
-                        f"max_reject_fraction={options.max_reject_fraction:g}; no manifest written at {out}. "
-                        f"First reasons: {first}")
+        first = "; ".join(f"{r.video}: {r.reason}" for r in lost[:5])
+        raise PrepError(f"{len(lost)} of {total} samples rejected ({fraction:.1%}), more than "
+                        f"max_reject_fraction={options.max_reject_fraction:g}; no manifest written at {out} "
+                        f"(a manifest published there before is unchanged). First reasons: {first}")
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -174,27 +184,46 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
         "sources": {"annotations": [os.fspath(a) for a in annotations], "videos": videos},
     }
     write_bytes_atomic(join(out, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+    _remove_unlisted(out, manifest, keep={t.name for t in tasks}, splits=set(splits))
     counts = ", ".join(f"{s}: {v['num_samples']}" for s, v in manifest["splits"].items())
     log.info("%s: manifest written at %s (%s; %d rejected)", dataset, join(out, MANIFEST_FILE), counts, len(rejected))
     return manifest
 
 
-def _unpublish(out: str, ann: Annotations) -> dict[str, Any]:
-    """Remove an existing manifest before shards change under it. Returns the splits it listed that
-    this run does not touch, if it describes the same dataset and classes (so train and validation
-    can be prepared by separate runs into one place)."""
+def _kept_splits(out: str, ann: Annotations) -> dict[str, Any]:
+    """The splits a published manifest at `out` lists that this run does not touch, if it describes the
+    same dataset and classes (so train and validation can be prepared by separate runs into one place).
+    The manifest itself stays published until the new one replaces it."""
     fs, path = url_to_fs(join(out, MANIFEST_FILE))
-    if not fs.exists(path):
-        return {}
     try:
         old = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return {}
     except ValueError:
-        old = {}
-    fs.rm(path)
+        log.warning("%s is not readable JSON; it will be replaced", join(out, MANIFEST_FILE))
+        return {}
     same = (old.get("dataset") == ann.dataset and old.get("classes") == ann.classes
             and old.get("heads") == ann.heads)
     touched = {r.split for r in ann.records}
     return {s: v for s, v in old.get("splits", {}).items() if same and s not in touched}
+
+
+def _remove_unlisted(out: str, manifest: dict[str, Any], *, keep: set[str], splits: set[str]) -> None:
+    """After a manifest switch: remove the shards and sidecars of `splits` that neither the manifest
+    lists nor this run wrote (`keep`), and temporary files a killed writer left behind."""
+    listed = {shard["path"].rsplit("/", 1)[-1][: -len(".tar")] for split in manifest["splits"].values()
+              for shard in split["shards"]}
+    fs, root = url_to_fs(out)
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        stem = name.split(".", 1)[0]
+        stale = ".tmp-" in name or (name.endswith((".tar", ".done.json")) and stem.split("-", 1)[0] in splits
+                                     and stem not in listed and stem not in keep)
+        if stale:
+            try:
+                fs.rm_file(entry)
+            except FileNotFoundError:
+                pass
 
 
 def _resolve_videos(records: list[VideoRecord], videos: str) -> tuple[list[tuple[VideoRecord, str]], list[Rejection]]:
@@ -260,7 +289,8 @@ def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool,
                 bar.update(len(tasks[i].items))
         else:
             ctx = multiprocessing.get_context("spawn")  # PyAV's threads and fork do not mix
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
+                                        initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(_write_shard, tasks[i]): i for i in todo}
                 for future in cf.as_completed(futures):
                     i = futures[future]
@@ -271,6 +301,20 @@ def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool,
     return results  # type: ignore[return-value]
 
 
+def die_with_parent(parent: int) -> None:
+    """In a worker process: be killed when the parent dies, however it dies (SIGKILL included), so a killed
+    prep leaves no decoder processes behind (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)    # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _finished_shard(task: _ShardTask) -> dict | None:
     fs, path = url_to_fs(join(task.out, f"{task.name}.done.json"))
     try:
@@ -279,9 +323,14 @@ def _finished_shard(task: _ShardTask) -> dict | None:
         return None
     if done.get("fingerprint") != task.fingerprint():
         return None
-    tar_fs, tar_path = url_to_fs(join(task.out, f"{task.name}.tar"))
-    if done["num_samples"] and not tar_fs.exists(tar_path):
-        return None
+    if done["num_samples"]:
+        try:
+            read_verified(join(task.out, f"{task.name}.tar"), done["sha256"])
+        except FileNotFoundError:
+            return None
+        except ShardChecksumError as e:
+            log.warning("%s; writing it again", e)
+            return None
     return done
 
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import random
+import tarfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,7 +24,7 @@ import webdataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from sfa_vivit.data.augment import AugmentConfig, crop_window, eval_views, finish_train
-from sfa_vivit.data.manifest import Manifest, load_manifest, read_verified
+from sfa_vivit.data.manifest import Manifest, ShardReadError, load_manifest, read_verified
 from sfa_vivit.storage import open_url
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,45 @@ def register_fsspec_opener(schemes=("gs", "gcs", "s3", "memory", "az", "abfs", "
 register_fsspec_opener()
 
 
-def iter_samples(urls: list[str], checksums: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(urls: list[str], checksums: dict[str, str] | None = None,
+                 counts: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
     """Samples {key, meta, jpgs} of the shards at `urls`, in order. With `checksums`, each shard is
-    read whole and checked before any of its samples is used."""
+    read whole and checked before any of its samples is used. With `counts` (the manifest's samples per
+    shard), a shard that ends early (a damaged tar header ends a tar stream silently) raises ShardReadError.
+    Any shard that cannot be read raises ShardReadError naming it."""
     for url in urls:
         if checksums is not None:
             stream = io.BytesIO(read_verified(url, checksums[url]))
         else:
-            stream = webdataset.gopen(url, "rb")
+            try:
+                stream = webdataset.gopen(url, "rb")
+            except FileNotFoundError:
+                raise ShardReadError(f"shard {url} is listed in the manifest but missing") from None
         with stream:
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                yield {"key": sample["__key__"], "meta": json.loads(sample["json"]), "jpgs": sample["jpgs"],
-                       "url": url}
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+            seen = 0
+            while True:
+                try:
+                    sample = next(samples)
+                    item = {"key": sample["__key__"], "meta": json.loads(sample["json"]), "jpgs": sample["jpgs"],
+                            "url": url}
+                except StopIteration:
+                    break
+                except (tarfile.TarError, ValueError, KeyError, EOFError, OSError) as e:
+                    raise ShardReadError(f"shard {url} cannot be read ({type(e).__name__}: {_first_line(e)}): "
+                                         "it was damaged after prep; `sfa data verify` lists the damaged shards "
+                                         "and running prep again rewrites them") from None
+                seen += 1
+                yield item
+            if counts is not None and url in counts and seen != counts[url]:
+                raise ShardReadError(f"shard {url} holds {seen} readable samples, the manifest lists {counts[url]}: "
+                                     "it was damaged after prep; `sfa data verify` lists the damaged shards and "
+                                     "running prep again rewrites them")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no detail"
 
 
 def decode_frames(jpgs: bytes, offsets: list[int], indices: list[int],
@@ -156,6 +184,8 @@ class ClipDataset(torch.utils.data.IterableDataset):
         self.shards = self.manifest.shard_urls(split)
         self.num_samples = self.manifest.split(split)["num_samples"]
         self.checksums = self.manifest.checksums(split) if verify_checksums else None
+        self.counts = {self.manifest.shard_url(s["path"]): s["num_samples"]
+                       for s in self.manifest.split(split)["shards"]}
         self.sampling, self.num_frames, self.stride, self.image_size = sampling, num_frames, stride, image_size
         self.augment, self.num_clips, self.num_crops = augment, num_clips, num_crops
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -191,7 +221,7 @@ class ClipDataset(torch.utils.data.IterableDataset):
         def samples() -> Iterator[dict[str, Any]]:
             passes = 0
             while mine:
-                for i, sample in enumerate(iter_samples(mine, self.checksums)):
+                for i, sample in enumerate(iter_samples(mine, self.checksums, self.counts)):
                     if not share_samples or i % readers == reader:
                         yield {**sample, "pass": passes}
                 passes += 1
@@ -223,15 +253,25 @@ class ClipDataset(torch.utils.data.IterableDataset):
             gen = torch.Generator().manual_seed(rng.getrandbits(62))
             idx = train_indices(n, self.num_frames, self.stride, rng)
             window = crop_window(meta["height"], meta["width"], self.image_size, self.augment, gen)
-            crops = decode_frames(sample["jpgs"], meta["offsets"], idx, window, decoded)
+            crops = self._decode(sample, idx, window, decoded)
             video = finish_train(crops, self.image_size, self.augment, gen, allow_flip=self.manifest.horizontal_flip)
         else:
             clips = eval_indices(n, self.num_frames, self.stride, self.num_clips)
-            flat = decode_frames(sample["jpgs"], meta["offsets"], [i for clip in clips for i in clip], decoded=decoded)
+            flat = self._decode(sample, [i for clip in clips for i in clip], None, decoded)
             views = [eval_views(flat[c * self.num_frames:(c + 1) * self.num_frames], self.image_size,
                                 self.num_crops, self.augment) for c in range(self.num_clips)]
             video = torch.cat(views)                     # (clips*crops, T, C, S, S)
         return {"video": video, "label": label, "key": sample["key"]}
+
+
+    @staticmethod
+    def _decode(sample: dict[str, Any], indices: list[int], window: tuple[int, int, int] | None,
+                decoded: dict[int, np.ndarray] | None) -> torch.Tensor:
+        try:
+            return decode_frames(sample["jpgs"], sample["meta"]["offsets"], indices, window, decoded)
+        except (ValueError, IndexError) as e:
+            raise ShardReadError(f"sample {sample['key']!r} of shard {sample.get('url', '?')} is damaged: {e}; "
+                                 "`sfa data verify` checks every shard against its sha256") from None
 
 
 def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

@@ -15,6 +15,8 @@ import io
 import math
 
 import av
+import numpy as np
+from PIL import Image
 
 from sfa_vivit.storage import open_url
 
@@ -92,14 +94,16 @@ def _decode(container, start, end, trimmed, fps, short_side, jpeg_quality) -> De
         duration = container.duration / 1_000_000
 
     # Which part of the file is the segment?
+    # The whole file (no segment, or a clip file): decode to the end of the stream, whatever the
+    # container declares (variable-frame-rate files often declare less or more than they hold).
     if start is None or end is None:
-        seg_start, seg_end = 0.0, duration
+        seg_start, seg_end = 0.0, None
     elif trimmed is True or (trimmed is None and duration is not None and duration < end - TRIM_TOLERANCE_S):
         # A clip file: the segment is the whole file, nominally end - start long.
         if duration is not None and duration + TRIM_TOLERANCE_S < end - start:
             raise VideoRejected(f"video is {duration:.2f} s long, shorter than the annotated segment "
                                 f"({end - start:.2f} s, {start:g}-{end:g} s)")
-        seg_start, seg_end = 0.0, duration if duration is not None else end - start
+        seg_start, seg_end = 0.0, None
     else:
         if duration is not None and duration + _SLACK_S < end:
             raise VideoRejected(f"video is {duration:.2f} s long, shorter than the annotated segment "
@@ -114,6 +118,9 @@ def _decode(container, start, end, trimmed, fps, short_side, jpeg_quality) -> De
     frames: list[bytes] = []
     last_jpeg = None
     last_time = None
+    last_duration = 1 / source_fps     # how long the last decoded frame is shown (variable frame rate: varies)
+    reached = 0.0                       # the time of the latest frame decoded, used or not
+    decoded = 0
     k = 0
     height = width = 0
     try:
@@ -121,6 +128,8 @@ def _decode(container, start, end, trimmed, fps, short_side, jpeg_quality) -> De
             t = frame.time
             if t is None:
                 continue
+            decoded += 1
+            reached = max(reached, t)
             if targets is None:  # unknown duration: take frames as they come
                 targets = _targets(seg_start, math.inf, fps)
             # Every target before this frame's time is served by the previous frame.
@@ -136,21 +145,26 @@ def _decode(container, start, end, trimmed, fps, short_side, jpeg_quality) -> De
                 break
             last_jpeg, height, width = _encode(frame, short_side, jpeg_quality)
             last_time = t
+            if frame.duration and frame.time_base is not None:
+                last_duration = max(1 / source_fps, float(frame.duration * frame.time_base))
     except av.error.FFmpegError as e:
         raise VideoRejected(f"truncated or corrupt video: decoding failed after {len(frames)} frames "
                             f"({_msg(e)})") from None
 
     if last_jpeg is None:
         raise VideoRejected("truncated or corrupt video: no frame could be decoded")
-    wanted_end = seg_end if seg_end is not None and math.isfinite(seg_end) else last_time + 1 / source_fps
-    decoded_to = last_time + 1 / source_fps
+    if decoded < 2 and (seg_end is None or seg_end - seg_start > 2 / fps):
+        raise VideoRejected("a single decodable frame: a still image, not a video")
+    decoded_to = max(last_time + last_duration, reached)
+    # A segment must be there whole; a whole file at least as long as it declares (within the slack).
+    wanted_end = seg_end if seg_end is not None else (duration or 0.0)
     if decoded_to + max(2 / source_fps, _SLACK_S) < wanted_end:
         declared = f"{duration:.2f} s declared" if duration is not None else "duration unknown"
         raise VideoRejected(f"truncated video: decoding stopped at {decoded_to:.2f} s of {wanted_end:.2f} s "
                             f"({declared})")
-    # Targets past the last frame but within the slack: hold the last frame.
-    n_targets = len(targets) if math.isfinite(seg_end or math.inf) else max(k, len(frames))
-    while len(frames) < n_targets and targets[len(frames)] < wanted_end:
+    # Targets past the last frame but within the slack (or the declared length): hold the last frame.
+    fill_end = wanted_end if seg_end is not None else max(decoded_to, wanted_end)
+    while len(frames) < len(targets) and targets[len(frames)] < fill_end - 1e-6:
         frames.append(last_jpeg)
     return DecodedClip(frames, fps, height, width, source_fps, duration)
 
@@ -163,14 +177,29 @@ def _targets(start: float, end: float, fps: float) -> list[float]:
 
 
 def _encode(frame: av.VideoFrame, short_side: int, quality: int) -> tuple[bytes, int, int]:
+    """The frame as displayed (its container's rotation applied: phone videos are stored sideways with a
+    display matrix), resized to `short_side`, as JPEG; returns (bytes, height, width)."""
     w, h = frame.width, frame.height
     scale = short_side / min(w, h)
     # Even sizes keep chroma subsampling exact; at least 2 px.
     nw, nh = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
-    image = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="AREA").to_image()
+    rgb = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="AREA")
+    turns = round((_rotation(frame) % 360) / 90) % 4     # counter-clockwise quarter turns
+    if turns:
+        pixels = np.ascontiguousarray(np.rot90(rgb.to_ndarray(), k=turns))
+        image = Image.fromarray(pixels)
+    else:
+        image = rgb.to_image()
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), nh, nw
+    return buf.getvalue(), image.height, image.width
+
+
+def _rotation(frame: av.VideoFrame) -> float:
+    try:
+        return float(frame.rotation or 0)
+    except (AttributeError, ValueError):
+        return 0.0
 
 
 def _msg(e: Exception) -> str:

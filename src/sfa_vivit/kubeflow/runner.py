@@ -193,8 +193,20 @@ def _check_endpoint(host: str, timeout: float = 5.0) -> None:
     except requests.RequestException as e:
         reason = type(e).__name__ + (f": {e.args[0]}" if e.args and isinstance(e.args[0], str) else "")
         raise PipelineError(f"KFP endpoint {host} is unreachable ({reason.splitlines()[0][:160]})") from None
+    if response.status_code in (401, 403):
+        raise PipelineError(f"{host} refused the request ({url}: HTTP {response.status_code}): sign in, or give the "
+                            "client a token (kfp.Client reads KF_PIPELINES_SA_TOKEN_PATH)")
     if response.status_code >= 500 or response.status_code == 404:
         raise PipelineError(f"{host} does not answer as a KFP endpoint ({url}: HTTP {response.status_code})")
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        kind = response.headers.get("content-type", "unknown content").split(";")[0]
+        raise PipelineError(f"{host} does not answer as a KFP endpoint: {url} returned {kind}, not KFP's JSON "
+                            f"(HTTP {response.status_code}; a sign-in page of a proxy in front of Kubeflow? use the "
+                            "pipeline API's own URL, or sign in and pass a token)")
 
 
 def _check_bucket(root: str | None) -> None:

@@ -56,6 +56,10 @@ class StaleCacheError(ValueError):
     """The cache at a URL was built for other weights, data or views than this run's."""
 
 
+class CorruptCacheError(ValueError):
+    """A cache file cannot be read (truncated or damaged after it was written)."""
+
+
 def state_digest(modules: list[torch.nn.Module]) -> str:
     """sha256 over the named tensors of `modules` (names and bytes, in a fixed order)."""
     h = hashlib.sha256()
@@ -141,7 +145,14 @@ def _read(url: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] 
         return None
     with open_url(url, "rb") as f:
         blob = f.read()
-    return load_safetensors(blob), _header(url, key, blob)["__metadata__"]
+    try:
+        header = _header(url, key, blob)
+        return load_safetensors(blob), header["__metadata__"]
+    except StaleCacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise CorruptCacheError(f"feature-cache file {url} is truncated or damaged ({type(e).__name__}: {e}); "
+                                "delete it and the next run computes it again") from None
 
 
 def _labels(labels: list[Any]) -> dict[str, torch.Tensor]:
@@ -216,7 +227,7 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
             features.extend(out.to("cpu", dtype))
             pending.clear()
 
-    for sample in iter_samples([dataset.shards[index]], dataset.checksums):
+    for sample in iter_samples([dataset.shards[index]], dataset.checksums, dataset.counts):
         if views is None:
             clip = dataset.clip(sample)
             pending.extend(clip["video"])

@@ -115,6 +115,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 20                      # steps between progress lines
     steps_per_epoch: int | None = None       # default: train samples // batch_size
+    verify_data: bool = False                # check every shard's sha256 before training starts
     mlflow_experiment: str = "sfa-vivit"
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +261,11 @@ def validate(c: TrainConfig) -> None:
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name}={getattr(c, name)!r} is not one of {list(allowed)}")
 
+    for field in dataclasses.fields(c):
+        value = getattr(c, field.name)
+        numbers = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+            raise ValueError(f"{field.name}={value!r} must be a finite number")
     choice("temporal_init", TEMPORAL_INITS)
     choice("device", DEVICES)
     choice("precision", PRECISIONS)
@@ -301,6 +307,10 @@ def validate(c: TrainConfig) -> None:
         if not (isinstance(value, (list, tuple)) and len(value) == 3
                 and all(isinstance(v, (int, float)) for v in value)):
             raise ValueError(f"{name}={value!r} must be three numbers (per RGB channel)")
+    if any(v <= 0 for v in c.std):
+        raise ValueError(f"std={c.std!r} must be > 0 per channel (pixels are divided by it)")
+    if c.optimizer == "sgd" and c.momentum >= 1:
+        raise ValueError(f"momentum={c.momentum!r} must be < 1 (SGD diverges otherwise)")
     if c.warmup_epochs > c.epochs:
         raise ValueError(f"warmup_epochs={c.warmup_epochs} is longer than epochs={c.epochs}")
 

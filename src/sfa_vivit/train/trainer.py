@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import mixup, one_hot
-from sfa_vivit.data.manifest import load_manifest
+from sfa_vivit.data.manifest import data_digest, load_manifest, verify_shards
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
 from sfa_vivit.storage import join, write_bytes_atomic
 from sfa_vivit.train import cache
@@ -57,9 +57,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(config: TrainConfig, data: str, out: str, init: str | None = None, *,
-          tracking: TrackingTarget = TrackingTarget()) -> dict[str, Any]:
-    """Train (or resume) a run; returns its metrics (also written to `out`/metrics.json)."""
-    return Trainer(config, data, out, init, tracking=tracking).fit()
+          tracking: TrackingTarget = TrackingTarget(), force_init: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run; returns its metrics (also written to `out`/metrics.json).
+    force_init: accept an --init checkpoint of another mode than the one this mode starts from."""
+    return Trainer(config, data, out, init, tracking=tracking, force_init=force_init).fit()
 
 
 @dataclasses.dataclass
@@ -77,9 +78,9 @@ class _Progress:
 
 class Trainer:
     def __init__(self, config: TrainConfig, data: str, out: str, init: str | None = None, *,
-                 tracking: TrackingTarget = TrackingTarget()):
+                 tracking: TrackingTarget = TrackingTarget(), force_init: bool = False):
         self.config, self.data_url, self.out, self.init = config, data, out.rstrip("/"), init
-        self.tracking = tracking
+        self.tracking, self.force_init = tracking, force_init
         self._stop_requested = False
         try:
             self.runtime = runtime.start(config.device, config.precision)
@@ -92,6 +93,7 @@ class Trainer:
         self.local_batch = config.batch_size // self.world
         self.manifest = load_manifest(data)
         self.num_classes = self.manifest.num_classes
+        self.data_digest = data_digest(self.manifest, [config.train_split, config.eval_split])
         resume = checkpoints.latest_step(self.out)
         torch.manual_seed(config.seed)   # the same initial weights on every rank and every run
         self.model, saved, self.init_extra = self._build_model(resume)
@@ -118,6 +120,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = RunData(config, self.manifest, self.runtime)
         self.steps_per_epoch = self.data.steps_per_epoch
+        if config.verify_data:
+            self._verify_data()
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -133,6 +137,12 @@ class Trainer:
             if changed:
                 raise TrainError(f"{self.out} holds a run with a different config ({sorted(changed)} differ); "
                                  "use another --out, or the same settings to resume it")
+            trained_on = extra.get("data", {})
+            if trained_on.get("digest") not in (None, self.data_digest):
+                raise TrainError(f"{self.out} holds a run trained on other data ({trained_on.get('url')}, "
+                                 f"{trained_on.get('num_classes')} classes) than {self.data_url} "
+                                 f"({self.num_classes} classes): its shards or classes differ; use another --out, "
+                                 "or the data it was trained on to resume it")
             log.info("resuming from %s", resume)
             return loaded, extra, {}
         if c.mode == "stage2" and not self.init:
@@ -158,6 +168,7 @@ class Trainer:
         except checkpoints.CheckpointError as e:
             raise TrainError(f"--init {e}") from None
         loaded, extra = checkpoints.load(url)
+        self._check_init_mode(url, extra)
         diff = architecture_differences(loaded.config, expected)
         if diff:
             raise TrainError(f"--init {url} is another architecture than this run asks for ("
@@ -169,6 +180,31 @@ class Trainer:
                           drop_path=expected.drop_path, dropout=expected.dropout, spatial_chunk=expected.spatial_chunk,
                           keep_temporal=c.temporal_init != "scratch")
         return model, {}, extra
+
+    def _check_init_mode(self, url: str, extra: dict[str, Any]) -> None:
+        """Stage 2 starts from a stage-1 model: refuse another mode's checkpoint unless forced."""
+        c = self.config
+        mode = extra.get("mode") or extra.get("config", {}).get("mode")
+        wanted = _INIT_FROM.get(c.mode)
+        if wanted and mode and mode not in wanted:
+            message = (f"--init {url} is a {mode} checkpoint; mode {c.mode} starts from a {' or '.join(wanted)} "
+                       "model")
+            if not self.force_init:
+                raise TrainError(message + " (pass --force-init to use it anyway)")
+            log.warning("%s; used anyway (--force-init)", message)
+
+    def _verify_data(self) -> None:
+        """verify_data: every shard of the splits this run reads matches its sha256 (ranks share the work)."""
+        c = self.config
+        splits = [s for s in (c.train_split, c.eval_split) if s in self.manifest.data["splits"]]
+        if self.is_main:
+            log.info("verify_data: checking the sha256 of every shard of %s in %s", splits, self.data_url)
+        bad = verify_shards(self.manifest, splits, rank=self.rank, world=self.world)
+        total = self.runtime.all_reduce(torch.tensor([float(len(bad))]), "sum")
+        if total.item() > 0:
+            named = f": {', '.join(bad[:5])}" if bad else ""
+            raise TrainError(f"verify_data: {int(total.item())} shard(s) of {self.data_url} do not match their "
+                             f"sha256{named}; run prep again to rewrite them")
 
     def _prepare_cache(self) -> None:
         """Build (or reuse, or finish building) the frozen-feature cache; train from it from now on."""
@@ -197,7 +233,8 @@ class Trainer:
         if self.is_main:
             state, optimizer = checkpoints.optimizer_state(self.model, self.optimizer)
             extra = {"trainer": dataclasses.asdict(self.progress), "config": self.config.to_dict(),
-                     "optimizer": optimizer, "world": {"world_size": self.world, "workers": self.config.workers}}
+                     "optimizer": optimizer, "world": {"world_size": self.world, "workers": self.config.workers},
+                     "data": self._trained_on()}
             checkpoints.save(self.model, url, extra=extra, state=state)
             checkpoints.prune_steps(self.out, self.config.keep_checkpoints)
         if self.world > 1:
@@ -333,7 +370,7 @@ class Trainer:
                              extra={"config": c.to_dict(), "mode": c.mode, "mlflow_run_id": self.tracker.run_id,
                                     "final": final, "train_time_s": metrics["train_time_s"],
                                     "classes": self.manifest.data.get("classes"),
-                                    "heads": self.manifest.data.get("heads")})
+                                    "heads": self.manifest.data.get("heads"), "data": self._trained_on()})
             write_bytes_atomic(join(self.out, "config.json"), json.dumps(c.to_dict(), indent=1).encode())
             write_bytes_atomic(join(self.out, "metrics.json"), json.dumps(metrics, indent=1).encode())
             log.info("done: %s, train_time_s %.1f, final top1 %s -> %s", c.mode, metrics["train_time_s"],
@@ -360,6 +397,9 @@ class Trainer:
         p.mlflow_run_id = tracker.run_id
         return tracker
 
+    def _trained_on(self) -> dict[str, Any]:
+        return {"url": self.data_url, "digest": self.data_digest, "num_classes": self.num_classes}
+
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("SIGTERM: checkpointing at the end of this step, then stopping")
         self._stop_requested = True
@@ -382,7 +422,10 @@ def _as_today(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
 
 
 _RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision",
-                      "cache_dir", "compile"}
+                      "cache_dir", "compile", "verify_data"}
+
+# The modes an --init checkpoint of each mode may come from (others need --force-init).
+_INIT_FROM = {"stage2": ("stage1",)}
 
 
 def vivit_config(variant: str, **kwargs: Any) -> ViViTConfig:
