@@ -49,14 +49,14 @@ def test_ddp_ranks_hold_disjoint_parts_of_the_cache(tiny_data, stage1_run, tmp_p
     trainer._prepare_cache()
     whole, key, url = trainer.data.cached_train, trainer.data.cache_report.key, str(tmp_path / "s2" / "feature_cache")
     shards = len(trainer.data.train_data.shards)
-    parts = [CachedSplit(url, key, "train", None, shards, rank, 2) for rank in (0, 1)]
+    parts = [CachedSplit(url, key, "train", None, shards, rank, 2, streams=4) for rank in (0, 1)]
     assert [len(p) for p in parts] == [12, 12] and not set(parts[0].keys) & set(parts[1].keys)
     for part in parts:
         for i, clip in enumerate(part.keys):
             j = whole.keys.index(clip)
             assert (torch.equal(part.features[i], whole.features[j])
                     and part.labels["label"][i] == whole.labels["label"][j])
-        # One epoch of a rank: local batches of batch_size // world clips, every clip it holds once.
+        # One epoch of a rank: its half of each global batch, every clip it holds once.
         batches = list(part.train_batches(epoch=0, seed=0, batch_size=4, num_batches=6))
         assert all(b["features"].shape == (2, 4, 32) for b in batches)
         seen = torch.cat([b["features"] for b in batches])
@@ -65,9 +65,15 @@ def test_ddp_ranks_hold_disjoint_parts_of_the_cache(tiny_data, stage1_run, tmp_p
     evals = [CachedSplit(url, key, "validation", "1x1", len(trainer.data.eval_dataset("1x1").shards), r, 2)
              for r in (0, 1)]
     assert sorted(evals[0].keys + evals[1].keys) == sorted(trainer.data.cached_eval["1x1"].keys)
-    lonely = CachedSplit(url, key, "train", None, shards, 29, 30)       # more ranks than clips
-    with pytest.raises(ValueError, match="more ranks than clips"):
+    lonely = CachedSplit(url, key, "train", None, shards, 29, 30, streams=30)       # more ranks than clips
+    with pytest.raises(ValueError, match="stream 29 of the training cache holds no clips"):
         next(lonely.train_batches(epoch=0, seed=0, batch_size=30, num_batches=1))
+    # The global batches do not depend on the number of ranks: two ranks' halves are one rank's batch.
+    one = CachedSplit(url, key, "train", None, shards, 0, 1, streams=4)
+    together = [torch.cat(pair) for pair in zip(*[[b["features"] for b in p.train_batches(
+        epoch=1, seed=3, batch_size=4, num_batches=6, skip_batches=2)] for p in parts])]
+    alone = [b["features"] for b in one.train_batches(epoch=1, seed=3, batch_size=4, num_batches=6, skip_batches=2)]
+    assert len(alone) == 4 and all(torch.equal(a, b) for a, b in zip(together, alone))
 
 
 def test_cache_resumes_its_build_and_rejects_another_checkpoint(tiny_data, stage1_run, tmp_path, no_mlflow_env):

@@ -24,7 +24,14 @@ from sfa_vivit.data import augment, synth
 from sfa_vivit.data.annotations import AnnotationError, read_annotations
 from sfa_vivit.data.manifest import ShardChecksumError, load_manifest, verify_shards
 from sfa_vivit.data.prep import PrepOptions, prepare
-from sfa_vivit.data.reader import ClipDataset, decode_frames, eval_indices, iter_samples, train_indices
+from sfa_vivit.data.reader import (
+    ClipDataset,
+    decode_frames,
+    eval_indices,
+    iter_samples,
+    merge_worker_batches,
+    train_indices,
+)
 
 
 def real_clips() -> Path:
@@ -344,18 +351,29 @@ def test_dataloader_workers_and_ranks_split_the_shards(kinetics_folder):
     assert sorted(keys[0] + keys[1]) == sorted(s["key"] for s in iter_samples(m.shard_urls("train")))
     assert not set(keys[0]) & set(keys[1])
     ds = ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=2, num_batches=7)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
-    batches = [b["key"] for b in loader]
+    batches = [b["key"] for b in merge_worker_batches(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2), 2)]
     assert len(batches) == 7 and all(len(b) == 2 for b in batches)   # shards cycled to fill 7 batches
-    # Skipping the first 3 batches gives exactly the rest, clips included (exact resume).
-    full = [(b["key"], b["video"]) for b in torch.utils.data.DataLoader(
-        ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=2, num_batches=7, seed=9),
-        batch_size=2, num_workers=2)]
-    resumed = ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=2, num_batches=7, seed=9)
-    resumed.set_epoch(0, skip_batches=3)
-    rest = [(b["key"], b["video"]) for b in torch.utils.data.DataLoader(resumed, batch_size=2, num_workers=2)]
-    assert [k for k, _ in rest] == [k for k, _ in full[3:]]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[3:]))
+    # The global batches do not depend on how many ranks and workers read them, and skipping the first 3
+    # batches gives exactly the rest, clips included (exact resume, also on another number of ranks).
+    def global_batches(world, workers, skip=0):
+        ranks = []
+        for rank in range(world):
+            ds = ClipDataset(m, "train", num_frames=2, image_size=32, batch_size=4, num_batches=5, seed=9,
+                             rank=rank, world_size=world)
+            ds.set_epoch(1, skip_batches=skip)
+            loader = torch.utils.data.DataLoader(ds, batch_size=ds.worker_batch_size(world, workers),
+                                                 num_workers=workers)
+            ranks.append(list(merge_worker_batches(loader, workers)))
+        return [(sum((r[b]["key"] for r in ranks), []), torch.cat([r[b]["video"] for r in ranks]))
+                for b in range(len(ranks[0]))]
+    alone = global_batches(1, 0)
+    assert len(alone) == 5 and len({k for keys, _ in alone for k in keys}) == 3     # 3 clips, cycled
+    for world, workers, skip in ((2, 0, 0), (2, 2, 0), (4, 0, 2), (1, 2, 3)):
+        got = global_batches(world, workers, skip)
+        assert [k for k, _ in got] == [k for k, _ in alone[skip:]], (world, workers, skip)
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, alone[skip:]))
+    with pytest.raises(ValueError, match="does not split evenly over 2 ranks x 3 DataLoader workers"):
+        ds.worker_batch_size(2, 3)
 
 
 def test_augmentations():

@@ -2,6 +2,7 @@
 (one of them without clips) equals one process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,149 @@ def test_torchrun_evaluation_equals_one_process_and_survives_an_empty_rank(tiny_
     alone = evaluate_model(model, batches, device=torch.device("cpu"), num_classes=12, confusion=True)
     for r in (0, 1):
         assert ranks[r]["empty"] == alone
+
+
+_STOP_EARLY = """
+import sys
+from sfa_vivit import runtime
+from sfa_vivit.train import Trainer, resolve
+sets, data, out, steps = sys.argv[1].split(","), sys.argv[2], sys.argv[3], int(sys.argv[4])
+Trainer(resolve("stage1", "synthetic", sets=sets), data, out).fit(stop_after_steps=steps)
+runtime.close()
+"""
+
+# Two tiny epochs, no dropout, drop-path or mixup: every random draw of a step is then per sample.
+_SAME = [*TINY, "epochs=2", "num_frames=4", "dropout=0", "drop_path=0", "mixup_alpha=0"]
+TOLERANCE = 1e-4     # float reduction order: the gradient is averaged over 2 ranks instead of summed in one
+
+
+def _max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _torchrun(tmp_path, args, *, env=None, nproc=2, port=None):
+    script = tmp_path / "stop_early.py"
+    script.write_text(_STOP_EARLY)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           *([f"--master_port={port or _free_port()}"] if env is None else []), str(script), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def test_two_nodes_started_as_a_trainjob_starts_them_train_the_weights_of_one_process(
+        tiny_data, tmp_path, no_mlflow_env):
+    """Kubeflow Trainer's torch-distributed runtime starts `torchrun` in each node's pod with PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT; torchrun reads them. Two
+    "nodes" of one process each, on loopback, train what one process trains with the same global batch."""
+    from sfa_vivit.train import Trainer, resolve
+    Trainer(resolve("stage1", "synthetic", sets=_SAME), tiny_data, str(tmp_path / "one")).fit()
+    port = _free_port()
+    nodes = []
+    for node in range(2):
+        env = {**os.environ, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node),
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+        nodes.append(_torchrun(tmp_path, [",".join(_SAME), tiny_data, str(tmp_path / "two"), "1000"], env=env,
+                               nproc=1))
+    for proc in nodes:
+        _finish(proc)
+    # stop_after_steps=1000 is past the end: both runs finished (12 steps); compare the committed weights.
+    one = checkpoints.load(checkpoints.latest_step(str(tmp_path / "one"))).model.state_dict()
+    two = checkpoints.load(checkpoints.latest_step(str(tmp_path / "two"))).model.state_dict()
+    assert _max_difference(one, two) <= TOLERANCE
+
+
+def test_a_run_resumes_on_another_number_of_ranks_to_the_same_weights(tiny_data, tmp_path, no_mlflow_env):
+    """Killed after a committed checkpoint (step 3 of 12) on 2 ranks and resumed on 1, or the reverse: the
+    weights of an uninterrupted run (the global batches do not depend on the number of ranks)."""
+    from sfa_vivit.train import Trainer, resolve
+    config = resolve("stage1", "synthetic", sets=_SAME)
+    Trainer(config, tiny_data, str(tmp_path / "straight")).fit()
+    straight = checkpoints.load(checkpoints.latest_step(str(tmp_path / "straight"))).model.state_dict()
+    _finish(_torchrun(tmp_path, [",".join(_SAME), tiny_data, str(tmp_path / "2to1"), "3"]))
+    Trainer(config, tiny_data, str(tmp_path / "2to1")).fit()
+    Trainer(config, tiny_data, str(tmp_path / "1to2")).fit(stop_after_steps=3)
+    _finish(_torchrun(tmp_path, [",".join(_SAME), tiny_data, str(tmp_path / "1to2"), "1000"]))
+    for run in ("2to1", "1to2"):
+        resumed = checkpoints.load(checkpoints.latest_step(str(tmp_path / run))).model.state_dict()
+        assert _max_difference(straight, resumed) <= TOLERANCE, run
+
+
+def test_two_vertex_worker_pool_nodes_form_one_job(tiny_data, tmp_path, no_mlflow_env):
+    """Vertex AI starts the same command on the chief (workerpool0) and the other nodes (workerpool1) with
+    CLUSTER_SPEC describing the pools: the nodes form one job and train what one process trains."""
+    from sfa_vivit.train import Trainer, resolve
+    from sfa_vivit.train.launch import spec_of
+    config = resolve("stage1", "synthetic", sets=_SAME)
+    Trainer(config, tiny_data, str(tmp_path / "one")).fit()
+    spec = spec_of(config, tiny_data, str(tmp_path / "two"))
+    chief = f"127.0.0.1:{_free_port()}"
+    nodes = []
+    for pool, index in (("workerpool0", 0), ("workerpool1", 0)):
+        cluster = {"cluster": {"workerpool0": [chief], "workerpool1": ["127.0.0.1:2222"]},
+                   "environment": "cloud", "task": {"type": pool, "index": index}}
+        env = {**os.environ, "CLUSTER_SPEC": json.dumps(cluster)}
+        nodes.append(subprocess.Popen([sys.executable, "-m", "sfa_vivit.train.launch", "node", "--nproc", "1",
+                                       "--spec-json", spec], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for proc in nodes:
+        _finish(proc)
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_identical"] is True
+    one = checkpoints.load(str(tmp_path / "one" / "model")).model.state_dict()
+    two = checkpoints.load(str(tmp_path / "two" / "model")).model.state_dict()
+    assert _max_difference(one, two) <= TOLERANCE
+
+
+def test_the_rendezvous_comes_from_vertex_cluster_spec():
+    from sfa_vivit.train.launch import node_args
+    spec = {"cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222", "w-2:2222"]},
+            "task": {"type": "workerpool1", "index": 2}}
+    assert node_args({"CLUSTER_SPEC": json.dumps(spec)}) == [
+        "--nnodes=4", "--node_rank=3", "--master_addr=chief-0", "--master_port=2222"]
+    assert node_args({}) == []
+    with pytest.raises(ValueError, match="CLUSTER_SPEC is not a Vertex AI cluster spec"):
+        node_args({"CLUSTER_SPEC": "{}"})
+
+
+def test_a_node_killed_after_a_checkpoint_and_the_job_restarted_ends_with_the_uninterrupted_weights(
+        tiny_data, tmp_path, no_mlflow_env):
+    """A node lost mid-run (SIGKILL, as a preempted VM): the engine tears the job down and starts it again;
+    training resumes from the last committed checkpoint and ends with the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    from sfa_vivit.train import Trainer, resolve
+    Trainer(resolve("stage1", "synthetic", sets=_SAME), tiny_data, str(tmp_path / "straight")).fit()
+    straight = checkpoints.load(str(tmp_path / "straight" / "model")).model.state_dict()
+    sets, out = ",".join([*_SAME, "checkpoint_every=2"]), str(tmp_path / "job")
+
+    def start_job():
+        port, nodes = _free_port(), []
+        for node in range(2):
+            env = {**os.environ, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node),
+                   "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+            script = tmp_path / "stop_early.py"
+            script.write_text(_STOP_EARLY)
+            nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", str(script), sets,
+                                           tiny_data, out, "1000"], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        return nodes
+
+    nodes = start_job()
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoints.committed_steps(out):
+        time.sleep(0.05)
+    os.killpg(nodes[1].pid, signal.SIGKILL)                 # node 1 is lost...
+    os.killpg(nodes[0].pid, signal.SIGKILL)                 # ...and the engine tears the job down
+    for proc in nodes:
+        proc.wait(30)
+    assert checkpoints.committed_steps(out), "no checkpoint was committed before the kill"
+    assert not checkpoints.is_committed(os.path.join(out, "model")), "the run finished before the kill"
+    for proc in start_job():                                 # the engine starts the job again
+        assert proc.wait(300) == 0
+    resumed = checkpoints.load(os.path.join(out, "model")).model.state_dict()
+    assert _max_difference(straight, resumed) <= TOLERANCE

@@ -333,7 +333,12 @@ DOCUMENTED_GPUS = {
     "gpu-a100": ("nvidia-tesla-a100", "NVIDIA_TESLA_A100", 8),
     "gpu-a100-80gb": ("nvidia-a100-80gb", "NVIDIA_A100_80GB", 8),
     "gpu-h100": ("nvidia-h100-80gb", "NVIDIA_H100_80GB", 8),
+    "gpu-a100-x4": ("nvidia-tesla-a100", "NVIDIA_TESLA_A100", 8),     # x 4 nodes
+    "gpu-h100-x4": ("nvidia-h100-80gb", "NVIDIA_H100_80GB", 8),
 }
+# Vertex AI machine types with all 8 GPUs (https://cloud.google.com/compute/docs/gpus): A100 40GB on
+# a2-highgpu-8g, H100 80GB on a3-highgpu-8g.
+DOCUMENTED_MACHINES = {"gpu-a100-x4": "a2-highgpu-8g", "gpu-h100-x4": "a3-highgpu-8g"}
 
 
 def test_gpu_profiles_hold_the_documented_values():
@@ -344,6 +349,8 @@ def test_gpu_profiles_hold_the_documented_values():
         assert dict(p.node_selector) == {"cloud.google.com/gke-accelerator": label}, name
         assert (p.vertex_accelerator, p.accelerator_count, p.nproc, p.image_flavour) == (vertex, count, count, "cuda")
         assert ("nvidia.com/gpu", "Exists", "NoSchedule") in p.tolerations, name
+        assert p.vertex_machine_type == DOCUMENTED_MACHINES.get(name), name
+        assert p.nodes == (4 if name.endswith("-x4") else 1), name
 
 
 # GKE TPU slices as node selectors and google.com/tpu chips per host
@@ -378,7 +385,9 @@ def test_the_vertex_compile_stays_within_vertex_caps_and_has_no_kubernetes_setti
     assert len(docs) == 1 or "kubernetes" not in docs[1].get("platforms", {}), "a kfp-kubernetes platform spec"
     for name, executor in docs[0]["deploymentSpec"]["executors"].items():
         resources = executor["container"].get("resources", {})
-        assert name != "exec-train-stage2" or "resourceCpuLimit" in resources    # the check below is not vacuous
+        # The check below is not vacuous (a multi-node profile's training step is a custom job: its machines
+        # are named in the worker pools, tests/test_trainjob.py).
+        assert name != "exec-train-stage2" or "resourceCpuLimit" in resources or profiles.get(profile).nodes > 1
         cpu = float(resources.get("resourceCpuLimit", resources.get("cpuLimit", 0)) or 0)
         memory = str(resources.get("resourceMemoryLimit", resources.get("memoryLimit", "0")) or "0")
         assert cpu <= profiles.VERTEX_MAX_CPU, (name, cpu)

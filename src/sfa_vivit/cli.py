@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="with --name: REGISTRY/NAME of your images; the profile's flavour tag "
                                       "(<version>-cpu|cuda|tpu) is added")
     p.add_argument("--image", help="with --name: one image for every step (overrides --registry)")
+    p.add_argument("--operator", default="trainjob", choices=["trainjob", "pytorchjob"],
+                   help="with --name and a multi-node profile (gpu-a100-x4, ...): Kubeflow Trainer v2 TrainJob, or "
+                        "the v1 Training Operator's PyTorchJob")
     p = pipe.add_parser("run", help="run the sfa pipeline here (kfp.local) on synthetic data")
     p.add_argument("--runs", default="runs", help="artifacts go to RUNS/<run-id>/")
     p.add_argument("--run-id")
@@ -316,7 +319,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             if args.name:
                 out = args.out or f"{args.name}-{args.profile}.yaml"
                 print(runner.compile_pipeline(args.name, args.profile, out, args.target, image=args.image,
-                                              registry=args.registry))
+                                              registry=args.registry, operator=args.operator))
             else:
                 print("\n".join(runner.compile_all(args.root)))
         elif args.pipeline_command == "run":

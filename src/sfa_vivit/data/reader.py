@@ -9,13 +9,14 @@ frames' JPEGs are decoded.
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import json
 import logging
 import random
 import tarfile
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import simplejpeg
@@ -154,22 +155,28 @@ class ClipDataset(torch.utils.data.IterableDataset):
     """Clips from a prepared split.
 
     sampling 'train': yields {'video': (T, C, S, S) float, 'label', 'key'} with random sampling and
-    augmentation; shards are shuffled per epoch (`set_epoch`) and samples through a buffer.
-    sampling 'eval': yields {'video': (num_clips*num_crops, T, C, S, S), 'label', 'key'}, in shard order.
-    Labels are an int (-1 when unlabelled) or a dict head → int.
+    augmentation. sampling 'eval': yields {'video': (num_clips*num_crops, T, C, S, S), 'label', 'key'},
+    in shard order, each rank (then each DataLoader worker) reading its own shards. Labels are an int
+    (-1 when unlabelled) or a dict head → int.
 
-    Exact resume (train sampling): give `batch_size` and `num_batches`, the DataLoader batches this rank
-    takes per epoch; each DataLoader worker then yields exactly the samples of its batches (the
-    DataLoader takes batches from workers in turn), shards are cycled to fill them, and
-    `skip_batches` skips the batches already trained on (resume with the same number of workers).
-    Augmentation randomness is drawn per sample
-    from (seed, epoch, pass, key), so a skipped prefix leaves what follows unchanged.
+    Training in global batches (give `batch_size`, the GLOBAL batch B, and `num_batches` per epoch):
+    position p of every global batch is served by stream p, one of B streams whose content depends on
+    the seed, the epoch and p only, never on how many ranks or workers read them. Stream p reads the
+    epoch's shuffled shards p, p + B, ... (or, with fewer shards than B, every B-th sample of all of
+    them) through its own shuffle buffer, cycling to fill `num_batches`. Rank r of `world` serves
+    positions r*B/world ... (r+1)*B/world - 1, split evenly over its DataLoader workers (each yields its
+    positions of batch 0, then of batch 1, ...; `merge_worker_batches` puts a rank's batch back
+    together). So a run on 1, 2 or 16 ranks (with any number of workers) trains on the same global
+    batches, and a run resumed on another number of ranks continues the same sequence.
+    `skip_batches` skips the first batches of an epoch (exact resume). Augmentation randomness is drawn
+    per sample from (seed, epoch, pass, key).
+    Without `num_batches`, training sampling reads each sample once, in an order of (seed, epoch, reader).
     """
 
     def __init__(self, manifest: Manifest | str, split: str, *, sampling: str = "train", num_frames: int = 8,
                  stride: int = 1, image_size: int = 224, augment: AugmentConfig = AugmentConfig(),
                  num_clips: int = 4, num_crops: int = 3, seed: int = 0, verify_checksums: bool = False,
-                 shuffle_buffer: int = 64, batch_size: int = 1, num_batches: int | None = None,
+                 shuffle_buffer: int = 8, batch_size: int = 1, num_batches: int | None = None,
                  skip_batches: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if sampling not in ("train", "eval"):
@@ -203,12 +210,19 @@ class ClipDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return rank, world, worker, workers
 
+    def worker_batch_size(self, world: int, workers: int) -> int:
+        """How many clips each of a rank's `workers` DataLoader workers (0: in-process) puts in one batch."""
+        local, workers = self.batch_size // world, max(1, workers)
+        if self.batch_size % world or local % workers:
+            raise ValueError(f"a global batch of {self.batch_size} does not split evenly over {world} ranks x "
+                             f"{workers} DataLoader workers")
+        return local // workers
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world, real_worker, workers = self._readers()
-        # The DataLoader asks workers for batches in turn starting from worker 0. After skipping
-        # `skip_batches`, the next batch belongs to stream (skip % workers): rotate so that real worker
-        # 0 runs that stream, and every batch keeps its content whatever the skip.
-        worker = (real_worker + self.skip_batches) % workers if self.sampling == "train" else real_worker
+        if self.sampling == "train" and self.num_batches is not None:
+            yield from self._global_batches()
+            return
+        rank, world, worker, workers = self._readers()
         reader, readers = rank * workers + worker, world * workers
         shards = list(self.shards)
         if self.sampling == "train":
@@ -216,27 +230,41 @@ class ClipDataset(torch.utils.data.IterableDataset):
         # Enough shards: each reader streams its own. Too few: all stream all, each keeps its slice.
         share_samples = len(shards) < readers
         mine = shards if share_samples else shards[rank::world][worker::workers]
-        cycle_forever = self.sampling == "train" and self.num_batches is not None
-
-        def samples() -> Iterator[dict[str, Any]]:
-            passes = 0
-            while mine:
-                for i, sample in enumerate(iter_samples(mine, self.checksums, self.counts)):
-                    if not share_samples or i % readers == reader:
-                        yield {**sample, "pass": passes}
-                passes += 1
-                if not cycle_forever:
-                    return
-
-        stream: Iterator[dict[str, Any]] = samples()
+        stream: Iterator[dict[str, Any]] = (s for i, s in enumerate(iter_samples(mine, self.checksums, self.counts))
+                                            if not share_samples or i % readers == reader)
         if self.sampling == "train":
             stream = _shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
-            if self.num_batches is not None:
-                quota = len(range(worker, self.num_batches, workers)) * self.batch_size
-                skip = len(range(worker, min(self.skip_batches, self.num_batches), workers)) * self.batch_size
-                stream = itertools.islice(stream, skip, quota)
         for sample in stream:
             yield self.clip(sample)
+
+    def _global_batches(self) -> Iterator[dict[str, Any]]:
+        """This worker's positions of each global batch of the epoch (see the class docstring)."""
+        rank, world, worker, workers = self._readers()
+        per = self.worker_batch_size(world, workers)
+        first = rank * (self.batch_size // world) + worker * per
+        positions = range(first, first + per)
+        streams = self.batch_size
+        shards = list(self.shards)
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
+        if len(shards) >= streams:
+            raw = {p: self._cycle(shards[p::streams]) for p in positions}
+        else:
+            router = _Router(self._cycle(shards), streams, positions)
+            raw = {p: router.stream(p) for p in positions}
+        mixed = {p: itertools.islice(_shuffled(raw[p], self.shuffle_buffer,
+                                               random.Random(f"{self.seed}/{self.epoch}/stream{p}")),
+                                     self.skip_batches, None) for p in positions}
+        for _ in range(self.skip_batches, self.num_batches):
+            for p in positions:
+                yield self.clip(next(mixed[p]))
+
+    def _cycle(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        """The samples of `shards` in order, again and again; each tagged with its pass."""
+        passes = 0
+        while True:
+            for sample in iter_samples(shards, self.checksums, self.counts):
+                yield {**sample, "pass": passes}
+            passes += 1
 
     def clip(self, sample: dict[str, Any], epoch: int | None = None,
              decoded: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
@@ -272,6 +300,49 @@ class ClipDataset(torch.utils.data.IterableDataset):
         except (ValueError, IndexError) as e:
             raise ShardReadError(f"sample {sample['key']!r} of shard {sample.get('url', '?')} is damaged: {e}; "
                                  "`sfa data verify` checks every shard against its sha256") from None
+
+
+class _Router:
+    """Sample i of one shared sequence goes to stream i % streams; only the `owned` streams are kept."""
+
+    def __init__(self, source: Iterator[dict[str, Any]], streams: int, owned: Iterable[int]):
+        self.source, self.streams, self.next_index = source, streams, 0
+        self.queues = {p: collections.deque() for p in owned}
+
+    def stream(self, p: int) -> Iterator[dict[str, Any]]:
+        queue = self.queues[p]
+        while True:
+            while not queue:
+                sample = next(self.source)
+                target = self.next_index % self.streams
+                self.next_index += 1
+                if target in self.queues:
+                    self.queues[target].append(sample)
+            yield queue.popleft()
+
+
+def merge_worker_batches(batches: Iterable[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
+    """A DataLoader over training `ClipDataset` gives each rank batch as `workers` consecutive pieces
+    (one per worker, in worker order): join them back into the rank's batch."""
+    group: list[dict[str, Any]] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == max(1, workers):
+            yield _join(group)
+            group = []
+
+
+def _join(parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: _join([p[k] for p in parts]) for k in first}
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    raise TypeError(f"cannot join batch values of type {type(first).__name__}")
 
 
 def _shuffled(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

@@ -53,6 +53,8 @@ ARGUMENTS = {
     "recipe": "the training recipe (supplementary Table 1), named after its dataset.",
     "sets": "key=value overrides of the recipe (e.g. variant=L, image_checkpoint=gs://..., epochs=30).",
     "nproc": "training processes on the node (one per GPU; torchrun when > 1).",
+    "cluster": "a multi-node job (JSON, from a profile with nodes > 1): this step then submits a Kubeflow "
+               "Trainer TrainJob with it and follows it; empty: train in this step's pod.",
     "model": "the trained model (or, as an input, the model to evaluate).",
     "metrics": "headline figures.",
     "views": "clips x crops per video (e.g. 4x3).",
@@ -145,32 +147,32 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, fps
 @dsl.component(base_image=IMAGE)
 @described
 def train_stage1(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
-                 nproc: int, model: Output[Model], metrics: Output[Metrics]):
+                 nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics]):
     """SFA stage 1: the full ViViT-FE at few frames (8 by default). Resumes from its own checkpoints
     when the pod is retried."""
     from sfa_vivit.kubeflow import steps
     steps.train("stage1", data, model, metrics, recipe=recipe, sets=sets, tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, nproc=nproc)
+                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster)
 
 
 @dsl.component(base_image=IMAGE)
 @described
 def train_stage2(data: Input[Dataset], stage1: Input[Model], recipe: str, sets: List[str], tracking_uri: str,
-                 parent_run_id: str, nproc: int, model: Output[Model], metrics: Output[Metrics]):
+                 parent_run_id: str, nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics]):
     """SFA stage 2: spatial encoder frozen, adapter on, temporal encoder from stage 1, many frames."""
     from sfa_vivit.kubeflow import steps
     steps.train("stage2", data, model, metrics, recipe=recipe, sets=sets, init=stage1, tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, nproc=nproc)
+                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster)
 
 
 @dsl.component(base_image=IMAGE)
 @described
 def train_baseline(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
-                   nproc: int, model: Output[Model], metrics: Output[Metrics]):
+                   nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics]):
     """The conventional recipe: the full ViViT-FE trained at the final frame count."""
     from sfa_vivit.kubeflow import steps
     steps.train("baseline", data, model, metrics, recipe=recipe, sets=sets, tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, nproc=nproc)
+                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster)
 
 
 @dsl.component(base_image=IMAGE)

@@ -42,12 +42,29 @@ def _retried(task: Any) -> Any:
     return _fresh(task).set_retry(**RETRY)
 
 
-def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
-    """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES)."""
+def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "trainjob") -> Callable:
+    """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES). operator: what runs a multi-node
+    profile's training on Kubeflow, 'trainjob' (Kubeflow Trainer v2) or 'pytorchjob' (Training Operator v1)."""
     prof = profiles.get(profile)
 
     def accelerated(task: Any) -> Any:
         return _retried(profiles.apply(task, prof, target=target))
+
+    cluster = ""
+    train_components = {"stage1": c.train_stage1, "stage2": c.train_stage2, "baseline": c.train_baseline}
+    if prof.nodes > 1:
+        from sfa_vivit.kubeflow.trainjob import node_spec
+        cluster = node_spec(prof, engine=operator).to_json()
+        if target == "vertex":
+            train_components = {mode: profiles.vertex_custom_job(component, prof)
+                                for mode, component in train_components.items()}
+
+    def trainer(task: Any) -> Any:
+        """A training step: on the profile's node; on Kubeflow with nodes > 1 a small launcher pod that submits
+        the multi-node TrainJob; on Vertex AI with nodes > 1 a custom job whose worker pools form one job."""
+        if prof.nodes == 1:
+            return accelerated(task)
+        return _retried(_light(task, "1", "2G")) if target == "kubeflow" else _retried(task)
 
     @dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
                                           f"(accelerator profile {profile}).")
@@ -106,11 +123,12 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
             piece = _retried(_light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G"))
         data = _retried(_light(c.prepare_data(max_reject_fraction=max_reject_fraction,
                                               parts_done=dsl.Collected(piece.output), **prep_args), "8", "32G")).output
-        stage1 = accelerated(c.train_stage1(data=data, recipe=recipe, sets=_concat(sets, stage1_sets, prof),
-                                            tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc))
-        stage2 = accelerated(c.train_stage2(data=data, stage1=stage1.outputs["model"], recipe=recipe,
-                                            sets=_concat(sets, stage2_sets, prof), tracking_uri=tracking_uri,
-                                            parent_run_id=parent, nproc=prof.nproc))
+        stage1 = trainer(train_components["stage1"](data=data, recipe=recipe, sets=_concat(sets, stage1_sets, prof),
+                                        tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc,
+                                        cluster=cluster))
+        stage2 = trainer(train_components["stage2"](data=data, stage1=stage1.outputs["model"], recipe=recipe,
+                                        sets=_concat(sets, stage2_sets, prof), tracking_uri=tracking_uri,
+                                        parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
         evaluation = accelerated(c.evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
                                             name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent))
         membench = accelerated(c.memory_benchmark(
@@ -121,9 +139,9 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow") -> Callable:
                            evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
                            tracking_uri=tracking_uri, parent_run_id=parent)
         with dsl.If(run_baseline == True, "baseline"):  # noqa: E712 - a pipeline condition, not a Python test
-            baseline = accelerated(c.train_baseline(data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof),
-                                                    tracking_uri=tracking_uri, parent_run_id=parent,
-                                                    nproc=prof.nproc))
+            baseline = trainer(train_components["baseline"](
+                data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof), tracking_uri=tracking_uri,
+                parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
             baseline_eval = accelerated(c.evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
                                                    parent_run_id=parent))
@@ -148,10 +166,10 @@ def join_sets(a: List[str], b: List[str], fixed: List[str]) -> List[str]:
     return list(a) + list(b) + list(fixed)
 
 
-def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow") -> Callable:
+def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operator: str = "trainjob") -> Callable:
     """The `reproduce` pipeline: the `sfa` pipeline once per dataset of the paper, with that
     dataset's recipe; a dataset whose `videos` parameter is empty is skipped."""
-    inner = build_sfa(profile, target)
+    inner = build_sfa(profile, target, operator)
     params = []
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")

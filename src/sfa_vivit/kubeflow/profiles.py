@@ -6,13 +6,18 @@
     gpu-a100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-tesla-a100            NVIDIA_TESLA_A100
     gpu-a100-80gb nvidia.com/gpu x 8                 gke-accelerator=nvidia-a100-80gb             NVIDIA_A100_80GB
     gpu-h100     nvidia.com/gpu x 8                  gke-accelerator=nvidia-h100-80gb             NVIDIA_H100_80GB
+    gpu-a100-x4  4 nodes x nvidia.com/gpu x 8        gke-accelerator=nvidia-tesla-a100            (GKE only)
+    gpu-h100-x4  4 nodes x nvidia.com/gpu x 8        gke-accelerator=nvidia-h100-80gb             (GKE only)
     tpu-v3-8     google.com/tpu x 4 (8 cores)        gke-tpu-accelerator=tpu-v3-device, 2x2       TPU_V3 x 8 cores
     tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   TPU_V4_POD
     tpu-v5e-8    google.com/tpu x 8                  gke-tpu-accelerator=tpu-v5-lite-podslice 2x4 TPU_V5_LITEPOD
 
 GPU profiles run training under torchrun with one process per GPU; TPU profiles select
-`device=xla`. Every profile mounts a memory-backed emptyDir at /dev/shm (DataLoader workers pass
-batches through shared memory; the container default of 64 MiB is too small).
+`device=xla`. A profile with `nodes` > 1 trains on that many nodes: on Kubeflow its training steps
+run in a small launcher pod that submits a Kubeflow Trainer TrainJob (kubeflow/trainjob.py) with the
+profile's per-node resources; on Vertex AI they are custom jobs with worker pools; its evaluation and
+benchmark steps use one node. Every profile mounts a memory-backed emptyDir at /dev/shm (DataLoader
+workers pass batches through shared memory; the container default of 64 MiB is too small).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Profile:
     tolerations: tuple[tuple[str, str, str], ...] = ()   # key, operator, effect
     device: str = "cpu"                     # the trainer's device setting
     shm_size: str = "16Gi"
+    nodes: int = 1                          # > 1: training steps submit a multi-node TrainJob
+    vertex_machine_type: str | None = None  # multi-node on Vertex AI: every worker pool's machine
 
     @property
     def image_flavour(self) -> str:
@@ -63,6 +70,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("gpu-h100", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
+    # Four whole nodes (a2-highgpu-8g, a3-highgpu-8g): the training steps' TrainJob asks each for the node's
+    # GPUs and most of its CPU and memory (what GKE leaves allocatable).
+    Profile("gpu-a100-x4", cpu="88", memory="640G", accelerator="nvidia.com/gpu", accelerator_count=8,
+            vertex_accelerator="NVIDIA_TESLA_A100", device="cuda", tolerations=_GPU_TAINT, shm_size="64Gi",
+            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),), nodes=4,
+            vertex_machine_type="a2-highgpu-8g"),
+    Profile("gpu-h100-x4", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
+            vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
+            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),), nodes=4,
+            vertex_machine_type="a3-highgpu-8g"),
     # GKE TPU VMs (the two-VM "TPU Node" resource cloud-tpus.google.com/v3 is retired): a v3-8 is one
     # ct3-hightpu-4t host, 4 chips (8 TensorCores), accelerator tpu-v3-device, topology 2x2
     # (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus). Vertex counts v3 in cores.
@@ -120,6 +137,18 @@ def apply(task: Any, profile: Profile, *, target: str = "kubeflow") -> Any:
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                size_limit=profile.shm_size)
     return task
+
+
+def vertex_custom_job(component: Any, profile: Profile) -> Any:
+    """`component` as a Vertex AI custom job of `profile.nodes` machines (Google Cloud Pipeline Components):
+    the chief in worker pool 0, the other nodes in worker pool 1, each machine with the profile's GPUs
+    (https://cloud.google.com/vertex-ai/docs/training/distributed-training). Every machine runs the step;
+    the step sees CLUSTER_SPEC and starts its node of one torchrun job (train/launch.py)."""
+    from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
+    return create_custom_training_job_from_component(
+        component, replica_count=profile.nodes, machine_type=profile.vertex_machine_type,
+        accelerator_type=profile.vertex_accelerator, accelerator_count=profile.accelerator_count,
+        restart_job_on_worker_restart=True)
 
 
 def as_config_map(namespace: str = "sfa-vivit") -> dict[str, Any]:

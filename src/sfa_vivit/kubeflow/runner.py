@@ -25,6 +25,7 @@ COMPILED_PIPELINES = {  # file name -> (builder, profile)
     "sfa-gpu-t4.yaml": ("sfa", "gpu-t4"),
     "sfa-gpu-a100.yaml": ("sfa", "gpu-a100"),
     "sfa-gpu-h100.yaml": ("sfa", "gpu-h100"),
+    "sfa-gpu-a100-x4.yaml": ("sfa", "gpu-a100-x4"),
     "sfa-tpu-v3-8.yaml": ("sfa", "tpu-v3-8"),
     "reproduce-gpu-a100.yaml": ("reproduce", "gpu-a100"),
     "reproduce-tpu-v3-8.yaml": ("reproduce", "tpu-v3-8"),
@@ -41,14 +42,15 @@ def _builder(name: str):
 
 
 def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow", *, image: str | None = None,
-                     registry: str | None = None) -> str:
+                     registry: str | None = None, operator: str = "trainjob") -> str:
     """Compile pipeline `name` for `profile` into `out`. Every executor runs `image` when given, else the
-    profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's)."""
+    profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's). operator: what runs a
+    multi-node profile's training on Kubeflow ('trainjob': Kubeflow Trainer v2; 'pytorchjob': v1)."""
     from kfp import compiler
 
     from sfa_vivit.kubeflow import profiles
     from sfa_vivit.kubeflow.components import REGISTRY, image_for
-    compiler.Compiler().compile(_builder(name)(profile, target), out)
+    compiler.Compiler().compile(_builder(name)(profile, target, operator), out)
     set_image(out, image or image_for(profiles.get(profile).image_flavour, registry or REGISTRY))
     return out
 
@@ -64,6 +66,10 @@ def set_image(package: str, image: str, out: str | None = None) -> str:
     for executor in docs[0].get("deploymentSpec", {}).get("executors", {}).values():
         if "container" in executor:
             executor["container"]["image"] = image
+    for component in docs[0].get("components", {}).values():     # Vertex custom jobs (multi-node profiles)
+        pools = component.get("inputDefinitions", {}).get("parameters", {}).get("worker_pool_specs", {})
+        for pool in pools.get("defaultValue") or []:
+            pool["container_spec"]["image_uri"] = image
     out = out or package
     with open(out, "w") as f:
         yaml.safe_dump_all(docs, f, sort_keys=True)

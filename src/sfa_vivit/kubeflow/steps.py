@@ -152,16 +152,26 @@ def _split_list(text: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: list[str], init: Any = None,
-          tracking_uri: str = "", parent_run_id: str = "", nproc: int = 1) -> dict[str, Any]:
+          tracking_uri: str = "", parent_run_id: str = "", nproc: int = 1, cluster: str = "") -> dict[str, Any]:
     """Train `mode` on the Dataset artifact into the Model artifact; log the figures to the Metrics
-    artifact and to an MLflow child run. nproc > 1: torchrun with that many processes (GPUs)."""
+    artifact and to an MLflow child run. nproc > 1: torchrun with that many processes (GPUs). cluster (a
+    trainjob.NodeSpec as JSON): submit a multi-node Kubeflow Trainer job instead and follow it."""
     from sfa_vivit.train import resolve
-    from sfa_vivit.train.launch import run
+    from sfa_vivit.train.launch import run, spec_of
     from sfa_vivit.train.tracking import TrackingTarget
     config = resolve(mode, recipe, sets=list(sets))       # bad settings fail here, before any work
-    result = run(config, artifact_url(data), artifact_url(model),
-                 init=artifact_url(init) if init is not None else None,
-                 tracking=TrackingTarget(tracking_uri or None, parent_run_id or None), nproc=nproc)
+    tracking = TrackingTarget(tracking_uri or None, parent_run_id or None)
+    init_url = artifact_url(init) if init is not None else None
+    if cluster:
+        from sfa_vivit.kubeflow import trainjob
+        spec = trainjob.NodeSpec.from_json(cluster)
+        spec_json = spec_of(config, artifact_url(data), artifact_url(model), init_url, tracking=tracking)
+        if os.environ.get("CLUSTER_SPEC"):     # one machine of a Vertex AI custom job: this node of the job
+            result = trainjob.train_this_node(spec, spec_json, artifact_url(model))
+        else:                                   # Kubeflow: submit the TrainJob from this (launcher) pod
+            result = trainjob.train_on_nodes(mode, spec, spec_json, artifact_url(model))
+    else:
+        result = run(config, artifact_url(data), artifact_url(model), init=init_url, tracking=tracking, nproc=nproc)
     final = result.get("final", {})
     figures = {"train_time_s": result["train_time_s"], "top1": final.get("top1"), "top5": final.get("top5"),
                "num_frames": result["num_frames"], "epochs": result["epochs"],

@@ -270,13 +270,17 @@ def describe(url: str, key: str, jobs: list[tuple[str, str | None, ClipDataset, 
 
 class CachedSplit:
     """One split of a built cache, this rank's part held in host memory: features (N, V, T', D),
-    labels, keys. Of the split's clips in file order, rank r of `world` holds clips r, r + world, ...
-    (each file is read and cut in turn), so the ranks of a node hold one copy between them."""
+    labels, keys. Each file is read and cut in turn, so the ranks hold one copy between them. For
+    evaluation (`streams` None) rank r of `world` holds clips r, r + world, ... of the split in file order.
+    For training (`streams` = the global batch B) clip g belongs to stream g % B, and rank r holds the
+    streams of its positions in the global batch (r*B/world ... (r+1)*B/world - 1), as `ClipDataset` does."""
 
     def __init__(self, url: str, key: str, split: str, views: str | None, num_shards: int,
-                 rank: int = 0, world: int = 1):
-        self.rank, self.world = rank, world
-        parts, offset = [], 0
+                 rank: int = 0, world: int = 1, streams: int | None = None):
+        self.rank, self.world, self.streams = rank, world, streams
+        local = streams // world if streams else 0
+        first = rank * local
+        parts, offset, global_index = [], 0, []
         for index in range(num_shards):
             file_url = join(url, _file(split, views, index))
             got = _read(file_url, key)
@@ -286,7 +290,14 @@ class CachedSplit:
             n = part["features"].shape[0] if part["features"].numel() else 0
             if n == 0:
                 continue
-            rows = torch.arange(n)[torch.arange(offset, offset + n) % world == rank]   # may be none
+            index = torch.arange(offset, offset + n)
+            if streams:
+                mine = (index % streams >= first) & (index % streams < first + local)
+            else:
+                mine = index % world == rank
+            rows = torch.arange(n)[mine]   # may be none
+            self_index = index[mine]
+            global_index.append(self_index)
             offset += n
             keys = bytes(part["keys"].tolist()).decode().split("\n")
             parts.append({**{k: v[rows] for k, v in part.items() if k != "keys"},     # indexing copies
@@ -297,7 +308,7 @@ class CachedSplit:
         label_names = [k for k in parts[0] if k.startswith("label")]
         self.labels = {k: torch.cat([p[k] for p in parts]) for k in label_names}
         self.keys = [k for p in parts for k in p["keys"]]
-
+        self.index = torch.cat(global_index)       # each held clip's position in the split
     def __len__(self) -> int:
         return self.features.shape[0]
 
@@ -308,22 +319,29 @@ class CachedSplit:
 
     def train_batches(self, *, epoch: int, seed: int, batch_size: int, num_batches: int,
                       skip_batches: int = 0) -> Iterator[dict[str, Any]]:
-        """This rank's batches of one epoch (batch_size // world clips each, from the clips it holds):
-        clips in an order drawn from (seed, epoch, rank), one of the V views of each drawn with it;
-        batch b holds positions b*B'..(b+1)*B' (wrapping). Batches before `skip_batches` are skipped
-        (exact resume)."""
-        n, views = self.features.shape[:2]
-        rank, world = self.rank, self.world
-        if n == 0:
-            raise ValueError(f"rank {rank} of {world} holds no clips of the training cache: more ranks than clips")
-        stream = f"{seed}/{epoch}/cache" + (f"/{rank}" if world > 1 else "")
-        gen = torch.Generator().manual_seed(int(hashlib.sha256(stream.encode()).hexdigest()[:15], 16))
-        order = torch.randperm(n, generator=gen)
-        view = torch.randint(views, (n,), generator=gen)
-        local = batch_size // world
+        """This rank's part (batch_size // world clips) of each global batch of one epoch: position p of
+        batch b is clip b (wrapping) of stream p's clips in an order drawn from (seed, epoch, p), in one
+        of its V views drawn with it; independent of the number of ranks. Batches before `skip_batches`
+        are skipped (exact resume)."""
+        if self.streams != batch_size:
+            raise ValueError(f"the training cache was opened for batches of {self.streams}, not {batch_size}")
+        views = self.features.shape[1]
+        local = batch_size // self.world
+        rows_of = []
+        for p in range(self.rank * local, (self.rank + 1) * local):
+            rows = torch.nonzero(self.index % batch_size == p).flatten()
+            if rows.numel() == 0:
+                raise ValueError(f"stream {p} of the training cache holds no clips: batch_size={batch_size} is "
+                                 f"larger than the split")
+            gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}/{epoch}/cache/{p}".encode())
+                                                    .hexdigest()[:15], 16))
+            order = rows[torch.randperm(rows.numel(), generator=gen)]
+            rows_of.append((order, torch.randint(views, (rows.numel(),), generator=gen)))
         for b in range(skip_batches, num_batches):
-            index = order[torch.arange(b * local, (b + 1) * local) % n]
-            yield {"features": self.features[index, view[index]].float(), "label": self._label(index)}
+            picks = [(order[b % order.numel()], view[b % order.numel()]) for order, view in rows_of]
+            index = torch.stack([i for i, _ in picks])
+            chosen = torch.stack([v for _, v in picks])
+            yield {"features": self.features[index, chosen].float(), "label": self._label(index)}
 
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         """Every clip this rank holds with all its views: {'features': (B, V, T', D), 'label'}."""
@@ -333,8 +351,10 @@ class CachedSplit:
 
 
 def open_splits(report: CacheReport, train: ClipDataset, eval_sets: dict[str, ClipDataset], rank: int = 0,
-                world: int = 1) -> tuple[CachedSplit, dict[str, CachedSplit]]:
-    """The built cache's training split and each evaluation view set, this rank's part of each."""
-    train_split = CachedSplit(report.url, report.key, train.split_name, None, len(train.shards), rank, world)
+                world: int = 1, *, batch_size: int) -> tuple[CachedSplit, dict[str, CachedSplit]]:
+    """The built cache's training split (for global batches of `batch_size`) and each evaluation view
+    set, this rank's part of each."""
+    train_split = CachedSplit(report.url, report.key, train.split_name, None, len(train.shards), rank, world,
+                              streams=batch_size)
     return train_split, {v: CachedSplit(report.url, report.key, d.split_name, v, len(d.shards), rank, world)
                          for v, d in eval_sets.items()}

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 
 from sfa_vivit.data.manifest import Manifest
-from sfa_vivit.data.reader import ClipDataset
+from sfa_vivit.data.reader import ClipDataset, merge_worker_batches
 from sfa_vivit.models.vivit import ViViT
 from sfa_vivit.runtime import Runtime
 from sfa_vivit.train import cache
@@ -28,7 +28,8 @@ class RunData:
         self.steps_per_epoch = c.steps_per_epoch or max(1, n_train // c.batch_size)
         self.train_data = ClipDataset(manifest, c.train_split, sampling="train", num_frames=c.num_frames,
                                       stride=c.stride, image_size=c.image_size, augment=self.augment, seed=c.seed,
-                                      batch_size=self.local_batch, num_batches=self.steps_per_epoch)
+                                      batch_size=c.batch_size, num_batches=self.steps_per_epoch)
+        self.workers = _workers_dividing(c.workers, self.local_batch)
         self.has_eval = c.eval_split in manifest.data["splits"]
         if not self.has_eval:
             log.warning("%s has no %r split: no validation metrics", manifest.root, c.eval_split)
@@ -53,7 +54,8 @@ class RunData:
                              dtype=c.cache_dtype, device=rt.device, autocast=rt.autocast, batch_size=self.local_batch,
                              rank=rt.rank, world=rt.world, progress=rt.is_main)
         self.cache_report = report
-        self.cached_train, self.cached_eval = cache.open_splits(report, self.train_data, eval_sets, rt.rank, rt.world)
+        self.cached_train, self.cached_eval = cache.open_splits(report, self.train_data, eval_sets, rt.rank, rt.world,
+                                                                batch_size=c.batch_size)
         return report
 
     def epoch_batches(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]:
@@ -63,8 +65,11 @@ class RunData:
             return self.cached_train.train_batches(epoch=epoch, seed=c.seed, batch_size=c.batch_size,
                                                    num_batches=self.steps_per_epoch, skip_batches=skip)
         self.train_data.set_epoch(epoch, skip_batches=skip)
-        return torch.utils.data.DataLoader(self.train_data, batch_size=self.local_batch, num_workers=c.workers,
-                                           pin_memory=self.runtime.device.type == "cuda", persistent_workers=False)
+        rt = self.runtime
+        loader = torch.utils.data.DataLoader(self.train_data, num_workers=self.workers,
+                                             batch_size=self.train_data.worker_batch_size(rt.world, self.workers),
+                                             pin_memory=rt.device.type == "cuda", persistent_workers=False)
+        return merge_worker_batches(loader, self.workers)
 
     def eval_batches(self, views: str) -> Iterable[dict[str, Any]]:
         """This rank's batches of the evaluation split as `views` views (from the cache when it holds them)."""
@@ -73,3 +78,13 @@ class RunData:
         if views in self.cached_eval:
             return self.cached_eval[views].eval_batches(batch)
         return torch.utils.data.DataLoader(self.eval_dataset(views), batch_size=batch, num_workers=self.config.workers)
+
+
+def _workers_dividing(workers: int, local_batch: int) -> int:
+    """The most DataLoader workers, up to `workers`, that split a rank's batch evenly (each worker serves
+    a fixed part of every batch)."""
+    fitting = max([w for w in range(1, workers + 1) if local_batch % w == 0], default=0)
+    if fitting != workers:
+        log.warning("workers=%d does not divide this rank's batch of %d clips: using %d DataLoader workers",
+                    workers, local_batch, fitting)
+    return fitting

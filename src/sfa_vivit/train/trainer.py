@@ -122,6 +122,11 @@ class Trainer:
         self.steps_per_epoch = self.data.steps_per_epoch
         if config.verify_data:
             self._verify_data()
+        if self.is_main:
+            log.info("%d rank(s) x %d clips = global batch %d; learning rate %.4g (base_lr %g x %s batch scaling to "
+                     "%d / %d): the same global batches and rate on any number of ranks", self.world,
+                     self.local_batch, config.batch_size, learning_rate(config), config.base_lr, config.lr_scaling,
+                     config.batch_size, config.reference_batch_size)
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -222,11 +227,11 @@ class Trainer:
         """Optimizer buffers, learning rates and progress from the checkpoint whose weights are loaded."""
         self.progress = _Progress(**extra["trainer"])
         checkpoints.restore_optimizer(self.model, self.optimizer, checkpoints.load_state(url), extra["optimizer"])
-        saved = extra.get("world", {})
-        if saved and (saved.get("world_size"), saved.get("workers")) != (self.world, self.config.workers):
-            log.warning("resuming with %d ranks x %d workers, the run was at %d x %d: the data order from here "
-                        "differs from an uninterrupted run", self.world, self.config.workers,
-                        saved.get("world_size"), saved.get("workers"))
+        saved = extra.get("world", {}).get("world_size")
+        if saved and saved != self.world:
+            # The global batches do not depend on the number of ranks (ClipDataset): the run goes on with
+            # the same data; only per-rank random draws (dropout, drop-path, mixup pairs) differ.
+            log.info("resuming on %d ranks; the run was on %d", self.world, saved)
 
     def _save_checkpoint(self) -> str:
         url = checkpoints.step_url(self.out, self.progress.step)

@@ -1,0 +1,220 @@
+"""Multi-node training steps (sfa_vivit.kubeflow.trainjob): the TrainJob and PyTorchJob objects held to the
+published API models and Kubernetes schema, and the launcher's handling of a job that completes, fails,
+is suspended, runs past its deadline or is cancelled, with job objects shaped as the Trainer API returns
+them. No cluster runs here (README, "Running on a cluster")."""
+
+import json
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from sfa_vivit.kubeflow import profiles, runner
+from sfa_vivit.kubeflow.trainjob import (
+    JobFailed,
+    Launcher,
+    NodeSpec,
+    check_train_job,
+    job_name,
+    node_spec,
+    outcome,
+    pytorch_job,
+    train_job,
+)
+from sfa_vivit.train import resolve
+from sfa_vivit.train.launch import spec_of
+
+SPEC_JSON = spec_of(resolve("stage1", "kinetics400"), "gs://b/data", "gs://b/root/train-stage1/model")
+
+
+def _job(conditions=(), jobs=None):
+    status = {"conditions": [{"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions]}
+    if jobs is not None:
+        status["jobsStatus"] = [{"name": "node", "ready": jobs[0], "active": jobs[1], "succeeded": jobs[2],
+                                 "failed": jobs[3], "suspended": 0}]
+    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": "j"},
+            "status": status}
+
+
+def test_a_multi_node_profile_gives_a_trainjob_the_trainer_api_accepts():
+    spec = node_spec(profiles.get("gpu-a100-x4"))
+    assert (spec.nodes, spec.procs_per_node) == (4, 8)
+    body = train_job(job_name("stage1", "gs://b/out"), "kubeflow", spec, image="reg/sfa-vivit:1-cuda",
+                     spec_json=SPEC_JSON, service_account="sfa-vivit")
+    trainer = body["spec"]["trainer"]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8 and trainer["command"] == ["torchrun"]
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    assert json.loads(trainer["args"][-1])["out"] == "gs://b/root/train-stage1/model"
+    assert body["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    (patch,) = body["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert node["name"] == "node" and pod["containers"][0]["name"] == "node"
+    assert pod["serviceAccountName"] == "sfa-vivit"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert job_name("stage1", "gs://b/out") == job_name("stage1", "gs://b/out") != job_name("stage1", "gs://b/x")
+    # The models accept it whole; a field they do not know (here a misspelling) is refused.
+    check_train_job(body)
+    body["spec"]["trainer"]["numNode"] = 4
+    with pytest.raises(ValueError, match=r"does not know: \['.spec.trainer.numNode'\]"):
+        check_train_job(body)
+    with pytest.raises(ValueError, match="nodes >= 2"):
+        NodeSpec(nodes=1, procs_per_node=8, resources={})
+
+
+def test_the_v1_pytorchjob_is_a_setting_away_and_its_pods_pass_the_kubernetes_schema():
+    spec = node_spec(profiles.get("gpu-h100-x4"), engine="pytorchjob")
+    body = pytorch_job("sfa-stage1-x", "kubeflow", spec, image="reg/sfa-vivit:1-cuda", spec_json=SPEC_JSON,
+                       service_account="sfa-vivit")
+    replicas = body["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    container = replicas["Master"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch" and "--node_rank=$(RANK)" in container["args"]
+    assert "--nnodes=4" in container["args"] and "--nproc_per_node=8" in container["args"]
+    template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                "template": replicas["Worker"]["template"]}
+    kubernetes_validate.validate(template, "1.30", strict=True)
+
+
+def test_the_multi_node_pipeline_trains_through_a_launcher_pod(tmp_path):
+    path = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "p.yaml"))
+    spec, platform = yaml.safe_load_all(Path(path).read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    stage1 = tasks["train-stage1"]
+    cluster = json.loads(stage1["inputs"]["parameters"]["cluster"]["runtimeValue"]["constant"])
+    assert cluster["nodes"] == 4 and cluster["procs_per_node"] == 8 and cluster["engine"] == "trainjob"
+    launcher = executors[stage1["componentRef"]["name"].replace("comp-", "exec-")]["container"]["resources"]
+    assert "accelerator" not in launcher and launcher["cpuRequest"] == 1
+    evaluation = executors[tasks["evaluate"]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
+    assert evaluation["resources"]["accelerator"]["resourceCount"] == "8"
+    v1 = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "v1.yaml"), operator="pytorchjob")
+    (v1_spec, _) = yaml.safe_load_all(Path(v1).read_text())
+    v1_cluster = v1_spec["root"]["dag"]["tasks"]["train-stage1"]["inputs"]["parameters"]["cluster"]
+    assert json.loads(v1_cluster["runtimeValue"]["constant"])["engine"] == "pytorchjob"
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "nodeSelector" not in kubernetes.get(stage1["componentRef"]["name"].replace("comp-", "exec-"), {})
+
+
+def test_on_vertex_the_multi_node_step_is_a_custom_job_with_worker_pools(tmp_path):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    path = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "v.yaml"), "vertex", image="reg/sfa:1-cuda")
+    (spec,) = yaml.safe_load_all(Path(path).read_text())       # Vertex runs no Kubernetes platform spec
+    json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
+    stage1 = spec["root"]["dag"]["tasks"]["train-stage1"]
+    pools = spec["components"][stage1["componentRef"]["name"]]["inputDefinitions"]["parameters"][
+        "worker_pool_specs"]["defaultValue"]
+    assert [p["replica_count"] for p in pools] == [1, 3]                 # the chief + 3 nodes
+    for pool in pools:
+        assert pool["machine_spec"] == {"machine_type": "a2-highgpu-8g", "accelerator_type": "NVIDIA_TESLA_A100",
+                                        "accelerator_count": 8}
+        assert pool["container_spec"]["image_uri"] == "reg/sfa:1-cuda"
+        assert "--function_to_execute" in pool["container_spec"]["args"]
+    cluster = json.loads(stage1["inputs"]["parameters"]["cluster"]["runtimeValue"]["constant"])
+    assert cluster["nodes"] == 4
+
+
+class _Objects:
+    """A CustomObjectsApi that answers with the given job objects in turn (the last one repeats)."""
+
+    def __init__(self, states, exists=False):
+        self.states, self.exists, self.calls = list(states), exists, []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.calls.append(("create", plural, body["metadata"]["name"]))
+        if self.exists:
+            raise ApiException(status=409, reason="AlreadyExists")
+        return body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.calls.append(("get", plural, name))
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.calls.append(("delete", plural, name))
+
+
+def _launch(states, *, exists=False, engine="trainjob", core=None, on_sleep=None):
+    objects, lines = _Objects(states, exists), []
+    launcher = Launcher(objects, "kubeflow", engine, core=core, poll_s=0, report=lines.append,
+                        sleep=on_sleep or (lambda s: None))
+    body = {"metadata": {"name": "sfa-stage1-x"}, "spec": {}}
+    return launcher, objects, lines, body
+
+
+def test_the_launcher_follows_a_job_to_completion():
+    launcher, objects, lines, body = _launch([_job(), _job(jobs=(0, 4, 0, 0)), _job(jobs=(4, 4, 0, 0)),
+                                              _job([("Complete", "JobsCompleted", "all nodes succeeded")])])
+    assert launcher.run(body)["status"]["conditions"][0]["type"] == "Complete"
+    assert lines == ["TrainJob kubeflow/sfa-stage1-x: created",
+                     "TrainJob sfa-stage1-x: running (waiting for pods)",
+                     "TrainJob sfa-stage1-x: running (0 ready, 4 active, 0 succeeded, 0 failed)",
+                     "TrainJob sfa-stage1-x: running (4 ready, 4 active, 0 succeeded, 0 failed)",
+                     "TrainJob sfa-stage1-x: succeeded (JobsCompleted: all nodes succeeded)"]
+    assert [c[0] for c in objects.calls] == ["create", "get", "get", "get", "get"]
+
+
+def test_the_launcher_fails_with_the_jobs_reason_and_waits_through_a_suspension():
+    failed = _job([("Failed", "FailedJobs", "jobset failed: node-0 exited with code 1")])
+    launcher, _, lines, body = _launch([_job([("Suspended", "Suspended", "queued by Kueue")]), _job(jobs=(4, 4, 0, 0)),
+                                        failed])
+    with pytest.raises(JobFailed, match="TrainJob kubeflow/sfa-stage1-x failed: FailedJobs: jobset failed: node-0"):
+        launcher.run(body)
+    assert "TrainJob sfa-stage1-x: suspended (Suspended: queued by Kueue)" in lines
+    deadline = _job([("Failed", "DeadlineExceeded", "TrainJob exceeded its activeDeadlineSeconds")])
+    launcher, _, _, body = _launch([deadline])
+    with pytest.raises(JobFailed, match="failed: DeadlineExceeded"):
+        launcher.run(body)
+
+
+def test_a_retried_step_attaches_to_its_job_and_a_cancelled_run_deletes_it():
+    launcher, objects, lines, body = _launch([_job([("Complete", "JobsCompleted", "")])], exists=True)
+    launcher.run(body)
+    assert "exists (a retried step); following it" in lines[0]
+
+    def cancel(_):
+        launcher._on_sigterm(15, None)
+    launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0))], on_sleep=cancel)
+    with pytest.raises(JobFailed, match="cancelled: TrainJob kubeflow/sfa-stage1-x deleted"):
+        launcher.run(body)
+    assert objects.calls[-1] == ("delete", "trainjobs", "sfa-stage1-x")
+    launcher, objects, lines, body = _launch([{"status": {"conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"}]}}],
+        engine="pytorchjob")
+    launcher.run(body)
+    assert objects.calls[0] == ("create", "pytorchjobs", "sfa-stage1-x")
+    assert lines[-1] == "PyTorchJob sfa-stage1-x: succeeded (PyTorchJobSucceeded: done)"
+
+
+class _Core:
+    """A CoreV1Api with one chief pod whose log grows between polls."""
+
+    def __init__(self, logs):
+        self.logs, self.selectors = list(logs), []
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        self.selectors.append(label_selector)
+        pod = type("Pod", (), {"metadata": type("Meta", (), {"name": "sfa-stage1-x-node-0-0"})()})()
+        return type("PodList", (), {"items": [pod]})()
+
+    def read_namespaced_pod_log(self, name, namespace, timestamps, since_seconds):
+        return self.logs.pop(0) if self.logs else ""
+
+
+def test_the_chiefs_log_streams_into_the_step_log_once():
+    core = _Core(["2026-01-01T00:00:01Z epoch 1/30 step 20/1875 loss 5.9\n",
+                  "2026-01-01T00:00:01Z epoch 1/30 step 20/1875 loss 5.9\n2026-01-01T00:00:09Z epoch 1/30 step 40/1875"
+                  " loss 5.7\n"])
+    launcher, _, lines, body = _launch([_job(jobs=(4, 4, 0, 0)), _job(jobs=(4, 4, 0, 0)),
+                                        _job([("Complete", "JobsCompleted", "")])], core=core)
+    launcher.run(body)
+    assert [line for line in lines if line.startswith("  [node 0]")] == [
+        "  [node 0] epoch 1/30 step 20/1875 loss 5.9", "  [node 0] epoch 1/30 step 40/1875 loss 5.7"]
+    assert core.selectors[0] == ("jobset.sigs.k8s.io/jobset-name=sfa-stage1-x,"
+                                 "batch.kubernetes.io/job-completion-index=0")
+    assert outcome({}) == ("running", "waiting for pods")
