@@ -23,6 +23,10 @@ def test_smoke_runs_full_and_stage2_steps(tmp_path, capsys):
 
 def test_info_counts_parameters_and_rejects_unknown_variants(capsys):
     assert main(["info", "--variant", "B", "--frames", "32", "--adapter"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("ViViT-B factorised encoder, 32 frames at 224 px")
+    assert "29.86M trained in SFA stage 2" in table
+    assert main(["info", "--variant", "B", "--frames", "32", "--adapter", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["variant"] == "B" and info["total"] == sum(info["parameters"].values())
     assert info["trainable"] == sum(info["parameters"][k] for k in ("adapter", "temporal", "head"))
@@ -32,8 +36,8 @@ def test_info_counts_parameters_and_rejects_unknown_variants(capsys):
 
 def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("sfa")   # installed beside the interpreter of the venv
-    result = subprocess.run([exe, "info", "--variant", "Ti", "--frames", "8"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([exe, "info", "--variant", "Ti", "--frames", "8", "--json"], capture_output=True,
+                            text=True, check=True)
     assert json.loads(result.stdout)["variant"] == "Ti"
 
 
@@ -52,3 +56,81 @@ def test_version_print_config_did_you_mean_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["data", "prep", "--help"])
     assert "(default: 12.5)" in capsys.readouterr().out
+
+
+def test_stage2_takes_the_architecture_of_its_init(tiny_data, tmp_path, capsys, no_mlflow_env):
+    """Stage 1 with model overrides; stage 2 names none of them and trains the same architecture (a --set
+    still wins over the inherited value and is then refused as another architecture)."""
+    from helpers import TINY
+    from sfa_vivit import checkpoints
+    stage1 = ["--set", "epochs=1", "--set", "num_frames=4", *[a for s in TINY for a in ("--set", s)]]
+    assert main(["train", "--mode", "stage1", "--recipe", "synthetic", "--data", tiny_data,
+                 "--out", str(tmp_path / "s1"), *stage1]) == 0
+    # Every run writes its resolved config as YAML; --config reads it back to the same config.
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "s1" / "config.yaml"), "--data", tiny_data,
+                 "--out", str(tmp_path / "again"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "s1" / "config.json").read_text())
+    (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--data", tiny_data, "--out", "x"]) == 2
+    assert "must hold a mapping of settings" in capsys.readouterr().err
+    plain = ["--set", "epochs=1", "--set", "num_frames=8", "--set", "batch_size=4", "--set", "workers=0",
+             "--set", "final_eval_views=1x1", "--set", "log_every=1"]
+    assert main(["train", "--mode", "stage2", "--recipe", "synthetic", "--data", tiny_data,
+                 "--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s1"), *plain]) == 0
+    first = checkpoints.read_config(tmp_path / "s1" / "model")["model"]
+    second = checkpoints.read_config(tmp_path / "s2" / "model")["model"]
+    sizes = ("image_size", "width", "spatial_depth", "temporal_depth", "heads", "mlp_dim", "patch", "tubelet")
+    assert {k: second[k] for k in sizes} == {k: first[k] for k in sizes} and second["adapter"]
+    # Both stages in one MLflow store beside the run folders, artifacts beside it, per-step loss and rate.
+    from mlflow.tracking import MlflowClient
+    assert not (tmp_path / "s1" / "mlflow.db").exists() and (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sfa-vivit").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["stage1-4f", "stage2-8f"]
+    for run in runs:
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "metrics.json"}
+        assert run.info.artifact_uri.startswith(f"file://{tmp_path / 'mlartifacts'}")
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6    # log_every=1, 6 steps
+        assert run.data.params["batch_size"] == "4" and run.info.status == "FINISHED"
+    capsys.readouterr()
+    assert main(["train", "--mode", "stage2", "--recipe", "synthetic", "--data", tiny_data,
+                 "--out", str(tmp_path / "s2b"), "--init", str(tmp_path / "s1"), *plain,
+                 "--set", "model.width=64"]) == 2
+    assert "is another architecture than this run asks for" in capsys.readouterr().err
+
+
+def test_the_recipe_defaults_to_the_prepared_datasets(tiny_data, tmp_path, capsys):
+    assert main(["train", "--mode", "stage1", "--data", tiny_data, "--out", str(tmp_path / "x"), "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    config = json.loads(out)
+    assert config["recipe"] == "synthetic" and config["model"]["width"] == 96       # not ViViT-B at 224 px
+    assert "recipe synthetic (the dataset of" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_prep_warns_when_its_clips_do_not_fit_the_recipe(tmp_path, capsys):
+    """Prep's defaults (12.5 fps, 256 px) turn 16-frame 32 px synthetic videos into 12-frame 256 px clips: it
+    says so, naming the recipe's 32 frames and 64 px crops."""
+    from sfa_vivit.data import synth
+    paths = synth.generate(str(tmp_path / "raw"), synth.SynthOptions(num_train=2, num_val=1, num_frames=16, size=32,
+                                                                     fps=16), progress=False)
+    args = ["data", "prep", "--dataset", "synthetic", "--annotations", paths["train"], "--annotations",
+            paths["validation"], "--videos", paths["videos"], "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sfa data prep: warning")]
+    assert any("train: clips of 12-12 frames" in w and "trains on 32 frames" in w for w in warnings), warnings
+    assert any("short side of 256 px for 64 px crops" in w for w in warnings), warnings
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["frames"] == {"min": 12, "median": 12, "max": 12}
+    assert main([*args, "--out", str(tmp_path / "fitting"), "--fps", "32", "--short-side", "64"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_progress_in_a_log_file_is_whole_lines(tmp_path):
+    """Not a terminal (a pod's log, `> log 2>&1`): the progress bar prints lines, not carriage returns."""
+    exe = Path(sys.executable).with_name("sfa")
+    done = subprocess.run([exe, "data", "synth", "--out", str(tmp_path / "s"), "--num-train", "3", "--num-val", "1",
+                           "--size", "16", "--num-frames", "4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "synth: 100%" in done.stderr and done.stderr.endswith("\n")

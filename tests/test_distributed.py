@@ -95,6 +95,16 @@ _SAME = [*TINY, "epochs=2", "num_frames=4", "dropout=0", "drop_path=0", "mixup_a
 TOLERANCE = 1e-4     # float reduction order: the gradient is averaged over 2 ranks instead of summed in one
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory):
+    """The weights of one uninterrupted single-process run of `_SAME` (every test here compares to them)."""
+    from sfa_vivit.train import Trainer, resolve
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path_factory.mktemp("straight")
+    Trainer(resolve("stage1", "synthetic", sets=_SAME), tiny_data, str(out)).fit()
+    return checkpoints.load(str(out / "model")).model.state_dict()
+
+
 def _max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -113,12 +123,10 @@ def _finish(proc):
 
 
 def test_two_nodes_started_as_a_trainjob_starts_them_train_the_weights_of_one_process(
-        tiny_data, tmp_path, no_mlflow_env):
+        tiny_data, tmp_path, no_mlflow_env, straight):
     """Kubeflow Trainer's torch-distributed runtime starts `torchrun` in each node's pod with PET_NNODES,
     PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT; torchrun reads them. Two
     "nodes" of one process each, on loopback, train what one process trains with the same global batch."""
-    from sfa_vivit.train import Trainer, resolve
-    Trainer(resolve("stage1", "synthetic", sets=_SAME), tiny_data, str(tmp_path / "one")).fit()
     port = _free_port()
     nodes = []
     for node in range(2):
@@ -129,35 +137,30 @@ def test_two_nodes_started_as_a_trainjob_starts_them_train_the_weights_of_one_pr
     for proc in nodes:
         _finish(proc)
     # stop_after_steps=1000 is past the end: both runs finished (12 steps); compare the committed weights.
-    one = checkpoints.load(checkpoints.latest_step(str(tmp_path / "one"))).model.state_dict()
-    two = checkpoints.load(checkpoints.latest_step(str(tmp_path / "two"))).model.state_dict()
-    assert _max_difference(one, two) <= TOLERANCE
+    two = checkpoints.load(str(tmp_path / "two" / "model")).model.state_dict()
+    assert _max_difference(straight, two) <= TOLERANCE
 
 
-def test_a_run_resumes_on_another_number_of_ranks_to_the_same_weights(tiny_data, tmp_path, no_mlflow_env):
+def test_a_run_resumes_on_another_number_of_ranks_to_the_same_weights(tiny_data, tmp_path, no_mlflow_env, straight):
     """Killed after a committed checkpoint (step 3 of 12) on 2 ranks and resumed on 1, or the reverse: the
     weights of an uninterrupted run (the global batches do not depend on the number of ranks)."""
     from sfa_vivit.train import Trainer, resolve
     config = resolve("stage1", "synthetic", sets=_SAME)
-    Trainer(config, tiny_data, str(tmp_path / "straight")).fit()
-    straight = checkpoints.load(checkpoints.latest_step(str(tmp_path / "straight"))).model.state_dict()
     _finish(_torchrun(tmp_path, [",".join(_SAME), tiny_data, str(tmp_path / "2to1"), "3"]))
     Trainer(config, tiny_data, str(tmp_path / "2to1")).fit()
     Trainer(config, tiny_data, str(tmp_path / "1to2")).fit(stop_after_steps=3)
     _finish(_torchrun(tmp_path, [",".join(_SAME), tiny_data, str(tmp_path / "1to2"), "1000"]))
     for run in ("2to1", "1to2"):
-        resumed = checkpoints.load(checkpoints.latest_step(str(tmp_path / run))).model.state_dict()
+        resumed = checkpoints.load(str(tmp_path / run / "model")).model.state_dict()
         assert _max_difference(straight, resumed) <= TOLERANCE, run
 
 
-def test_two_vertex_worker_pool_nodes_form_one_job(tiny_data, tmp_path, no_mlflow_env):
+def test_two_vertex_worker_pool_nodes_form_one_job(tiny_data, tmp_path, no_mlflow_env, straight):
     """Vertex AI starts the same command on the chief (workerpool0) and the other nodes (workerpool1) with
     CLUSTER_SPEC describing the pools: the nodes form one job and train what one process trains."""
-    from sfa_vivit.train import Trainer, resolve
+    from sfa_vivit.train import resolve
     from sfa_vivit.train.launch import spec_of
-    config = resolve("stage1", "synthetic", sets=_SAME)
-    Trainer(config, tiny_data, str(tmp_path / "one")).fit()
-    spec = spec_of(config, tiny_data, str(tmp_path / "two"))
+    spec = spec_of(resolve("stage1", "synthetic", sets=_SAME), tiny_data, str(tmp_path / "two"))
     chief = f"127.0.0.1:{_free_port()}"
     nodes = []
     for pool, index in (("workerpool0", 0), ("workerpool1", 0)):
@@ -171,9 +174,8 @@ def test_two_vertex_worker_pool_nodes_form_one_job(tiny_data, tmp_path, no_mlflo
         _finish(proc)
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ranks_identical"] is True
-    one = checkpoints.load(str(tmp_path / "one" / "model")).model.state_dict()
     two = checkpoints.load(str(tmp_path / "two" / "model")).model.state_dict()
-    assert _max_difference(one, two) <= TOLERANCE
+    assert _max_difference(straight, two) <= TOLERANCE
 
 
 def test_the_rendezvous_comes_from_vertex_cluster_spec():
@@ -188,15 +190,12 @@ def test_the_rendezvous_comes_from_vertex_cluster_spec():
 
 
 def test_a_node_killed_after_a_checkpoint_and_the_job_restarted_ends_with_the_uninterrupted_weights(
-        tiny_data, tmp_path, no_mlflow_env):
+        tiny_data, tmp_path, no_mlflow_env, straight):
     """A node lost mid-run (SIGKILL, as a preempted VM): the engine tears the job down and starts it again;
     training resumes from the last committed checkpoint and ends with the weights of an uninterrupted run."""
     import signal
     import time
 
-    from sfa_vivit.train import Trainer, resolve
-    Trainer(resolve("stage1", "synthetic", sets=_SAME), tiny_data, str(tmp_path / "straight")).fit()
-    straight = checkpoints.load(str(tmp_path / "straight" / "model")).model.state_dict()
     sets, out = ",".join([*_SAME, "checkpoint_every=2"]), str(tmp_path / "job")
 
     def start_job():

@@ -29,7 +29,11 @@ def test_evaluator_on_a_model_with_known_outputs(tiny_data, tmp_path, no_mlflow_
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", tiny_data, "--views", "2x3",
                  "--out", str(tmp_path / "eval"), "--workers", "0"]) == 0
     assert "top1" in capsys.readouterr().out
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    text = (tmp_path / "eval" / "metrics.json").read_text()
+    metrics = json.loads(text)
+    rows = [line.strip().rstrip(",") for line in text.splitlines() if line.strip().startswith("[")]
+    assert sum(row.count(",") == 11 for row in rows) == 12               # a confusion-matrix row per line
+    assert len(text.splitlines()) < 100                                  # not one integer per line (150+)
     labels = [s["meta"]["label"] for s in iter_samples(load_manifest(tiny_data).shard_urls("validation"))]
     n = len(labels)
     assert metrics["num_examples"] == n == 8

@@ -123,7 +123,8 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     summary = runner.run_local(str(tmp_path / "runs"), "e2e", size="tiny")
     root = Path(summary["root"])
     page = Path(summary["report"]).read_text()
-    assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 2
+    assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 3
+    assert summary["report"] == str(root / "report.html") and "against cumulative training time" in page
     assert (root / "data" / "manifest.json").exists()
     artifacts = root / "artifacts"
     # Stage 1 and the baseline start from the run's image ViT, as the paper's runs from an image checkpoint.
@@ -155,6 +156,10 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
                      ("memory_benchmark", "full_mib_per_frame")]:
         assert expected in metrics, expected
     assert summary["figures"]["sfa_train_time_s"] > 0 and "baseline_top1" in summary["figures"]
+    # The parent run ends with the pipeline, carrying the headline figures; the report is an artifact.
+    status = db.execute("select status from runs where run_uuid = ?", (parent_id,)).fetchone()[0]
+    assert status == "FINISHED" and (parent[0], "time_ratio_sfa_over_baseline") in metrics
+    assert list((root / "mlartifacts").rglob("report.html"))
 
 
 def test_submit_and_schedule_refuse_an_unknown_parameter_before_any_request():
@@ -409,3 +414,15 @@ def test_dockerfiles_pass_hadolint_and_the_build_definition_builds_every_flavour
     expected = {(f"containers/Dockerfile.{f}", "-t", f"${{_REGISTRY}}:${{_VERSION}}-{f}") for f in FLAVOURS}
     assert steps == expected
     assert set(build["images"]) == {f"${{_REGISTRY}}:${{_VERSION}}-{f}" for f in FLAVOURS}
+
+
+def test_the_reports_curves_put_stage2_after_stage1_on_one_time_axis():
+    from sfa_vivit.kubeflow.report import time_curves
+    stage1 = {"num_frames": 8, "train_time_s": 30.0, "epoch_time_s": [10.0, 20.0], "top1": [20.0, 40.0]}
+    stage2 = {"num_frames": 32, "train_time_s": 25.0, "steps_time_s": 20.0, "epoch_time_s": [8.0, 12.0],
+              "top1": [None, 60.0]}
+    baseline = {"num_frames": 32, "train_time_s": 90.0, "epoch_time_s": [45.0, 45.0], "top1": [30.0, 55.0]}
+    curves = time_curves(stage1, stage2, baseline)
+    assert curves == {"SFA stage 1 (8 frames)": ([10.0, 30.0], [20.0, 40.0]),
+                      "SFA stage 2 (32 frames)": ([55.0], [60.0]),        # after stage 1 (30 s) + cache (5 s) + 20 s
+                      "baseline (32 frames)": ([45.0, 90.0], [30.0, 55.0])}

@@ -30,7 +30,7 @@ def test_a_failing_child_is_reported_not_raised():
 def test_budget_search_and_outputs(tmp_path, capsys):
     out = tmp_path / "mb.json"
     assert main(["membench", "--variant", "Ti", "--frames", "8,16", "--regimes", "full,stage2-cached", "--image-size",
-                 "32", "--steps", "1", "--set", "spatial_depth=1", "--set", "temporal_depth=1", "--out", str(out),
+                 "32", "--steps", "1", "--set", "model.spatial_depth=1", "--set", "temporal_depth=1", "--out", str(out),
                  "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
     assert {(r["regime"], r["frames"]) for r in result["rows"]} == {(m, f) for m in ("full", "stage2-cached")

@@ -267,6 +267,8 @@ def test_bad_video_is_rejected_with_a_clear_message():
         model(torch.randn(1, 8, 3, 48, 32))
     with pytest.raises(ValueError, match="5-d tensor"):
         model(torch.randn(8, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"looks like \(B, C, T, H, W\).*video.permute\(0, 2, 1, 3, 4\)"):
+        model(torch.randn(1, 3, 8, 32, 32))
     with pytest.raises(ValueError, match="float tensor"):
         model(torch.zeros(1, 8, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="num_frames=7 is not divisible"):

@@ -72,23 +72,39 @@ def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path, no_mlf
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_checkpoints_and_the_rerun_finishes(tiny_data, tmp_path, no_mlflow_env):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "SIGTERM"),
+                                                 (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_a_signal_to_the_process_group_checkpoints_the_current_step_and_the_rerun_finishes(
+        tiny_data, tmp_path, no_mlflow_env, signum, code, said):
+    """What `timeout`, batch schedulers (SIGTERM) and a terminal (Ctrl-C) do: signal the whole process group,
+    DataLoader workers included. The run commits a checkpoint at the current step and says how to resume."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "sfa_vivit.cli", "train", "--mode", "baseline", "--recipe", "synthetic",
-           "--data", tiny_data, "--out", str(out), *[a for s in [*TINY, "epochs=30", "num_frames=4"]
+           "--data", tiny_data, "--out", str(out), *[a for s in [*TINY, "epochs=30", "num_frames=4", "workers=2"]
                                                       for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
     for line in proc.stderr:
+        seen.append(line)
         if "step 3/" in line:
             break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "checkpoint committed" in err
+    os.killpg(proc.pid, signum)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == code, err
+    assert "DataLoader worker" not in err and "Traceback" not in err, err
+    # The run said what it was about to do before its first step.
+    banner = err[:err.index("step 1/")] if "step 1/" in err else err
+    for said_first in ("sfa train: baseline (synthetic recipe) on", "parameters trained", "24 training clips, 6 steps "
+                       "per epoch of 4 clips, 30 epochs", "1 rank(s) on cpu, fp32", f"  outputs    {out}"):
+        assert said_first in banner, said_first
+    (last,) = [line for line in err.splitlines() if line.startswith("sfa train: ")]
+    assert last.startswith(f"sfa train: {said} at step ") and "run the same command again" in last
     (ckpt,) = [p for p in (out / "checkpoints").iterdir() if checkpoints.is_committed(p)]
     step = int(ckpt.name.split("-")[1])
-    assert step >= 3
-    trainer = Trainer(config("baseline", epochs=30), tiny_data, str(out))
+    assert step >= 3 and f"at step {step}: checkpoint committed at {ckpt}" in last
+    trainer = Trainer(config("baseline", "workers=2", epochs=30), tiny_data, str(out))
     assert trainer.progress.step == step
 
 

@@ -1,7 +1,7 @@
 """Multi-node training steps (sfa_vivit.kubeflow.trainjob): the TrainJob and PyTorchJob objects held to the
 published API models and Kubernetes schema, and the launcher's handling of a job that completes, fails,
 is suspended, runs past its deadline or is cancelled, with job objects shaped as the Trainer API returns
-them. No cluster runs here (README, "Running on a cluster")."""
+them. No cluster runs here (docs/cluster.md)."""
 
 import json
 from pathlib import Path

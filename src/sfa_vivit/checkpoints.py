@@ -132,6 +132,12 @@ def load(url: str | os.PathLike, *, map_location: str | torch.device = "cpu") ->
     return LoadedCheckpoint(model.to(map_location), payload.get("extra", {}))
 
 
+def read_config(url: str | os.PathLike) -> dict[str, Any]:
+    """A committed checkpoint's config.json without its weights: {'format', 'model', 'extra'} (checked
+    against the marker's sha256)."""
+    return json.loads(_read_committed(os.fspath(url), (CONFIG_FILE,))[CONFIG_FILE])
+
+
 def load_state(url: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The extra tensors saved with `save(..., state=...)` (empty if none were)."""
     url = os.fspath(url)

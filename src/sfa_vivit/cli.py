@@ -23,7 +23,7 @@ from sfa_vivit.models import VARIANTS, vivit
 from sfa_vivit.train.config import MODES, RECIPES, resolve
 from sfa_vivit.train.image_vit import ImageViTOptions
 from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
-from sfa_vivit.train.trainer import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted, train
+from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, init_architecture, train
 
 
 def model_summary(variant: str, *, num_frames: int, image_size: int, num_classes: int,
@@ -38,6 +38,19 @@ def model_summary(variant: str, *, num_frames: int, image_size: int, num_classes
     return {"variant": model.config.variant, "num_frames": num_frames, "image_size": image_size,
             "parameters": groups, "total": model.num_parameters(),
             "trainable": model.num_parameters(trainable=True), "config": model.config.to_dict()}
+
+
+def _info_table(summary: dict) -> str:
+    """`sfa info` for a person: the parameter counts per part, then the totals."""
+    c = summary["config"]
+    lines = [f"ViViT-{summary['variant']} factorised encoder, {summary['num_frames']} frames at "
+             f"{summary['image_size']} px: width {c['width']}, {c['spatial_depth']} spatial + {c['temporal_depth']} "
+             f"temporal blocks, {c['heads']} heads, patch {c['patch']}, tubelet {c['tubelet']}"]
+    width = max(len(name) for name in summary["parameters"])
+    lines += [f"  {name:<{width}}  {count / 1e6:>9.2f}M" for name, count in summary["parameters"].items()]
+    lines.append(f"  {'total':<{width}}  {summary['total'] / 1e6:>9.2f}M ({summary['trainable'] / 1e6:.2f}M trained"
+                 f"{' in SFA stage 2' if c.get('adapter') else ''})")
+    return "\n".join(lines)
 
 
 def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_frames: int = 32,
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--classes", type=int, default=400)
     p.add_argument("--adapter", action="store_true", help="count as SFA stage 2 (adapter on, spatial frozen)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
     data = sub.add_parser("data", help="datasets: synthesise, prepare shards, verify").add_subparsers(
         dest="data_command", required=True)
@@ -135,11 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="prep output folder or its manifest.json")
 
     p = sub.add_parser("train", help="train a ViViT-FE: baseline, SFA stage 1 or stage 2 (resumes a run in --out)")
-    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument("--mode", choices=MODES, help="required unless --config names it")
+    p.add_argument("--config", metavar="YAML",
+                   help="a config file (every run writes its resolved one as config.yaml): its values override the "
+                        "recipe and mode; --mode, --recipe and --set override it")
     p.add_argument("--data", required=True, help="prepared dataset (folder or manifest.json, local or gs://)")
     p.add_argument("--out", required=True, help="run folder (local or gs://): checkpoints, metrics.json, model/")
-    p.add_argument("--init", help="stage-1 run folder or checkpoint (stage 2, and temporal_init=stage1)")
-    p.add_argument("--recipe", default="kinetics400", choices=sorted(RECIPES))
+    p.add_argument("--init", help="stage-1 run folder or checkpoint (stage 2, and temporal_init=stage1); its "
+                                  "architecture (variant, model.*, image_size) is this run's unless --set changes it")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="the dataset's training recipe (supplementary Table 1); default: the one named after the "
+                        "prepared dataset (its manifest's dataset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set batch_size=32 --set model.spatial_depth=4")
     p.add_argument("--print-config", action="store_true",
@@ -172,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial-chunk", type=int, default=4, help="tubelets per frozen-spatial chunk in stage 2")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
-                   help="a ViViT size override, e.g. --set spatial_depth=4")
+    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=INT",
+                   help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
     p.add_argument("--out", required=True, help="JSON file; the .md table and .png plot are written beside it")
 
     pipe = sub.add_parser("pipeline", help="Kubeflow: compile, run locally, submit, schedule").add_subparsers(
@@ -233,22 +253,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     json.dump(rows, f, indent=2)
             print("sfa smoke: ok", flush=True)
         elif args.command == "info":
-            print(json.dumps(model_summary(args.variant, num_frames=args.frames, image_size=args.image_size,
-                                           num_classes=args.classes, adapter=args.adapter), indent=2))
+            summary = model_summary(args.variant, num_frames=args.frames, image_size=args.image_size,
+                                    num_classes=args.classes, adapter=args.adapter)
+            print(json.dumps(summary, indent=2) if args.json else _info_table(summary))
         elif args.command == "data":
             return _data(args)
         elif args.command == "train":
-            config = resolve(args.mode, args.recipe, sets=args.set)
+            # Stage 2 (and any --init) starts from the architecture of the run it continues; --set still wins.
+            inherited = init_architecture(args.init) if args.init else {}
+            saved = _config_file(args.config) if args.config else {}
+            mode, recipe = args.mode or saved.pop("mode", None), args.recipe or saved.pop("recipe", None)
+            saved.pop("mode", None), saved.pop("recipe", None)
+            if mode is None:
+                raise ValueError("--mode is required (or a --config file that names one)")
+            config = resolve(mode, _recipe(recipe, args.data), overrides={**inherited, **saved}, sets=args.set)
             if args.print_config:
                 print(json.dumps(config.to_dict(), indent=1))
                 return 0
             metrics = train(config, args.data, args.out, init=args.init, force_init=args.force_init)
             final = metrics.get("final", {})
-            print(f"sfa train: {args.mode} done in {metrics['train_time_s']:.1f} s of training; "
-                  f"final top1 {final.get('top1')} ({final.get('views')}); {args.out}/metrics.json")
+            top1 = final.get("top1")
+            print(f"sfa train: {config.mode} done in {metrics['train_time_s']:.1f} s of training; final top-1 "
+                  f"{f'{top1:.2f}%' if top1 is not None else 'n/a'} ({final.get('views')} views); "
+                  f"{args.out}/metrics.json")
         elif args.command == "membench":
             from sfa_vivit.membench import benchmark
-            sizes = {k.strip(): int(v) for k, _, v in (s.partition("=") for s in args.set)}
+            # The same keys as `sfa train --set model.width=...` (the bare field name is accepted too).
+            sizes = {k.strip().removeprefix("model."): int(v) for k, _, v in (s.partition("=") for s in args.set)}
             result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.regimes.split(","),
                                image_size=args.image_size, batch_size=args.batch_size, budget_gib=args.budget_gib,
                                out=args.out, steps=args.steps, device=args.device, precision=args.precision,
@@ -266,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + f" on {metrics['num_examples']} clips ({args.views} views)")
     except Preempted as e:
         print(f"sfa train: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return e.exit_code
     except NonFiniteLoss as e:
         print(f"sfa train: error: {e}", file=sys.stderr)
         return 1
@@ -292,6 +323,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sfa_vivit import runtime
         runtime.close()
     return 0
+
+
+def recipe_mismatches(manifest: dict[str, Any]) -> list[str]:
+    """What in prepared data does not fit the training recipe named after its dataset: clips shorter than
+    the baseline's and stage 2's frames (they would loop), frames smaller than its crops (upsampled), or far
+    larger (storage and decoding spent on pixels the crop never uses)."""
+    recipe = RECIPES.get(manifest["dataset"])
+    if recipe is None:
+        return []
+    config = resolve("baseline", manifest["dataset"])
+    needed = (config.num_frames - 1) * config.stride + 1
+    crop = config.image_size * config.max_scale           # the short side a crop scales from, at most
+    out = []
+    for split, entry in manifest["splits"].items():
+        frames, side = entry.get("frames"), entry.get("short_side")
+        if frames and frames["min"] < needed:
+            out.append(f"{split}: clips of {frames['min']}-{frames['max']} frames (median {frames['median']}) at "
+                       f"{manifest['options']['fps']:g} fps, but the {manifest['dataset']} recipe trains on "
+                       f"{config.num_frames} frames: shorter clips loop (raise --fps, or --set num_frames=...)")
+        if side and side["min"] < config.image_size:
+            out.append(f"{split}: frames with a short side of {side['min']} px, smaller than the recipe's "
+                       f"{config.image_size} px crops (they are upsampled; raise --short-side)")
+        elif side and side["min"] > 2 * crop:
+            out.append(f"{split}: frames with a short side of {side['min']} px for {config.image_size} px crops "
+                       f"(--short-side {round(crop)} keeps what the crops use at a fraction of the bytes)")
+    return out
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    """The settings of a YAML config file (`sfa train --config`)."""
+    import yaml
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path} is not YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of settings, e.g. 'epochs: 30'")
+    return values
+
+
+def _recipe(recipe: str | None, data: str) -> str:
+    """--recipe, or the recipe named after the prepared dataset; a recipe for another dataset is said aloud."""
+    if recipe is not None:
+        try:
+            dataset = load_manifest(data).dataset
+        except (ValueError, OSError):        # no data yet (--print-config): training would say so itself
+            return recipe
+    else:
+        dataset = load_manifest(data).dataset
+    if recipe is None:
+        if dataset not in RECIPES:
+            raise ValueError(f"{data} holds dataset {dataset!r}, which has no recipe of its own; choose --recipe "
+                             f"from {sorted(RECIPES)}")
+        print(f"sfa train: recipe {dataset} (the dataset of {data}; --recipe to choose another)", file=sys.stderr)
+        return dataset
+    if recipe != dataset:
+        logging.getLogger("sfa_vivit.cli").warning("recipe %s on dataset %s: its sizes, epochs and augmentation "
+                                                   "were chosen for %s", recipe, dataset, recipe)
+    return recipe
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -377,6 +468,8 @@ def _data(args: argparse.Namespace) -> int:
         manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")
+        for warning in recipe_mismatches(manifest):
+            print(f"sfa data prep: warning: {warning}", file=sys.stderr)
     elif args.data_command == "synth":
         paths = generate(args.out, _options(args, SynthOptions))
         print(f"sfa data synth: {paths['videos']} + {paths['train']}, {paths['validation']}")

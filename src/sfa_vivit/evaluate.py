@@ -8,7 +8,6 @@ verb, noun and action (both right). Under torchrun each rank evaluates its own s
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -17,8 +16,8 @@ import torch
 from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import AugmentConfig
 from sfa_vivit.data.manifest import load_manifest, verify_shards
-from sfa_vivit.data.reader import ClipDataset
-from sfa_vivit.storage import join, write_bytes_atomic
+from sfa_vivit.data.reader import ClipDataset, quiet_worker
+from sfa_vivit.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.train.config import parse_views
 from sfa_vivit.train.evaluation import evaluate_model
 
@@ -59,13 +58,14 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     dataset = ClipDataset(manifest, split, sampling="eval", num_frames=model.config.num_frames,
                           stride=run.get("stride", 1), image_size=model.config.image_size, augment=augment,
                           num_clips=clips, num_crops=crops)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         worker_init_fn=quiet_worker)
     metrics = evaluate_model(model, loader, device=rt.device, num_classes=manifest.num_classes, autocast=rt.autocast,
                              confusion=True)
     metrics.update({"checkpoint": url, "data": data, "split": split, "views": views,
                     "classes": manifest.data.get("classes"), "heads": manifest.data.get("heads")})
     if out and rt.is_main:
-        write_bytes_atomic(join(out, "metrics.json"), json.dumps(metrics, indent=1).encode())
+        write_bytes_atomic(join(out, "metrics.json"), json_bytes(metrics))
         log.info("evaluation of %s on %s/%s (%s views): top1 %s -> %s", url, data, split, views, metrics["top1"],
                  join(out, "metrics.json"))
     return metrics

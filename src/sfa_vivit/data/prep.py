@@ -158,6 +158,8 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
             log.warning("rejected %s: %s", rej.video, rej.reason)
             rejected.append(rej)
         entry = splits.setdefault(task.split, {"num_samples": 0, "shards": []})
+        entry.setdefault("_frames", []).extend(result.get("frames", []))
+        entry.setdefault("_sides", []).extend(result.get("short_sides", []))
         if result["num_samples"]:
             entry["num_samples"] += result["num_samples"]
             entry["shards"].append({"path": f"{task.name}.tar", "num_samples": result["num_samples"],
@@ -173,6 +175,11 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
                         f"max_reject_fraction={options.max_reject_fraction:g}; no manifest written at {out} "
                         f"(a manifest published there before is unchanged). First reasons: {first}")
 
+    for entry in splits.values():    # what a reader can expect of a clip: frames stored, short side
+        counts, sides = sorted(entry.pop("_frames")), sorted(entry.pop("_sides"))
+        if counts:
+            entry["frames"] = {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]}
+            entry["short_side"] = {"min": sides[0], "max": sides[-1]}
     manifest = {
         "format": MANIFEST_FORMAT,
         "dataset": dataset,
@@ -269,7 +276,7 @@ def _plan_shards(resolved: list[tuple[VideoRecord, str]], out: str, options: Pre
 
 
 def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool, total: int) -> list[dict]:
-    from tqdm import tqdm
+    from sfa_vivit.progress import bar as progress_bar
 
     results: list[dict | None] = [None] * len(tasks)
     todo = []
@@ -280,7 +287,8 @@ def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool,
         else:
             todo.append(i)
     skipped = sum(len(tasks[i].items) for i in range(len(tasks)) if results[i] is not None)
-    bar = tqdm(total=total, initial=skipped, unit="video", desc="prep", disable=not progress, smoothing=0.05)
+    bar = progress_bar(total=total, initial=skipped, unit="video", desc="prep", disable=not progress,
+                       smoothing=0.05)
     workers = min(options.workers or os.cpu_count() or 1, max(1, len(todo)))
     try:
         if workers == 1:
@@ -340,6 +348,8 @@ def _write_shard(task: _ShardTask) -> dict:
     buf = io.BytesIO()
     rejected: list[dict] = []
     count = 0
+    frames: list[int] = []
+    short_sides: list[int] = []
     started = time.perf_counter()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for record, url in task.items:
@@ -363,9 +373,12 @@ def _write_shard(task: _ShardTask) -> dict:
             _add(tar, f"{record.key}.json", json.dumps(meta, sort_keys=True).encode())
             _add(tar, f"{record.key}.jpgs", b"".join(clip.frames))
             count += 1
+            frames.append(len(clip.frames))
+            short_sides.append(min(clip.height, clip.width))
     data = buf.getvalue()
     result = {"name": task.name, "num_samples": count, "sha256": hashlib.sha256(data).hexdigest(),
               "bytes": len(data), "rejected": rejected, "fingerprint": task.fingerprint(),
+              "frames": frames, "short_sides": short_sides,
               "seconds": round(time.perf_counter() - started, 3)}
     if count:
         write_bytes_atomic(join(task.out, f"{task.name}.tar"), data)

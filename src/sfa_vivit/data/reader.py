@@ -321,6 +321,15 @@ class _Router:
             yield queue.popleft()
 
 
+def quiet_worker(_: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores SIGTERM and Ctrl-C (sent to the whole process group by
+    `timeout`, batch schedulers and terminals), so the main process can finish its step and commit a
+    checkpoint; it shuts the workers down itself, and they exit if it dies."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def merge_worker_batches(batches: Iterable[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
     """A DataLoader over training `ClipDataset` gives each rank batch as `workers` consecutive pieces
     (one per worker, in worker order): join them back into the rank's batch."""

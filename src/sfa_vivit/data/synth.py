@@ -150,7 +150,7 @@ def write_video(path: str, frames: np.ndarray, fps: int) -> None:
 def generate(out: str, options: SynthOptions = SynthOptions(), progress: bool = True) -> dict[str, str]:
     """Write the dataset under the local folder `out`. Seeded and deterministic; balanced classes.
     Returns the paths of the two annotation files and the videos folder."""
-    from tqdm import tqdm
+    from sfa_vivit.progress import bar as progress_bar
 
     options.validate()
     videos = os.path.join(out, "videos")
@@ -159,7 +159,7 @@ def generate(out: str, options: SynthOptions = SynthOptions(), progress: bool = 
     end = math.ceil(duration)
     files = {"train": os.path.join(out, "train.csv"), "validate": os.path.join(out, "validate.csv")}
     total = options.num_train + options.num_val
-    bar = tqdm(total=total, unit="video", desc="synth", disable=not progress)
+    bar = progress_bar(total=total, unit="video", desc="synth", disable=not progress)
     index = 0
     for split, count in (("train", options.num_train), ("validate", options.num_val)):
         rows = []

@@ -14,6 +14,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,10 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
     pages = sorted(glob.glob(str(root / "artifacts" / "**" / "report*" / "page"), recursive=True))
     if not pages:
         raise PipelineError(f"the pipeline finished but wrote no report under {root / 'artifacts'}")
-    summary = {"run_id": run_id, "root": str(root), "report": pages[-1], "tracking_uri": tracking_uri,
+    # KFP names an HTML artifact after its output ("page", no extension): browsers would show its source.
+    report = root / "report.html"
+    shutil.copyfile(pages[-1], report)
+    summary = {"run_id": run_id, "root": str(root), "report": str(report), "tracking_uri": tracking_uri,
                "pipeline_seconds": round(seconds, 1), "arguments": arguments}
     summary.update(_report_summary(tracking_uri))
     (root / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -45,7 +45,10 @@ def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", exper
         from mlflow.tracking import MlflowClient
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        if exp is not None:
+        if exp is None:
+            from sfa_vivit.train.tracking import artifact_location
+            client.create_experiment(experiment, artifact_location=artifact_location(uri))
+        else:
             found = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{key}'", max_results=1)
             if found:
                 return found[0].info.run_id
@@ -66,12 +69,22 @@ def _untracked(uri: str, reason: str, require: bool) -> str:
     return ""
 
 
-def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:
+def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str],
+               artifacts: list[tuple[str, str]] = ()) -> None:
+    """A finished child run of the pipeline's parent: `metrics` and (local path, file name) `artifacts`."""
+    import shutil
+    import tempfile
+
     from sfa_vivit.train.tracking import Tracker, TrackingTarget
     target = TrackingTarget(tracking_uri or None, parent_run_id or None)
     tracker = Tracker(target.resolve_uri(os.getcwd()), EXPERIMENT, name, parent_run_id=target.parent_run_id, tags=tags)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-    tracker.finish()
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, file_name in artifacts:       # under the name a browser opens (KFP names it "page")
+            named = os.path.join(tmp, file_name)
+            shutil.copyfile(path, named)
+            tracker.log_artifact(named)
+        tracker.finish()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,9 +172,11 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
     from sfa_vivit.train import resolve
     from sfa_vivit.train.launch import run, spec_of
     from sfa_vivit.train.tracking import TrackingTarget
-    config = resolve(mode, recipe, sets=list(sets))       # bad settings fail here, before any work
-    tracking = TrackingTarget(tracking_uri or None, parent_run_id or None)
+    from sfa_vivit.train.trainer import init_architecture
     init_url = artifact_url(init) if init is not None else None
+    inherited = init_architecture(init_url) if init_url else None      # stage 2: stage 1's architecture
+    config = resolve(mode, recipe, overrides=inherited, sets=list(sets))   # bad settings fail here, before any work
+    tracking = TrackingTarget(tracking_uri or None, parent_run_id or None)
     if cluster:
         from sfa_vivit.kubeflow import trainjob
         spec = trainjob.NodeSpec.from_json(cluster)
@@ -242,5 +257,19 @@ def report(*, stage1: Any, stage2: Any, evaluation: Any, membench: Any, out: Any
         tracking=where)
     if not parent_run_id:
         log.warning("this pipeline run is not tracked in MLflow (the report says so)")
-    _child_run("report", tracking_uri, parent_run_id, summary, {"sfa.step": "report"})
+    _child_run("report", tracking_uri, parent_run_id, summary, {"sfa.step": "report"},
+               artifacts=[(html_path, "report.html")])
+    _finish_parent(tracking_uri, parent_run_id, summary)
     return html_path
+
+
+def _finish_parent(tracking_uri: str, parent_run_id: str, summary: dict[str, Any]) -> None:
+    """The report is the pipeline's last step: the parent run gets the headline figures and ends FINISHED
+    (a run that fails earlier leaves it RUNNING, as MLflow shows an unfinished run)."""
+    if not parent_run_id:
+        return
+    from sfa_vivit.train.tracking import Tracker, TrackingTarget
+    uri = TrackingTarget(tracking_uri or None).resolve_uri(os.getcwd())
+    parent = Tracker(uri, EXPERIMENT, "", run_id=parent_run_id)
+    parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=0)
+    parent.finish("FINISHED")

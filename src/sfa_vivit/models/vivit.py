@@ -445,6 +445,9 @@ class ViViT(nn.Module):
         if not video.is_floating_point():
             raise ValueError(f"video must be a float tensor, got dtype {video.dtype}")
         _, T, C, H, W = video.shape
+        if video.shape[1] == c.in_channels and video.shape[2] != c.in_channels:
+            raise ValueError(f"video has shape {tuple(video.shape)}, which looks like (B, C, T, H, W); the model takes "
+                             f"{expected}: pass video.permute(0, 2, 1, 3, 4)")
         if T != c.num_frames:
             hint = (f"; call model.resize_temporal({T}) to change the model's frame count"
                     if T % c.tubelet == 0 else f" (and {T} is not a multiple of the tubelet length {c.tubelet})")

@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from tqdm import tqdm
 
 from sfa_vivit.data.manifest import Manifest
 from sfa_vivit.data.reader import ClipDataset, iter_samples
 from sfa_vivit.models.vivit import ViViT
+from sfa_vivit.progress import bar as progress_bar
 from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def build(model: ViViT, url: str, *, train: ClipDataset, views: int, eval_sets: 
     jobs += [(d.split_name, name, d, i) for name, d in eval_sets.items() for i in range(len(d.shards))]
     built = 0
     todo = [job for j, job in enumerate(jobs) if j % world == rank and not _exists(join(url, _file(*job[:2], job[3])))]
-    bar = tqdm(todo, desc="feature cache", unit="shard", disable=not progress or rank != 0)
+    bar = progress_bar(todo, desc="feature cache", unit="shard", disable=not progress or rank != 0)
     for split, name, dataset, index in bar:
         start = time.perf_counter()
         tensors = _compute(model, dataset, index, views if name is None else None, DTYPES[dtype], device,

@@ -102,8 +102,9 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
              sets: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the image ViT for `recipe`'s spatial encoder and save it under the local folder `out`.
     Returns the report (also in out/image_vit.json). Reuses `out` when it holds the same options."""
-    from tqdm import tqdm
     from transformers import ViTForImageClassification
+
+    from sfa_vivit.progress import bar as progress_bar
 
     options.validate()
     config = resolve("baseline", recipe, sets=sets)
@@ -130,7 +131,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
     model = ViTForImageClassification(hf_config(config, options.grid ** 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     generator = torch.Generator().manual_seed(options.seed)
-    bar = tqdm(range(options.steps), desc="image ViT", unit="step", disable=not progress)
+    bar = progress_bar(range(options.steps), desc="image ViT", unit="step", disable=not progress)
     model.train()
     for step in bar:
         warm = min(1.0, (step + 1) / options.warmup_steps)

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 
 from sfa_vivit.data.manifest import Manifest
-from sfa_vivit.data.reader import ClipDataset, merge_worker_batches
+from sfa_vivit.data.reader import ClipDataset, merge_worker_batches, quiet_worker
 from sfa_vivit.models.vivit import ViViT
 from sfa_vivit.runtime import Runtime
 from sfa_vivit.train import cache
@@ -68,7 +68,8 @@ class RunData:
         rt = self.runtime
         loader = torch.utils.data.DataLoader(self.train_data, num_workers=self.workers,
                                              batch_size=self.train_data.worker_batch_size(rt.world, self.workers),
-                                             pin_memory=rt.device.type == "cuda", persistent_workers=False)
+                                             pin_memory=rt.device.type == "cuda", persistent_workers=False,
+                                             worker_init_fn=quiet_worker)
         return merge_worker_batches(loader, self.workers)
 
     def eval_batches(self, views: str) -> Iterable[dict[str, Any]]:
@@ -77,7 +78,8 @@ class RunData:
         batch = max(1, self.local_batch // (clips * crops))
         if views in self.cached_eval:
             return self.cached_eval[views].eval_batches(batch)
-        return torch.utils.data.DataLoader(self.eval_dataset(views), batch_size=batch, num_workers=self.config.workers)
+        return torch.utils.data.DataLoader(self.eval_dataset(views), batch_size=batch, num_workers=self.config.workers,
+                                           worker_init_fn=quiet_worker)
 
 
 def _workers_dividing(workers: int, local_batch: int) -> int:

@@ -36,14 +36,23 @@ class TrackingTarget:
 
 
 def default_tracking_uri(out: str) -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite file beside the outputs (or in the working folder
-    when the outputs are remote)."""
+    """MLFLOW_TRACKING_URI if set, else `mlflow.db` (SQLite) in the folder that holds the run folder `out`:
+    runs/stage1 and runs/stage2 share runs/mlflow.db, so one experiment's runs are in one store (in the
+    working folder when the outputs are remote)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    folder = out if "://" not in out or out.startswith("file://") else os.getcwd()
-    folder = folder.removeprefix("file://")
+    local = "://" not in out or out.startswith("file://")
+    folder = os.path.dirname(os.path.abspath(out.removeprefix("file://").rstrip("/"))) if local else os.getcwd()
     os.makedirs(folder, exist_ok=True)
-    return f"sqlite:///{os.path.abspath(os.path.join(folder, 'mlflow.db'))}"
+    return f"sqlite:///{os.path.join(folder, 'mlflow.db')}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment in a SQLite store keeps its artifacts: `mlartifacts/` beside the database file,
+    not `./mlruns` of whatever folder the process happens to run in. None (the server decides) otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
 
 
 class Tracker:
@@ -70,7 +79,8 @@ class Tracker:
             client = MlflowClient(tracking_uri=self.uri)
             if self.run_id is None:
                 exp = client.get_experiment_by_name(self.experiment)
-                exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+                exp_id = exp.experiment_id if exp else client.create_experiment(
+                    self.experiment, artifact_location=artifact_location(self.uri))
                 parent = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
                 tags = {**self.tags, **parent}
                 self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
@@ -105,6 +115,10 @@ class Tracker:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._submit({"kind": "metrics", "metrics": clean, "step": step, "timestamp": int(time.time() * 1000)})
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """Copy a local file into the run's artifacts (the report, config.json, metrics.json, plots)."""
+        self._submit({"kind": "artifact", "path": os.path.abspath(local_path), "artifact_path": artifact_path})
+
     def finish(self, status: str = "FINISHED") -> None:
         self._submit({"kind": "end", "status": status})
 
@@ -129,6 +143,8 @@ class Tracker:
                 elif item["kind"] == "metrics":
                     self.client.log_batch(self.run_id, metrics=[
                         Metric(k, v, item["timestamp"], item["step"]) for k, v in item["metrics"].items()])
+                elif item["kind"] == "artifact":
+                    self.client.log_artifact(self.run_id, item["path"], item["artifact_path"])
                 else:
                     self.client.set_terminated(self.run_id, status=item["status"])
             except Exception as e:  # noqa: BLE001

@@ -16,6 +16,7 @@ of the training steps (data loading included), not of validation or checkpoint w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +33,7 @@ from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import mixup, one_hot
 from sfa_vivit.data.manifest import data_digest, load_manifest, verify_shards
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
-from sfa_vivit.storage import join, write_bytes_atomic
+from sfa_vivit.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.train import cache
 from sfa_vivit.train.config import RENAMED_RECIPES, TrainConfig, learning_rate, learning_rate_at, make_optimizer
 from sfa_vivit.train.evaluation import evaluate_model
@@ -49,7 +50,12 @@ class TrainError(ValueError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was committed and the run stopped. Start it again to resume."""
+    """SIGTERM (or Ctrl-C) arrived; a checkpoint was committed and the run stopped. Start it again to resume.
+    `exit_code`: 143 after SIGTERM (Kubernetes and KFP retry the pod), 130 after Ctrl-C."""
+
+    def __init__(self, message: str, exit_code: int = 143):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,7 +87,7 @@ class Trainer:
                  tracking: TrackingTarget = TrackingTarget(), force_init: bool = False):
         self.config, self.data_url, self.out, self.init = config, data, out.rstrip("/"), init
         self.tracking, self.force_init = tracking, force_init
-        self._stop_requested = False
+        self._stop_signal: int | None = None
         try:
             self.runtime = runtime.start(config.device, config.precision)
         except runtime.RuntimeSetupError as e:
@@ -255,7 +261,12 @@ class Trainer:
         hard kill). Raises Preempted on SIGTERM, NonFiniteLoss on a NaN/inf loss."""
         c, p = self.config, self.progress
         self.tracker = self._tracker()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        if self.is_main:
+            self._banner()
+            import yaml  # the resolved config, to read back with `sfa train --config`
+            write_bytes_atomic(join(self.out, "config.yaml"), yaml.safe_dump(c.to_dict(), sort_keys=False).encode())
+        previous = ({s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+                    if _main_thread() else {})
         steps_this_call = 0
         try:
             if c.cache_views and self.data.cached_train is None:
@@ -270,12 +281,17 @@ class Trainer:
                     p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
                     steps_this_call += 1
                     if p.step % c.log_every == 0 and self.is_main:
+                        lr = self.optimizer.param_groups[0]["lr"]
                         log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g", p.epoch + 1, c.epochs,
-                                 p.step_in_epoch, self.steps_per_epoch, loss, self.optimizer.param_groups[0]["lr"])
+                                 p.step_in_epoch, self.steps_per_epoch, loss, lr)
+                        self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
                     if self._should_stop():
-                        self._save_checkpoint()
+                        url = self._save_checkpoint()
                         self.tracker.finish("KILLED")
-                        raise Preempted(f"SIGTERM at step {p.step}: checkpoint committed; run again to resume")
+                        what = "interrupted (Ctrl-C)" if self._stop_signal == signal.SIGINT else "SIGTERM"
+                        raise Preempted(f"{what} at step {p.step}: checkpoint committed at {url}; run the same "
+                                        "command again to resume from it",
+                                        130 if self._stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE)
                     if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                         if checkpoint_on_stop:
                             self._save_checkpoint()
@@ -286,8 +302,8 @@ class Trainer:
                 self._end_epoch()
             return self._finish()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _step(self, batch: dict[str, Any]) -> float:
         c, p = self.config, self.progress
@@ -377,9 +393,14 @@ class Trainer:
                                     "classes": self.manifest.data.get("classes"),
                                     "heads": self.manifest.data.get("heads"), "data": self._trained_on()})
             write_bytes_atomic(join(self.out, "config.json"), json.dumps(c.to_dict(), indent=1).encode())
-            write_bytes_atomic(join(self.out, "metrics.json"), json.dumps(metrics, indent=1).encode())
-            log.info("done: %s, train_time_s %.1f, final top1 %s -> %s", c.mode, metrics["train_time_s"],
-                     final.get("top1"), join(self.out, "metrics.json"))
+            write_bytes_atomic(join(self.out, "metrics.json"), json_bytes(metrics))
+            if "://" not in self.out:        # the run's config and figures beside its metrics in MLflow
+                for name in ("config.json", "metrics.json"):
+                    self.tracker.log_artifact(join(self.out, name))
+            top1 = final.get("top1")
+            log.info("done: %s in %.1f s of training (%d steps); final top-1 %s (%s views); model %s, metrics %s",
+                     c.mode, metrics["train_time_s"], p.step, f"{top1:.2f}%" if top1 is not None else "n/a",
+                     c.final_eval_views, join(self.out, checkpoints.FINAL_MODEL), join(self.out, "metrics.json"))
         if self.world > 1:
             dist.barrier()
         return metrics
@@ -402,16 +423,53 @@ class Trainer:
         p.mlflow_run_id = tracker.run_id
         return tracker
 
+    def _banner(self) -> None:
+        """What this run is about to do, before the first step."""
+        c, p, m = self.config, self.progress, self.model
+        bf16 = not isinstance(self.autocast, type(contextlib.nullcontext()))
+        lines = [
+            f"sfa train: {c.mode} ({c.recipe} recipe) on {self.data_url}",
+            f"  model      ViViT-{c.variant} FE, {c.num_frames} frames at {c.image_size} px; "
+            f"{m.num_parameters(trainable=True) / 1e6:.2f}M of {m.num_parameters() / 1e6:.2f}M parameters trained",
+            f"  data       {self.manifest.split(c.train_split)['num_samples']} training clips, {self.steps_per_epoch} "
+            f"steps per epoch of {c.batch_size} clips, {c.epochs} epochs",
+            f"  compute    {self.world} rank(s) on {self.device.type}, {'bf16 autocast' if bf16 else 'fp32'}",
+            f"  outputs    {self.out} (checkpoints every "
+            f"{f'{c.checkpoint_every} steps' if c.checkpoint_every else 'epoch'}; "
+            f"{f'resuming at step {p.step}' if p.step else 'a new run'})",
+            f"  tracking   MLflow {self.tracker.uri} (experiment {c.mlflow_experiment})",
+        ]
+        for line in lines:
+            log.info("%s", line)
+
     def _trained_on(self) -> dict[str, Any]:
         return {"url": self.data_url, "digest": self.data_digest, "num_classes": self.num_classes}
 
-    def _on_sigterm(self, signum, frame) -> None:
-        log.warning("SIGTERM: checkpointing at the end of this step, then stopping")
-        self._stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM or Ctrl-C: finish this step, commit a checkpoint, stop. A second Ctrl-C stops at once."""
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log.warning("%s: checkpointing at the end of this step, then stopping%s", name,
+                    " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else "")
+        self._stop_signal = self._stop_signal or signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
         return bool(self.runtime.all_reduce(flag, "max").item())
+
+
+ARCHITECTURE_FIELDS = ("variant", "model", "image_size")
+
+
+def init_architecture(init: str) -> dict[str, Any]:
+    """The architecture settings (variant, model.* sizes, image size) of the run that wrote the --init
+    checkpoint or run folder: what stage 2 starts from unless --set says otherwise (`resolve(...,
+    overrides=...)`). Raises TrainError when `init` holds no committed checkpoint."""
+    try:
+        stored = checkpoints.read_config(checkpoints.resolve_model(init))["extra"].get("config", {})
+    except checkpoints.CheckpointError as e:
+        raise TrainError(f"--init {e}") from None
+    return {k: stored[k] for k in ARCHITECTURE_FIELDS if k in stored}
 
 
 # Fields that may change between a run and its resumption without changing what it computes.

@@ -1,0 +1,66 @@
+"""Screenshots of the main job's report and of its MLflow runs view (headless Chromium), for the README.
+
+    python docs/screenshots.py [RUN_FOLDER]      # default: the newest runs/<run-id>/ that has a report.html
+
+Writes docs/report.png and docs/mlflow-runs.png. Needs `chromium` (Debian: apt-get install chromium) and the
+project's environment (for `mlflow server`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    sys.exit("no chromium on PATH (Debian: apt-get install chromium)")
+
+
+def shoot(url: str, out: Path, size: str, wait_ms: int) -> None:
+    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--window-size={size}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url],
+                   check=True, capture_output=True, timeout=180)
+    print(f"{out} ({out.stat().st_size // 1024} KB) <- {url}")
+
+
+def main() -> None:
+    runs = sorted(Path("runs").glob("*/report.html"), key=lambda p: p.stat().st_mtime)
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else (runs[-1].parent if runs else None)
+    if root is None or not (root / "report.html").exists():
+        sys.exit("no runs/<run-id>/report.html: run `make run` first, or name the run folder")
+    shoot((root / "report.html").resolve().as_uri(), DOCS / "report.png", "1100,2600", 2000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{(root / 'mlflow.db').resolve()}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        from mlflow.tracking import MlflowClient
+        experiment = MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name("sfa-vivit")
+        shoot(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}", DOCS / "mlflow-runs.png",
+              "1500,900", 15000)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
