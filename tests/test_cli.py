@@ -89,10 +89,24 @@ def test_stage2_takes_the_architecture_of_its_init(tiny_data, tmp_path, capsys, 
     runs = client.search_runs([client.get_experiment_by_name("sfa-vivit").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["stage1-4f", "stage2-8f"]
     for run in runs:
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "metrics.json"}
+        assert {"config.json", "metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         assert run.info.artifact_uri.startswith(f"file://{tmp_path / 'mlartifacts'}")
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6    # log_every=1, 6 steps
         assert run.data.params["batch_size"] == "4" and run.info.status == "FINISHED"
+    # The final model is an MLflow model too (logged from code, nothing pickled), with its signature.
+    import mlflow
+    import numpy as np
+    import torch
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = next(r for r in runs if r.info.run_name == "stage2-8f")
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    inputs = served.metadata.get_input_schema().inputs[0]
+    assert inputs.shape == (-1, 8, 3, 32, 32) and inputs.type == np.dtype("float32")
+    video = np.random.default_rng(0).standard_normal((2, 8, 3, 32, 32)).astype(np.float32)
+    ours = checkpoints.load(tmp_path / "s2" / "model").model.eval()
+    with torch.no_grad():
+        expected = ours(torch.from_numpy(video)).numpy()
+    assert np.allclose(served.predict(video), expected, atol=1e-5)
     capsys.readouterr()
     assert main(["train", "--mode", "stage2", "--recipe", "synthetic", "--data", tiny_data,
                  "--out", str(tmp_path / "s2b"), "--init", str(tmp_path / "s1"), *plain,

@@ -117,6 +117,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None       # default: train samples // batch_size
     verify_data: bool = False                # check every shard's sha256 before training starts
     mlflow_experiment: str = "sfa-vivit"
+    mlflow_log_model: bool = True            # the final model as an MLflow model too (local run folders)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

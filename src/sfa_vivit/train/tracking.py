@@ -119,6 +119,32 @@ class Tracker:
         """Copy a local file into the run's artifacts (the report, config.json, metrics.json, plots)."""
         self._submit({"kind": "artifact", "path": os.path.abspath(local_path), "artifact_path": artifact_path})
 
+    def log_model(self, checkpoint: str, config: Any) -> None:
+        """The checkpoint folder as an MLflow model (`sfa_vivit.mlflow_model`, logged from code: nothing is
+        pickled) with the signature of `config` (a ViViTConfig): float32 (-1, T, C, H, W) in, logits out.
+        A failure is reported like any other tracking failure and never stops the run."""
+        if not self.enabled or not self._available():
+            return
+        try:
+            import mlflow
+            import numpy as np
+            from mlflow.models import ModelSignature
+            from mlflow.types import Schema, TensorSpec
+
+            from sfa_vivit import __version__, mlflow_model
+            heads = config.num_classes if isinstance(config.num_classes, dict) else {"logits": config.num_classes}
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config.num_frames, config.in_channels,
+                                                                 config.image_size, config.image_size), "videos")]),
+                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n), name) for name, n in heads.items()]))
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pyfunc.log_model(name="model", python_model=mlflow_model.__file__,
+                                        artifacts={"checkpoint": os.path.abspath(checkpoint)}, signature=signature,
+                                        pip_requirements=[f"sfa-vivit=={__version__}"])
+        except Exception as e:  # noqa: BLE001 - the model stays in the run folder either way
+            self._failed("log model", e)
+
     def finish(self, status: str = "FINISHED") -> None:
         self._submit({"kind": "end", "status": status})
 

@@ -394,9 +394,11 @@ class Trainer:
                                     "heads": self.manifest.data.get("heads"), "data": self._trained_on()})
             write_bytes_atomic(join(self.out, "config.json"), json.dumps(c.to_dict(), indent=1).encode())
             write_bytes_atomic(join(self.out, "metrics.json"), json_bytes(metrics))
-            if "://" not in self.out:        # the run's config and figures beside its metrics in MLflow
+            if "://" not in self.out:        # the run's config, figures and model beside its metrics in MLflow
                 for name in ("config.json", "metrics.json"):
                     self.tracker.log_artifact(join(self.out, name))
+                if c.mlflow_log_model:
+                    self.tracker.log_model(join(self.out, checkpoints.FINAL_MODEL), model.config)
             top1 = final.get("top1")
             log.info("done: %s in %.1f s of training (%d steps); final top-1 %s (%s views); model %s, metrics %s",
                      c.mode, metrics["train_time_s"], p.step, f"{top1:.2f}%" if top1 is not None else "n/a",
@@ -485,7 +487,7 @@ def _as_today(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
 
 
 _RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision",
-                      "cache_dir", "compile", "verify_data"}
+                      "cache_dir", "compile", "verify_data", "mlflow_log_model"}
 
 # The modes an --init checkpoint of each mode may come from (others need --force-init).
 _INIT_FROM = {"stage2": ("stage1",)}
