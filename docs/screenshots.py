@@ -55,7 +55,7 @@ def main() -> None:
                 time.sleep(0.5)
         from mlflow.tracking import MlflowClient
         experiment = MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name("sfa-vivit")
-        shoot(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}", DOCS / "mlflow-runs.png",
+        shoot(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", DOCS / "mlflow-runs.png",
               "1500,900", 15000)
     finally:
         server.terminate()

@@ -123,20 +123,24 @@ class _Objects:
     """A CustomObjectsApi that answers with the given job objects in turn (the last one repeats)."""
 
     def __init__(self, states, exists=False):
-        self.states, self.exists, self.calls = list(states), exists, []
+        self.states, self.exists, self.calls, self.deleted = list(states), exists, [], False
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.calls.append(("create", plural, body["metadata"]["name"]))
-        if self.exists:
+        if self.exists and not self.deleted:
             raise ApiException(status=409, reason="AlreadyExists")
+        self.deleted = False
         return body
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         self.calls.append(("get", plural, name))
+        if self.deleted:
+            raise ApiException(status=404, reason="NotFound")
         return self.states.pop(0) if len(self.states) > 1 else self.states[0]
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
         self.calls.append(("delete", plural, name))
+        self.deleted = True
 
 
 def _launch(states, *, exists=False, engine="trainjob", core=None, on_sleep=None):
@@ -176,6 +180,15 @@ def test_a_retried_step_attaches_to_its_job_and_a_cancelled_run_deletes_it():
     launcher, objects, lines, body = _launch([_job([("Complete", "JobsCompleted", "")])], exists=True)
     launcher.run(body)
     assert "exists (a retried step); following it" in lines[0]
+    # A retried step whose job failed (preempted nodes, backoff used up) replaces it: the new job resumes
+    # from the run's last committed checkpoint instead of the retry repeating the old failure.
+    failed = _job([("Failed", "FailedJobs", "node-1 preempted")])
+    states = [failed, _job(jobs=(4, 4, 0, 0)), _job([("Complete", "JobsCompleted", "")])]
+    launcher, objects, lines, body = _launch(states, exists=True)
+    launcher.run(body)
+    assert [c[0] for c in objects.calls[:5]] == ["create", "get", "delete", "get", "create"]
+    assert "failed before (FailedJobs: node-1 preempted); replacing it" in lines[0] and "created again" in lines[1]
+    assert lines[-1].endswith("succeeded (JobsCompleted)")
 
     def cancel(_):
         launcher._on_sigterm(15, None)
@@ -216,5 +229,6 @@ def test_the_chiefs_log_streams_into_the_step_log_once():
     assert [line for line in lines if line.startswith("  [node 0]")] == [
         "  [node 0] epoch 1/30 step 20/1875 loss 5.9", "  [node 0] epoch 1/30 step 40/1875 loss 5.7"]
     assert core.selectors[0] == ("jobset.sigs.k8s.io/jobset-name=sfa-stage1-x,"
+                                 "jobset.sigs.k8s.io/replicatedjob-name=node,"
                                  "batch.kubernetes.io/job-completion-index=0")
     assert outcome({}) == ("running", "waiting for pods")

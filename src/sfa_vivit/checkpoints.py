@@ -68,7 +68,12 @@ def save(model: ViViT, url: str | os.PathLike, *, extra: dict[str, Any] | None =
 
     fs, path = url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
-    current = _marker(fs, path) or {}
+    try:
+        current = _marker(fs, path) or {}
+    except (ValueError, UnicodeDecodeError):     # a damaged marker commits nothing: write afresh
+        current = {}
+    if not isinstance(current, dict):
+        current = {}
     committed = {_part(name): (name, sha) for name, sha in current.items()}
     marker: dict[str, str] = {}
     for part, blob in blobs.items():

@@ -10,7 +10,8 @@ Layout at the output URL::
 options), so a prep run with other inputs writes other files: a published manifest and the shards it
 lists are never changed under a reader. Publish-last, unpublish-never: the new manifest replaces the
 old one in one write once every shard is written and the reject fraction is acceptable; only then
-are shards that no manifest lists any more removed. A failed run leaves the published dataset as it was.
+are shards removed that neither it nor the manifest it replaced lists (a reader that loaded the old one
+keeps its shards for one more generation). A failed run leaves the published dataset as it was.
 
 A sample's `<key>.jpgs` is its frames' JPEG files back to back; `<key>.json` holds the byte offsets,
 so a reader decodes only the frames a clip samples. Shards are byte-for-byte deterministic (fixed tar
@@ -132,7 +133,7 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
     resolved, missing = _resolve_videos(ann.records, videos)   # every input is checked before any write
     fs, out_path = url_to_fs(out)
     fs.makedirs(out_path, exist_ok=True)
-    previous = _kept_splits(out, ann)
+    previous, published = _kept_splits(out, ann)
 
     rejected: list[Rejection] = list(ann.rejected)
     for r in ann.rejected:
@@ -191,41 +192,52 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
         "sources": {"annotations": [os.fspath(a) for a in annotations], "videos": videos},
     }
     write_bytes_atomic(join(out, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
-    _remove_unlisted(out, manifest, keep={t.name for t in tasks}, splits=set(splits))
+    _remove_unlisted(out, manifest, keep={t.name for t in tasks} | published, splits=set(splits))
     counts = ", ".join(f"{s}: {v['num_samples']}" for s, v in manifest["splits"].items())
     log.info("%s: manifest written at %s (%s; %d rejected)", dataset, join(out, MANIFEST_FILE), counts, len(rejected))
     return manifest
 
 
-def _kept_splits(out: str, ann: Annotations) -> dict[str, Any]:
+def _kept_splits(out: str, ann: Annotations) -> tuple[dict[str, Any], set[str]]:
     """The splits a published manifest at `out` lists that this run does not touch, if it describes the
-    same dataset and classes (so train and validation can be prepared by separate runs into one place).
-    The manifest itself stays published until the new one replaces it."""
+    same dataset and classes (so train and validation can be prepared by separate runs into one place),
+    and the shard names it lists: they are kept for one more generation, so a reader (or a pipeline's
+    retried step) that loaded it before the switch still finds its shards. The manifest itself stays
+    published until the new one replaces it."""
     fs, path = url_to_fs(join(out, MANIFEST_FILE))
     try:
         old = json.loads(fs.cat_file(path))
     except FileNotFoundError:
-        return {}
+        return {}, set()
     except ValueError:
         log.warning("%s is not readable JSON; it will be replaced", join(out, MANIFEST_FILE))
-        return {}
+        return {}, set()
+    published = {shard["path"].rsplit("/", 1)[-1][: -len(".tar")] for split in old.get("splits", {}).values()
+                 for shard in split.get("shards", [])}
     same = (old.get("dataset") == ann.dataset and old.get("classes") == ann.classes
             and old.get("heads") == ann.heads)
     touched = {r.split for r in ann.records}
-    return {s: v for s, v in old.get("splits", {}).items() if same and s not in touched}
+    kept = {s: v for s, v in old.get("splits", {}).items() if same and s not in touched}
+    dropped = sorted(set(old.get("splits", {})) - touched - set(kept))
+    if dropped:
+        log.warning("%s: the published manifest's splits %s are for another dataset or classes; the new manifest "
+                    "does not list them", out, dropped)
+    return kept, published
 
 
 def _remove_unlisted(out: str, manifest: dict[str, Any], *, keep: set[str], splits: set[str]) -> None:
     """After a manifest switch: remove the shards and sidecars of `splits` that neither the manifest
-    lists nor this run wrote (`keep`), and temporary files a killed writer left behind."""
+    lists nor `keep` names (this run's shards and the previous manifest's), and temporary files a killed
+    writer of one of those names left behind."""
     listed = {shard["path"].rsplit("/", 1)[-1][: -len(".tar")] for split in manifest["splits"].values()
               for shard in split["shards"]}
     fs, root = url_to_fs(out)
     for entry in fs.ls(root, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         stem = name.split(".", 1)[0]
-        stale = ".tmp-" in name or (name.endswith((".tar", ".done.json")) and stem.split("-", 1)[0] in splits
-                                     and stem not in listed and stem not in keep)
+        ours = stem.split("-", 1)[0] in splits
+        stale = ours and (".tmp-" in name or (name.endswith((".tar", ".done.json")) and stem not in listed
+                                              and stem not in keep))
         if stale:
             try:
                 fs.rm_file(entry)

@@ -260,6 +260,8 @@ class ClipDataset(torch.utils.data.IterableDataset):
 
     def _cycle(self, shards: list[str]) -> Iterator[dict[str, Any]]:
         """The samples of `shards` in order, again and again; each tagged with its pass."""
+        if not shards:
+            raise ValueError(f"{self.manifest.root} split {self.split_name!r} has no shards to train on")
         passes = 0
         while True:
             for sample in iter_samples(shards, self.checksums, self.counts):
@@ -321,13 +323,29 @@ class _Router:
             yield queue.popleft()
 
 
+# How long a DataLoader worker lives on after SIGTERM: long enough that the main process, signalled at the
+# same time (the whole process group is), is not interrupted mid-step by a dying worker.
+WORKER_GRACE_S = 2.0
+
+
 def quiet_worker(_: int = 0) -> None:
-    """DataLoader `worker_init_fn`: a worker ignores SIGTERM and Ctrl-C (sent to the whole process group by
-    `timeout`, batch schedulers and terminals), so the main process can finish its step and commit a
-    checkpoint; it shuts the workers down itself, and they exit if it dies."""
+    """DataLoader `worker_init_fn`. Ctrl-C reaches the whole process group: a worker ignores it, so the
+    main process alone decides to stop (after its step, with a checkpoint). SIGTERM (`timeout`, batch
+    schedulers, Kubernetes, also the whole group) makes a worker exit quietly, with status 0, after
+    WORKER_GRACE_S: the main process finishes its step and commits its checkpoint undisturbed (torch
+    stops a run at once when a worker dies with a non-zero status), and an exiting interpreter, which
+    terminates its workers with SIGTERM, is not kept waiting."""
+    import os
     import signal
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import threading
+
+    def leave(signum, frame) -> None:
+        timer = threading.Timer(WORKER_GRACE_S, os._exit, (0,))
+        timer.daemon = True
+        timer.start()
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, leave)
 
 
 def merge_worker_batches(batches: Iterable[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:

@@ -256,13 +256,38 @@ class Launcher:
         except ApiException as e:
             if e.status != 409:
                 raise JobFailed(f"cannot create {kind} {self.namespace}/{name}: HTTP {e.status} {e.reason}") from None
-            self.report(f"{kind} {self.namespace}/{name}: exists (a retried step); following it")
+            self._attach_or_replace(body, group, version, plural, kind, name)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         try:
             return self._follow(group, version, plural, kind, name)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+    def _attach_or_replace(self, body: dict[str, Any], group: str, version: str, plural: str, kind: str,
+                           name: str) -> None:
+        """A retried step finds the job it created: follow it while it runs (or once it has succeeded); a
+        job that failed (a preemption, a used-up backoff) is deleted and created again, so the retry
+        resumes from the run's last committed checkpoint instead of repeating the failure."""
+        from kubernetes.client.exceptions import ApiException
+        state, detail = outcome(self.objects.get_namespaced_custom_object(group, version, self.namespace, plural,
+                                                                          name))
+        if state != "failed":
+            self.report(f"{kind} {self.namespace}/{name}: exists (a retried step); following it")
+            return
+        self.report(f"{kind} {self.namespace}/{name}: failed before ({detail}); replacing it to resume from the "
+                    "last committed checkpoint")
+        self.objects.delete_namespaced_custom_object(group, version, self.namespace, plural, name)
+        while True:           # deletion is asynchronous: wait until the name is free
+            try:
+                self.objects.get_namespaced_custom_object(group, version, self.namespace, plural, name)
+            except ApiException as e:
+                if e.status == 404:
+                    break
+                raise
+            self.sleep(self.poll_s)
+        self.objects.create_namespaced_custom_object(group, version, self.namespace, plural, body)
+        self.report(f"{kind} {self.namespace}/{name}: created again")
 
     def _follow(self, group: str, version: str, plural: str, kind: str, name: str) -> dict[str, Any]:
         seen = None
@@ -286,7 +311,8 @@ class Launcher:
         """New lines of the chief's (node 0's) log since the last poll, into the step log."""
         if self.core is None:
             return
-        selector = (f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
+        selector = (f"jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name={NODE},"
+                    "batch.kubernetes.io/job-completion-index=0"
                     if self.engine == "trainjob" else
                     f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master")
         try:

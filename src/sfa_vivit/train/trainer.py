@@ -99,7 +99,9 @@ class Trainer:
         self.local_batch = config.batch_size // self.world
         self.manifest = load_manifest(data)
         self.num_classes = self.manifest.num_classes
-        self.data_digest = data_digest(self.manifest, [config.train_split, config.eval_split])
+        # What the run trains on: the classes and the training split's shards (the validation split may be
+        # prepared or repaired later without making the run another run).
+        self.data_digest = data_digest(self.manifest, [config.train_split])
         resume = checkpoints.latest_step(self.out)
         torch.manual_seed(config.seed)   # the same initial weights on every rank and every run
         self.model, saved, self.init_extra = self._build_model(resume)
@@ -275,7 +277,7 @@ class Trainer:
                 loader = self.data.epoch_batches(p.epoch, p.step_in_epoch)
                 start = time.perf_counter()
                 session_start_elapsed = p.epoch_elapsed_s
-                for batch in loader:
+                for batch in self._batches(loader):
                     loss = self._step(batch)
                     p.epoch_loss_sum += loss
                     p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
@@ -286,12 +288,7 @@ class Trainer:
                                  p.step_in_epoch, self.steps_per_epoch, loss, lr)
                         self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
                     if self._should_stop():
-                        url = self._save_checkpoint()
-                        self.tracker.finish("KILLED")
-                        what = "interrupted (Ctrl-C)" if self._stop_signal == signal.SIGINT else "SIGTERM"
-                        raise Preempted(f"{what} at step {p.step}: checkpoint committed at {url}; run the same "
-                                        "command again to resume from it",
-                                        130 if self._stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE)
+                        self._stop()
                     if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                         if checkpoint_on_stop:
                             self._save_checkpoint()
@@ -304,6 +301,30 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _batches(self, loader: Any) -> Any:
+        """The loader's batches; when a stop signal has arrived and the loader fails (its workers, signalled
+        with the whole process group, are gone), the run stops here, between steps, with a checkpoint."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:
+                if not self._stop_signal:
+                    raise
+                return self._stop()
+            yield batch
+
+    def _stop(self) -> None:
+        """Commit a checkpoint at the current step and raise Preempted (exit 143 after SIGTERM, 130 after Ctrl-C)."""
+        p = self.progress
+        url = self._save_checkpoint()
+        self.tracker.finish("KILLED")
+        what = "interrupted (Ctrl-C)" if self._stop_signal == signal.SIGINT else "SIGTERM"
+        raise Preempted(f"{what} at step {p.step}: checkpoint committed at {url}; run the same command again to "
+                        "resume from it", 130 if self._stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE)
 
     def _step(self, batch: dict[str, Any]) -> float:
         c, p = self.config, self.progress
