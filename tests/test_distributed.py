@@ -109,12 +109,14 @@ def _max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _torchrun(tmp_path, args, *, env=None, nproc=2, port=None):
+def _torchrun(tmp_path, args, *, env=None, nproc=2, port=None, **popen):
+    """`_STOP_EARLY` under torchrun (`env`: the rendezvous an engine sets; else a local master port)."""
     script = tmp_path / "stop_early.py"
     script.write_text(_STOP_EARLY)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            *([f"--master_port={port or _free_port()}"] if env is None else []), str(script), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if not popen else {}
+    return subprocess.Popen(cmd, env=env, **output, **popen)
 
 
 def _finish(proc):
@@ -203,11 +205,8 @@ def test_a_node_killed_after_a_checkpoint_and_the_job_restarted_ends_with_the_un
         for node in range(2):
             env = {**os.environ, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node),
                    "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
-            script = tmp_path / "stop_early.py"
-            script.write_text(_STOP_EARLY)
-            nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", str(script), sets,
-                                           tiny_data, out, "1000"], env=env, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))
+            nodes.append(_torchrun(tmp_path, [sets, tiny_data, out, "1000"], env=env, nproc=1,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         return nodes
 
     nodes = start_job()

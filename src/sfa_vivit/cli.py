@@ -262,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Stage 2 (and any --init) starts from the architecture of the run it continues; --set still wins.
             inherited = init_architecture(args.init) if args.init else {}
             saved = _config_file(args.config) if args.config else {}
-            mode, recipe = args.mode or saved.pop("mode", None), args.recipe or saved.pop("recipe", None)
-            saved.pop("mode", None), saved.pop("recipe", None)
+            mode, recipe = args.mode or saved.get("mode"), args.recipe or saved.get("recipe")
+            saved = {k: v for k, v in saved.items() if k not in ("mode", "recipe")}
             if mode is None:
                 raise ValueError("--mode is required (or a --config file that names one)")
             config = resolve(mode, _recipe(recipe, args.data), overrides={**inherited, **saved}, sets=args.set)
@@ -366,13 +366,12 @@ def _config_file(path: str) -> dict[str, Any]:
 
 def _recipe(recipe: str | None, data: str) -> str:
     """--recipe, or the recipe named after the prepared dataset; a recipe for another dataset is said aloud."""
-    if recipe is not None:
-        try:
-            dataset = load_manifest(data).dataset
-        except (ValueError, OSError):        # no data yet (--print-config): training would say so itself
-            return recipe
-    else:
+    try:
         dataset = load_manifest(data).dataset
+    except (ValueError, OSError):
+        if recipe is None:
+            raise
+        return recipe                        # no data yet (--print-config): training would say so itself
     if recipe is None:
         if dataset not in RECIPES:
             raise ValueError(f"{data} holds dataset {dataset!r}, which has no recipe of its own; choose --recipe "

@@ -67,6 +67,9 @@ class Manifest:
     def checksums(self, split: str) -> dict[str, str]:
         return {self.shard_url(s["path"]): s["sha256"] for s in self.split(split)["shards"]}
 
+    def sample_counts(self, split: str) -> dict[str, int]:
+        return {self.shard_url(s["path"]): s["num_samples"] for s in self.split(split)["shards"]}
+
 
 def load_manifest(url: str) -> Manifest:
     """Read manifest.json at `url` (the prep output folder, or the file itself)."""

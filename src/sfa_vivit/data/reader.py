@@ -191,8 +191,7 @@ class ClipDataset(torch.utils.data.IterableDataset):
         self.shards = self.manifest.shard_urls(split)
         self.num_samples = self.manifest.split(split)["num_samples"]
         self.checksums = self.manifest.checksums(split) if verify_checksums else None
-        self.counts = {self.manifest.shard_url(s["path"]): s["num_samples"]
-                       for s in self.manifest.split(split)["shards"]}
+        self.counts = self.manifest.sample_counts(split)
         self.sampling, self.num_frames, self.stride, self.image_size = sampling, num_frames, stride, image_size
         self.augment, self.num_clips, self.num_crops = augment, num_clips, num_crops
         self.seed, self.shuffle_buffer = seed, shuffle_buffer

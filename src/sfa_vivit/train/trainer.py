@@ -16,7 +16,6 @@ of the training steps (data loading included), not of validation or checkpoint w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -449,7 +448,7 @@ class Trainer:
     def _banner(self) -> None:
         """What this run is about to do, before the first step."""
         c, p, m = self.config, self.progress, self.model
-        bf16 = not isinstance(self.autocast, type(contextlib.nullcontext()))
+        bf16 = isinstance(self.autocast, torch.autocast)
         lines = [
             f"sfa train: {c.mode} ({c.recipe} recipe) on {self.data_url}",
             f"  model      ViViT-{c.variant} FE, {c.num_frames} frames at {c.image_size} px; "
