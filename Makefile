@@ -2,17 +2,24 @@
 #   make test   create .venv, install through constraints.txt, lint (ruff), run the default (CPU) test tier
 #   make run    the main job: the sfa Kubeflow pipeline run locally (kfp.local) on synthetic data,
 #               SFA vs the conventional recipe, MLflow in runs/<run-id>/mlflow.db
+# and, for the XLA path (CI runs it after `make test`):
+#   make test-images  resolve each Dockerfile's pip installs against their pins (pip --dry-run, no Docker)
+#   make test-xla   create .venv-xla with the TPU image's torch/torch-xla pair (constraints-xla.txt, ~7 GB)
+#                   and run the tests marked xla on torch-xla's CPU backend with 2 devices
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Constraints apply to build environments too (PIP_CONSTRAINT), so no step pulls an unpinned torch.
 PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet --progress-bar off
+XVENV  ?= .venv-xla
+XPY    := $(XVENV)/bin/python
+XPIP   := PIP_CONSTRAINT=$(CURDIR)/constraints-xla.txt $(XPY) -m pip install --quiet --progress-bar off
 
-.PHONY: install test test-all run clean
+.PHONY: install install-xla test test-images test-xla test-all run clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt constraints-common.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -c constraints.txt torch==2.13.0
 	$(PIP) -c constraints.txt -e '.[test]'
@@ -22,6 +29,21 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
+test-images: install
+	$(PY) -m pytest -m registry
+
+install-xla: $(XVENV)/.installed
+
+$(XVENV)/.installed: pyproject.toml constraints-xla.txt constraints-common.txt
+	$(PYTHON) -m venv $(XVENV)
+	$(XPIP) -c constraints-xla.txt torch==2.9.0 torch_xla==2.9.0
+	$(XPIP) -c constraints-xla.txt -e '.[test]'
+	touch $@
+
+# XLA:CPU with two devices: what SPMD does over a TPU host's chips, on this machine's CPU.
+test-xla: install-xla
+	PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 $(XPY) -m pytest -m xla
+
 test-all: install
 	$(PY) -m pytest -m ''
 
@@ -29,4 +51,4 @@ run: install
 	$(VENV)/bin/sfa pipeline run
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache runs
+	rm -rf $(VENV) $(XVENV) build src/*.egg-info .pytest_cache runs

@@ -40,7 +40,7 @@ rank = dist.get_rank()
 # A rank that gets no clips at all must still take part in the reductions.
 model, batches = checkpoints.load(ckpt)[0], torch.load(out + "/batches.pt")
 mine = batches if rank == 0 else []
-empty = evaluate_model(model, mine, device=torch.device("cpu"), num_classes=12, confusion=True)
+empty = evaluate_model(model, mine, num_classes=12, confusion=True)
 json.dump({"metrics": metrics, "empty": empty}, open(f"{out}/rank{rank}.json", "w"))
 dist.barrier()
 dist.destroy_process_group()
@@ -76,7 +76,7 @@ def test_torchrun_evaluation_equals_one_process_and_survives_an_empty_rank(tiny_
     for got in (ranks[0]["metrics"], ranks[1]["metrics"], written):
         for key in ("num_examples", "top1", "top5", "confusion", "per_class_top1"):
             assert got[key] == single[key], key      # sums of whole counts: exact
-    alone = evaluate_model(model, batches, device=torch.device("cpu"), num_classes=12, confusion=True)
+    alone = evaluate_model(model, batches, num_classes=12, confusion=True)
     for r in (0, 1):
         assert ranks[r]["empty"] == alone
 

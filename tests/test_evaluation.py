@@ -61,7 +61,7 @@ def test_multi_head_evaluation_counts_verb_noun_and_action():
 
     labels = {"verb": torch.tensor([0, 0, 1, 0]), "noun": torch.tensor([1, 2, 1, -1])}
     loader = [{"video": torch.zeros(4, 3, 2, 3, 8, 8), "label": labels}]
-    m = evaluate_model(Fixed(), loader, device=torch.device("cpu"), num_classes={"verb": 7, "noun": 8},
+    m = evaluate_model(Fixed(), loader, num_classes={"verb": 7, "noun": 8},
                        confusion=True)
     assert m["num_examples"] == 3                       # the unlabelled noun is skipped
     assert m["verb_top1"] == pytest.approx(100 * 2 / 3) and m["noun_top1"] == pytest.approx(100 * 2 / 3)

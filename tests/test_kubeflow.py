@@ -5,6 +5,7 @@ submission to an unreachable endpoint fails in one line."""
 import ast
 import inspect
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -100,7 +101,59 @@ def test_dockerfiles_copy_existing_files_pin_digests_and_run_as_non_root():
         assert re.search(r"^USER 1000$", text, re.M), kind
         entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))
         assert entry[0] in scripts
-        assert "constraints.txt" in text
+        assert re.search(r"PIP_CONSTRAINT=/opt/sfa/constraints(-xla)?\.txt", text), kind
+
+
+def _dockerfile_installs(text: str) -> tuple[str, list[list[str]]]:
+    """A Dockerfile's constraint file (PIP_CONSTRAINT) and the arguments of each `pip install` it runs."""
+    constraint = Path(re.search(r"PIP_CONSTRAINT=(\S+)", text).group(1)).name
+    runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", re.sub(r"\\\n", " ", text), re.M))
+    installs = []
+    for command in runs.split("&&"):
+        words = command.split()
+        if words[:2] == ["pip", "install"]:
+            installs.append([w.strip("\"'") for w in words[2:]])
+    return constraint, installs
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("kind", ["cpu", "cuda", "tpu"])
+def test_each_dockerfiles_install_lines_resolve_to_published_pinned_versions(kind, tmp_path):
+    """What `docker build` would install, resolved by pip without installing (`--dry-run --report`) under the
+    image's own constraint file: every requirement exists at its pin and nothing comes in unpinned (torch's
+    CUDA/triton wheels are pinned by torch itself). The PyTorch indexes (--index-url) are not reachable here:
+    torch resolves from the registry at the same version."""
+    constraint, installs = _dockerfile_installs((ROOT / "containers" / f"Dockerfile.{kind}").read_text())
+    assert installs, kind
+    requirements = []
+    for args in installs:
+        words = iter(args)
+        for word in words:
+            if word in ("--index-url", "-f", "--find-links", "--extra-index-url"):
+                next(words)
+            elif word == ".":
+                requirements.append(str(ROOT))
+            else:
+                requirements.append(word)
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", str(report), "-c", str(ROOT / constraint), *requirements],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PIP_CONSTRAINT": str(ROOT / constraint)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    pins = {}
+    for name in (constraint, "constraints-common.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            if "==" in line and not line.startswith("#"):
+                package, version = line.split("==")
+                pins[re.sub(r"[-_.]+", "-", package).lower()] = version.strip()
+    installed = {re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower(): i["metadata"]["version"]
+                 for i in json.loads(report.read_text())["install"]}
+    unpinned = {n: v for n, v in installed.items()
+                if n not in pins and n != "sfa-vivit" and not n.startswith(("nvidia-", "triton"))}
+    assert not unpinned, f"Dockerfile.{kind} installs versions no constraint pins: {unpinned}"
+    assert all(installed[n].split("+")[0] == pins[n] for n in installed if n in pins)
+    assert installed["torch"].split("+")[0] == pins["torch"]
 
 
 def test_submit_to_an_unreachable_endpoint_fails_in_one_line():

@@ -19,7 +19,9 @@ from sfa_vivit.data.manifest import load_manifest, verify_shards
 from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
 from sfa_vivit.data.synth import SynthOptions, generate
 from sfa_vivit.evaluate import evaluate
+from sfa_vivit.membench import BENCH
 from sfa_vivit.models import VARIANTS, vivit
+from sfa_vivit.runtime import versions as runtime_versions
 from sfa_vivit.train.config import MODES, RECIPES, resolve
 from sfa_vivit.train.image_vit import ImageViTOptions
 from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
@@ -50,6 +52,12 @@ def _info_table(summary: dict) -> str:
     lines += [f"  {name:<{width}}  {count / 1e6:>9.2f}M" for name, count in summary["parameters"].items()]
     lines.append(f"  {'total':<{width}}  {summary['total'] / 1e6:>9.2f}M ({summary['trainable'] / 1e6:.2f}M trained"
                  f"{' in SFA stage 2' if c.get('adapter') else ''})")
+    if "runtime" in summary:
+        r = summary["runtime"]
+        xla = (f"torch-xla {r['torch_xla']} ({r.get('xla_devices', 0)} {r.get('xla_device_kind', 'XLA')} device(s) "
+               f"with PJRT_DEVICE={r['pjrt_device']})" if r["pjrt_device"] else f"torch-xla {r['torch_xla']} "
+               "(PJRT_DEVICE not set)") if r.get("torch_xla") else "no torch-xla"
+        lines.append(f"this machine: torch {r['torch']}, {r['cuda_devices']} CUDA device(s), {xla}")
     return "\n".join(lines)
 
 
@@ -180,17 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("membench", help="step time and peak memory of full vs SFA stage 2 per frame count, "
                                         "each setting in a fresh child process; --budget-gib finds the max frames")
-    p.add_argument("--variant", default="S", choices=sorted(VARIANTS))
-    p.add_argument("--frames", default="8,16,32", help="comma-separated frame counts (multiples of the tubelet)")
-    p.add_argument("--regimes", default="full,stage2,stage2-cached",
+    bench = BENCH            # defaults shared with the pipeline's membench_* parameters
+    p.add_argument("--variant", default=bench.variant, choices=sorted(VARIANTS))
+    p.add_argument("--frames", default=bench.frames, help="comma-separated frame counts (multiples of the tubelet)")
+    p.add_argument("--regimes", default=bench.regimes,
                    help="what each measured step computes: full, stage2 (frozen spatial), stage2-cached")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median reported)")
-    p.add_argument("--budget-gib", type=float, help="search the largest frame count per mode within this budget")
-    p.add_argument("--max-frames", type=int, default=2048, help="stop the budget search here")
-    p.add_argument("--spatial-chunk", type=int, default=4, help="tubelets per frozen-spatial chunk in stage 2")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--image-size", type=int, default=bench.image_size)
+    p.add_argument("--batch-size", type=int, default=bench.batch_size)
+    p.add_argument("--steps", type=int, default=bench.steps, help="timed steps after one warm-up step (median)")
+    p.add_argument("--budget-gib", type=float, default=bench.budget_gib,
+                   help="> 0: search the largest frame count per regime within this budget")
+    p.add_argument("--max-frames", type=int, default=bench.max_frames, help="stop the budget search here")
+    p.add_argument("--spatial-chunk", type=int, default=bench.spatial_chunk,
+                   help="tubelets per frozen-spatial chunk in stage 2")
+    p.add_argument("--precision", default=bench.precision, choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=INT",
                    help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
@@ -255,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "info":
             summary = model_summary(args.variant, num_frames=args.frames, image_size=args.image_size,
                                     num_classes=args.classes, adapter=args.adapter)
+            summary["runtime"] = runtime_versions()
             print(json.dumps(summary, indent=2) if args.json else _info_table(summary))
         elif args.command == "data":
             return _data(args)

@@ -3,7 +3,8 @@
 Each clip is seen as CLIPS temporal clips evenly spaced over the video × CROPS spatial crops, and
 the logits of all views are averaged (the ViViT protocol, 4 × 3 by default). Reports top-1, top-5
 (omitted with five classes or fewer), per-class accuracy and the confusion matrix; for EPIC-KITCHENS
-verb, noun and action (both right). Under torchrun each rank evaluates its own shards.
+verb, noun and action (both right). Under torchrun each rank evaluates its own shards; on XLA every device
+of the host takes a share of each batch (`sfa_vivit.runtime`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     run = extra.get("config", {})
     rt = runtime.start(device)
     model.to(rt.device)
+    batch_size = rt.per_device_multiple(batch_size)
     augment = AugmentConfig(mean=tuple(run.get("mean", AugmentConfig.mean)),
                             std=tuple(run.get("std", AugmentConfig.std)))
     dataset = ClipDataset(manifest, split, sampling="eval", num_frames=model.config.num_frames,
@@ -60,8 +62,8 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
                           num_clips=clips, num_crops=crops)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          worker_init_fn=quiet_worker)
-    metrics = evaluate_model(model, loader, device=rt.device, num_classes=manifest.num_classes, autocast=rt.autocast,
-                             confusion=True)
+    metrics = evaluate_model(model, loader, rt, num_classes=manifest.num_classes, confusion=True,
+                             batch_size=batch_size)
     metrics.update({"checkpoint": url, "data": data, "split": split, "views": views,
                     "classes": manifest.data.get("classes"), "heads": manifest.data.get("heads")})
     if out and rt.is_main:

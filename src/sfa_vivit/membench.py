@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,25 @@ from sfa_vivit.plots import line_plot
 log = logging.getLogger(__name__)
 
 REGIMES = ("full", "stage2", "stage2-cached")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What a memory benchmark measures by default: the one source of `sfa membench`'s flags, the `sfa`
+    pipeline's membench_* parameters and `benchmark()` (the paper's Table 4 asks for ViViT-B at 224 px)."""
+    variant: str = "B"
+    frames: str = "8,16,32,64,128"       # comma-separated frame counts (multiples of the tubelet)
+    regimes: str = ",".join(REGIMES)
+    image_size: int = 224
+    batch_size: int = 1
+    steps: int = 3                       # timed steps after one warm-up step (median reported)
+    budget_gib: float = 0.0              # > 0: search the largest frame count per regime within it
+    max_frames: int = 2048               # where the budget search stops
+    spatial_chunk: int = 4               # tubelets per frozen-spatial chunk in stage 2
+    precision: str = "fp32"
+
+
+BENCH = BenchOptions()
 
 
 @dataclasses.dataclass
@@ -63,25 +81,15 @@ class Setting:
             raise ValueError(f"precision={self.precision!r} is not fp32 or bf16")
 
 
-def _rss_bytes() -> int:
-    """This process's peak resident set. VmHWM (Linux) belongs to this process image alone; ru_maxrss
-    survives exec, so a child started from a large parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure(s: Setting) -> dict[str, Any]:
     """Run one setting in this process; returns times and peaks. (The CLI runs it in a child.)"""
+    from sfa_vivit import runtime
     from sfa_vivit.models import vivit
     s.validate()
-    base_rss = _rss_bytes()
-    device = torch.device(s.device)
+    base_rss = runtime.peak_rss_bytes()
+    # One device (on XLA one chip, without SPMD): the memory of one device's step is the question.
+    rt = runtime.start(s.device, s.precision, data_parallel=False)
+    device = rt.device
     model = vivit(s.variant, num_frames=s.frames, image_size=s.image_size, num_classes=s.num_classes,
                   spatial_chunk=s.spatial_chunk, **s.model)
     if s.regime != "full":
@@ -95,27 +103,27 @@ def measure(s: Setting) -> dict[str, Any]:
     else:
         inputs = {"video": torch.randn(s.batch_size, s.frames, 3, s.image_size, s.image_size, device=device)}
     labels = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+    rt.synchronize()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i in range(s.warmup + s.steps):
         start = time.perf_counter()
-        with autocast:
+        with rt.autocast:
             logits = model(**inputs)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rt.step()
+        rt.synchronize()
         if i >= s.warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else _rss_bytes()
+    peak = rt.peak_memory_bytes()
     return {**dataclasses.asdict(s), "step_s": round(step, 5), "clips_per_s": round(s.batch_size / step, 4),
             "peak_memory_bytes": peak, "base_rss_bytes": base_rss, "fits": True,
+            "xla_compilations": rt.compilations(),
             "trainable_parameters": sum(p.numel() for p in params), "total_parameters": model.num_parameters(),
             "loss_finite": bool(torch.isfinite(loss))}
 
@@ -172,10 +180,11 @@ def search_max_frames(base: Setting, budget_gib: float, *, max_frames: int = 204
             "capped": high is None, "probes": probes}
 
 
-def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size: int = 224, batch_size: int = 1,
-              budget_gib: float | None = None, out: str | None = None, steps: int = 3, device: str = "cpu",
-              precision: str = "fp32", spatial_chunk: int = 4, model: dict[str, Any] | None = None,
-              max_frames: int = 2048, timeout: float | None = 1800) -> dict[str, Any]:
+def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size: int = BENCH.image_size,
+              batch_size: int = BENCH.batch_size, budget_gib: float | None = BENCH.budget_gib, out: str | None = None,
+              steps: int = BENCH.steps, device: str = "cpu", precision: str = BENCH.precision,
+              spatial_chunk: int = BENCH.spatial_chunk, model: dict[str, Any] | None = None,
+              max_frames: int = BENCH.max_frames, timeout: float | None = 1800) -> dict[str, Any]:
     """Measure every (regime, frames), optionally search the budget; write JSON + Markdown + PNG at `out`."""
     for regime in regimes:
         if regime not in REGIMES:

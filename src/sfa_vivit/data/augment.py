@@ -252,6 +252,8 @@ def mixup(videos: torch.Tensor, targets: torch.Tensor, alpha: float,
         torch.random.set_rng_state(state)
     else:
         g = gamma.sample()
-    lam = float(g[0] / g.sum())
+    # λ stays a (CPU, 0-d) tensor: on XLA a Python number would be a constant of the graph, so every
+    # step would compile a new one.
+    lam = (g[0] / g.sum()).to(videos.dtype)
     mixed = videos * lam + videos.flip(0) * (1 - lam)
     return mixed, targets * lam + targets.flip(0) * (1 - lam)

@@ -13,10 +13,14 @@ from kfp import dsl
 from sfa_vivit.data.prep import PrepOptions
 from sfa_vivit.kubeflow import components as c
 from sfa_vivit.kubeflow import profiles
+from sfa_vivit.membench import BENCH
+from sfa_vivit.train.config import MODE_DEFAULTS, TrainConfig
 
 # Data-prep defaults come from the library (as the CLI's do); prep_workers is the pipeline's own: the prep
 # pods request 8 CPUs, where the library's 0 (one per CPU) would count the node's.
 _PREP = PrepOptions()
+# Each training step's frame count as its mode defines it (train/config.py), shown in the UI as its sets.
+_FRAMES = {mode: [f"num_frames={MODE_DEFAULTS[mode]['num_frames']}"] for mode in ("stage1", "stage2", "baseline")}
 
 # The paper's six datasets: each name is both `sfa data prep --dataset` and the training recipe.
 REPRODUCE_DATASETS = ("kinetics400", "kinetics600", "mit", "epic-kitchens-100", "ssv2", "something-else")
@@ -72,11 +76,12 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
             prep_parts: int = 1, fps: float = _PREP.fps, short_side: int = _PREP.short_side,
             shard_size: int = _PREP.shard_size, jpeg_quality: int = _PREP.jpeg_quality, prep_workers: int = 4,
             max_reject_fraction: float = _PREP.max_reject_fraction,
-            recipe: str = "kinetics400", sets: List[str] = [], stage1_sets: List[str] = ["num_frames=8"],
-            stage2_sets: List[str] = ["num_frames=32"], baseline_sets: List[str] = ["num_frames=32"],
-            run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = "B",
-            membench_frames: str = "8,16,32,64,128", membench_image_size: int = 224, membench_batch_size: int = 1,
-            membench_budget_gib: float = 0.0, membench_model_sizes: dict = {}, tracking_uri: str = "",
+            recipe: str = "kinetics400", sets: List[str] = [], stage1_sets: List[str] = _FRAMES["stage1"],
+            stage2_sets: List[str] = _FRAMES["stage2"], baseline_sets: List[str] = _FRAMES["baseline"],
+            run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = BENCH.variant,
+            membench_frames: str = BENCH.frames, membench_image_size: int = BENCH.image_size,
+            membench_batch_size: int = BENCH.batch_size, membench_budget_gib: float = BENCH.budget_gib,
+            membench_model_sizes: dict = {}, tracking_uri: str = "",
             require_tracking: bool = False):
         """SFA (stage 1 -> stage 2) and, optionally, the conventional recipe on one dataset.
 
@@ -132,7 +137,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
         evaluation = accelerated(c.evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
                                             name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent))
         membench = accelerated(c.memory_benchmark(
-            variant=membench_variant, frames=membench_frames, regimes="full,stage2,stage2-cached",
+            variant=membench_variant, frames=membench_frames, regimes=BENCH.regimes,
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
             model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent)).after(evaluation)
         report_args = dict(stage1=stage1.outputs["model"], stage2=stage2.outputs["model"],
@@ -166,6 +171,12 @@ def join_sets(a: List[str], b: List[str], fixed: List[str]) -> List[str]:
     return list(a) + list(b) + list(fixed)
 
 
+@dsl.component(base_image=c.IMAGE)
+def dataset_sets(variant: str, image_checkpoint: str, sets: List[str]) -> List[str]:
+    """One dataset's settings in `reproduce`: the variant, the image checkpoint (when given), then its own sets."""
+    return [f"variant={variant}"] + ([f"image_checkpoint={image_checkpoint}"] if image_checkpoint else []) + list(sets)
+
+
 def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operator: str = "trainjob") -> Callable:
     """The `reproduce` pipeline: the `sfa` pipeline once per dataset of the paper, with that
     dataset's recipe; a dataset whose `videos` parameter is empty is skipped."""
@@ -178,8 +189,14 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operato
                    inspect.Parameter(f"{key}_videos", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                      default="", annotation=str),
                    inspect.Parameter(f"{key}_data_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                     default="", annotation=str)]
-    params += [inspect.Parameter("prep_parts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=16, annotation=int),
+                                     default="", annotation=str),
+                   inspect.Parameter(f"{key}_sets", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default=[], annotation=List[str])]
+    params += [inspect.Parameter("variant", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=TrainConfig.variant,
+                                 annotation=str),
+               inspect.Parameter("image_checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="",
+                                 annotation=str),
+               inspect.Parameter("prep_parts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=16, annotation=int),
                inspect.Parameter("run_baseline", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                  default=True, annotation=bool),
                inspect.Parameter("tracking_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
@@ -189,21 +206,30 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operato
         for name in REPRODUCE_DATASETS:
             key = name.replace("-", "_")
             with dsl.If(kw[f"{key}_videos"] != "", name):
+                settings = _light(dataset_sets(variant=kw["variant"], image_checkpoint=kw["image_checkpoint"],
+                                               sets=kw[f"{key}_sets"]), "1", "1G")
+                settings.set_display_name(f"settings-{name}")
                 inner(dataset=name, annotations=kw[f"{key}_annotations"],
                       videos=kw[f"{key}_videos"], data_uri=kw[f"{key}_data_uri"], prep_parts=kw["prep_parts"],
-                      recipe=name, run_baseline=kw["run_baseline"], tracking_uri=kw["tracking_uri"])
+                      recipe=name, sets=settings.output, run_baseline=kw["run_baseline"],
+                      tracking_uri=kw["tracking_uri"])
 
     reproduce.__signature__ = inspect.Signature(params)
     reproduce.__annotations__ = {p.name: p.annotation for p in params}
     summary = ("The SFA paper's six datasets, each trained with its recipe (stage 1, stage 2, evaluation, "
                "memory benchmark, report; baseline optional). Leave a dataset's videos empty to skip it.")
-    described = {"prep_parts": "how many data-prep pieces run in parallel per dataset.",
+    described = {"variant": "ViViT variant of every dataset's runs (Ti, S, B, L, H, g); its sets may override it.",
+                 "image_checkpoint": "the image ViT every spatial encoder starts from (a Hugging Face folder, timm "
+                                     "or .npz; gs:// on a cluster); empty: random init.",
+                 "prep_parts": "how many data-prep pieces run in parallel per dataset.",
                  "run_baseline": "also train the conventional recipe, for comparison.",
                  "tracking_uri": "the MLflow server (empty: MLFLOW_TRACKING_URI of the pods)."}
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")
         described.update({f"{key}_annotations": f"{name}: comma-separated annotation files as released.",
                           f"{key}_videos": f"{name}: the folder or bucket prefix of its videos (empty: skip {name}).",
-                          f"{key}_data_uri": f"{name}: where its shards and manifest.json go (gs://)."})
+                          f"{key}_data_uri": f"{name}: where its shards and manifest.json go (gs://).",
+                          f"{key}_sets": f"{name}: `--set key=value` overrides of its runs (after variant and "
+                                         "image_checkpoint)."})
     reproduce.__doc__ = summary + "\n\nArgs:\n" + "\n".join(f"    {p.name}: {described[p.name]}" for p in params)
     return dsl.pipeline(name="reproduce", description=summary)(reproduce)

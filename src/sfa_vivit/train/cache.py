@@ -35,7 +35,6 @@ import time
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -43,6 +42,7 @@ from sfa_vivit.data.manifest import Manifest
 from sfa_vivit.data.reader import ClipDataset, iter_samples
 from sfa_vivit.models.vivit import ViViT
 from sfa_vivit.progress import bar as progress_bar
+from sfa_vivit.runtime import Runtime
 from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -174,12 +174,13 @@ class CacheReport:
     built_now: int                 # files computed by this call (0: the cache was complete)
 
 
-def build(model: ViViT, url: str, *, train: ClipDataset, views: int, eval_sets: dict[str, ClipDataset],
-          dtype: str = "float32", device: torch.device | str = "cpu", autocast: Any = None, batch_size: int = 8,
-          rank: int = 0, world: int = 1, progress: bool = True) -> CacheReport:
+def build(model: ViViT, url: str, rt: Runtime, *, train: ClipDataset, views: int, eval_sets: dict[str, ClipDataset],
+          dtype: str = "float32", batch_size: int = 8) -> CacheReport:
     """Compute the features of `views` training views of every clip of `train` and of every view of
     each `eval_sets` dataset (name: views text such as '2x1'), with `model`'s frozen spatial encoder,
-    at `url`. Files already there are kept (resume); a cache of other inputs raises StaleCacheError."""
+    at `url`, on `rt`'s devices (its ranks share the files; batches of `batch_size` videos, a fixed shape).
+    Files already there are kept (resume); a cache of other inputs raises StaleCacheError."""
+    rank, world = rt.rank, rt.world
     if not model.spatial_frozen:
         raise ValueError("the feature cache needs a frozen spatial encoder (freeze_spatial=true)")
     if views < 1:
@@ -190,41 +191,42 @@ def build(model: ViViT, url: str, *, train: ClipDataset, views: int, eval_sets: 
     key = _key(identity)
     if rank == 0:
         _open_index(url, identity, write=True)
-    if world > 1:
-        dist.barrier()
+    rt.barrier()
     _open_index(url, identity, write=False)
     jobs = [(train.split_name, None, train, i) for i in range(len(train.shards))]
     jobs += [(d.split_name, name, d, i) for name, d in eval_sets.items() for i in range(len(d.shards))]
     built = 0
     todo = [job for j, job in enumerate(jobs) if j % world == rank and not _exists(join(url, _file(*job[:2], job[3])))]
-    bar = progress_bar(todo, desc="feature cache", unit="shard", disable=not progress or rank != 0)
+    bar = progress_bar(todo, desc="feature cache", unit="shard", disable=rank != 0)
     for split, name, dataset, index in bar:
         start = time.perf_counter()
-        tensors = _compute(model, dataset, index, views if name is None else None, DTYPES[dtype], device,
-                           autocast, batch_size)
+        tensors = _compute(model, dataset, index, views if name is None else None, DTYPES[dtype], rt,
+                           rt.per_device_multiple(batch_size))
         meta = {"key": key, "build_time_s": f"{time.perf_counter() - start:.4f}", "source": dataset.shards[index]}
         write_bytes_atomic(join(url, _file(split, name, index)), save_safetensors(tensors, metadata=meta))
         built += 1
-    if world > 1:
-        dist.barrier()
+    rt.barrier()
     report = describe(url, key, jobs)
     report.built_now = built
     return report
 
 
 @torch.no_grad()
-def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, dtype: torch.dtype,
-             device: torch.device | str, autocast: Any, batch_size: int) -> dict[str, torch.Tensor]:
-    """Features of one data shard: train (views given) → (N, views, T', D); eval → (N, V, T', D)."""
+def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, dtype: torch.dtype, rt: Runtime,
+             batch_size: int) -> dict[str, torch.Tensor]:
+    """Features of one data shard: train (views given) → (N, views, T', D); eval → (N, V, T', D).
+    Every batch has `batch_size` videos on a lazy device (the last one padded), so that one graph serves."""
     features, labels, keys = [], [], []
     pending: list[torch.Tensor] = []
 
     def flush() -> None:
         if pending:
-            video = torch.stack(pending).to(device)
-            with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-                out = model.spatial_features(video)
-            features.extend(out.to("cpu", dtype))
+            n = len(pending)
+            if rt.lazy and n < batch_size:
+                pending.extend([torch.zeros_like(pending[0])] * (batch_size - n))
+            with rt.autocast:
+                out = model.spatial_features(rt.put(torch.stack(pending)))
+            features.extend(out.to("cpu", dtype)[:n])
             pending.clear()
 
     for sample in iter_samples([dataset.shards[index]], dataset.checksums, dataset.counts):

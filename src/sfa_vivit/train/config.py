@@ -157,7 +157,7 @@ def tiny_sets() -> list[str]:
 # Names of earlier releases: a recipe is now named after its dataset (`sfa data prep --dataset`).
 RENAMED_RECIPES = {"k400": "kinetics400", "k600": "kinetics600", "epic-kitchens": "epic-kitchens-100"}
 
-_MODE_DEFAULTS = {
+MODE_DEFAULTS = {
     "baseline": dict(num_frames=32, freeze_spatial=False, adapter=False, temporal_init="scratch"),
     "stage1": dict(num_frames=8, freeze_spatial=False, adapter=False, temporal_init="scratch"),
     "stage2": dict(num_frames=32, freeze_spatial=True, adapter=True, temporal_init="stage1"),
@@ -185,7 +185,7 @@ def resolve(mode: str, recipe: str = "kinetics400", overrides: dict[str, Any] | 
             raise ValueError(f"--set {item!r}: expected key=value")
         _set(values, key.strip(), _parse(key.strip(), text.strip()))
     config = TrainConfig(**values)
-    for key, value in _MODE_DEFAULTS[mode].items():
+    for key, value in MODE_DEFAULTS[mode].items():
         if getattr(config, key) is None:
             setattr(config, key, value)
     validate(config)

@@ -6,11 +6,25 @@ Under DDP each rank evaluates its own shards and the counts are summed.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from sfa_vivit import runtime
+from sfa_vivit.runtime import Runtime
+
+
+def _views_as_rows(batch: dict[str, Any], size: int | None) -> dict[str, Any]:
+    """On the host: the views of each clip as rows of the batch ((B, V, ...) → (B * V, ...), V in 'views'),
+    and, given `size`, B padded to `size` clips (zeros, unlabelled: -1), so that every batch has one shape."""
+    def pad(tensor: torch.Tensor, fill: int) -> torch.Tensor:
+        missing = (size or 0) - tensor.shape[0]
+        return torch.cat([tensor, tensor.new_full((missing, *tensor.shape[1:]), fill)]) if missing > 0 else tensor
+
+    batch = {k: runtime.map_tensors(v, lambda t, fill=-1 if k == "label" else 0: pad(t, fill))
+             for k, v in batch.items()}
+    name = "features" if "features" in batch else "video"
+    return {**batch, name: batch[name].flatten(0, 1), "views": batch[name].shape[1]}
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -20,51 +34,46 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_classes: int | dict[str, int],
-                   autocast: Any = None, confusion: bool = False) -> dict[str, Any]:
+def evaluate_model(model: torch.nn.Module, loader, rt: Runtime | None = None, *, num_classes: int | dict[str, int],
+                   confusion: bool = False, batch_size: int | None = None) -> dict[str, Any]:
     """Top-1/top-5 of `model` on `loader` batches {'video': (B, V, T, C, H, W), 'label'}, the logits
-    of the V views of a clip averaged.
+    of the V views of a clip averaged, on `rt`'s device(s) (default: the CPU, in this process's group).
 
     Returns {'top1', 'top5' (None with <= 5 classes), 'num_examples'} and, for several heads,
     '<head>_top1', '<head>_top5' and 'top1' = action accuracy (every head right).
     confusion: also 'confusion' (rows: true class, columns: predicted; a dict per head for several
     heads) and 'per_class_top1' (None for a class without examples).
-    Labels of -1 (unlabelled) are skipped.
+    Labels of -1 (unlabelled) are skipped. On a lazy device, counts stay on it until the end, and a
+    batch shorter than `batch_size` is padded with unlabelled rows (one shape, one graph).
     """
+    rt = rt or runtime.on_cpu()
+    device = rt.device
     heads = list(num_classes) if isinstance(num_classes, dict) else None
     sizes = dict(num_classes) if heads else {"": num_classes}
-    matrices = {h: torch.zeros(k, k, dtype=torch.float64, device=device) for h, k in sizes.items()} if confusion else {}
+    matrices = {h: torch.zeros(k, k, device=device) for h, k in sizes.items()} if confusion else {}
     # Every name from the start: under DDP a rank that got no clips still reduces the same tensor.
     names = ["n", "top1", "top5"] if heads is None else ["n", "top1", *(f"{h}_top{k}" for h in heads for k in (1, 5))]
-    counts: dict[str, float] = dict.fromkeys(names, 0.0)
+    counts: dict[str, Any] = dict.fromkeys(names, 0.0)
 
     def confuse(head: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         if confusion:
-            k = sizes[head]
             valid = labels >= 0
-            index = labels[valid] * k + logits[valid].argmax(-1)
-            matrices[head] += torch.bincount(index, minlength=k * k).view(k, k).to(torch.float64)
+            matrices[head].index_put_((labels.clamp(min=0), logits.argmax(-1)), valid.float(), accumulate=True)
 
     def add(name: str, value: torch.Tensor) -> None:
-        counts[name] += float(value.sum())
+        counts[name] = counts[name] + value.float().sum()
 
+    pad_to = batch_size if rt.lazy else None
     was_training = model.training
     model.eval()
-    ctx = autocast if autocast is not None else contextlib.nullcontext()
-    for batch in loader:
-        if "features" in batch:                     # cached spatial features (B, V, T', D)
-            features = batch["features"].to(device, non_blocking=True)
-            B, V = features.shape[:2]
-            with ctx:
-                out = model(features=features.flatten(0, 1))
-        else:
-            video = batch["video"].to(device, non_blocking=True)
-            B, V = video.shape[:2]
-            with ctx:
-                out = model(video.flatten(0, 1))
+    for batch in rt.feed(_views_as_rows(batch, pad_to) for batch in loader):
+        V = batch["views"]
+        with rt.autocast:                  # cached spatial features (B * V, T', D), or videos
+            out = model(features=batch["features"]) if "features" in batch else model(batch["video"])
+        B = (out[heads[0]] if heads else out).shape[0] // V
         if heads is None:
             logits = out.float().view(B, V, -1).mean(1)
-            labels = batch["label"].to(device)
+            labels = batch["label"]
             keep = labels >= 0
             add("n", keep)
             add("top1", topk_hits(logits, labels, 1) & keep)
@@ -73,10 +82,10 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_
         else:
             all_right = None
             # A clip counts when every head is labelled, so that every figure has the same denominator.
-            keep = torch.stack([batch["label"][h].to(device) >= 0 for h in heads]).all(0)
+            keep = torch.stack([batch["label"][h] >= 0 for h in heads]).all(0)
             for head in heads:
                 logits = out[head].float().view(B, V, -1).mean(1)
-                labels = batch["label"][head].to(device)
+                labels = batch["label"][head]
                 hit1 = topk_hits(logits, labels, 1)
                 add(f"{head}_top1", hit1 & keep)
                 add(f"{head}_top5", topk_hits(logits, labels, 5) & keep)
@@ -84,15 +93,13 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, num_
                 all_right = hit1 if all_right is None else all_right & hit1
             add("n", keep)
             add("top1", all_right & keep)
+        rt.step()
     model.train(was_training)
 
-    totals = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    counts = dict(zip(names, totals.tolist()))
-    for matrix in matrices.values():
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(matrix)
+    # One read of the device at the end; the sums over ranks on the host side of the reduction.
+    totals = torch.stack([torch.as_tensor(counts[n], device=device).float() for n in names]).cpu().double()
+    counts = dict(zip(names, rt.all_reduce(totals).cpu().tolist()))
+    matrices = {h: rt.all_reduce(m.cpu().double()).cpu() for h, m in matrices.items()}
     n = counts.pop("n", 0.0)
     result: dict[str, Any] = {"num_examples": int(n)}
     for name, value in counts.items():

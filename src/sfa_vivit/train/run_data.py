@@ -50,9 +50,8 @@ class RunData:
         c, rt = self.config, self.runtime
         views = list(dict.fromkeys([c.eval_views, c.final_eval_views])) if self.has_eval else []
         eval_sets = {v: self.eval_dataset(v) for v in views}
-        report = cache.build(model, url, train=self.train_data, views=c.cache_views, eval_sets=eval_sets,
-                             dtype=c.cache_dtype, device=rt.device, autocast=rt.autocast, batch_size=self.local_batch,
-                             rank=rt.rank, world=rt.world, progress=rt.is_main)
+        report = cache.build(model, url, rt, train=self.train_data, views=c.cache_views, eval_sets=eval_sets,
+                             dtype=c.cache_dtype, batch_size=self.local_batch)
         self.cache_report = report
         self.cached_train, self.cached_eval = cache.open_splits(report, self.train_data, eval_sets, rt.rank, rt.world,
                                                                 batch_size=c.batch_size)
@@ -72,10 +71,14 @@ class RunData:
                                              worker_init_fn=quiet_worker)
         return merge_worker_batches(loader, self.workers)
 
+    def eval_batch_size(self, views: str) -> int:
+        """Clips per evaluation batch: about a training batch's views, a multiple of this process's devices."""
+        clips, crops = parse_views(views)
+        return self.runtime.per_device_multiple(max(1, self.local_batch // (clips * crops)))
+
     def eval_batches(self, views: str) -> Iterable[dict[str, Any]]:
         """This rank's batches of the evaluation split as `views` views (from the cache when it holds them)."""
-        clips, crops = parse_views(views)
-        batch = max(1, self.local_batch // (clips * crops))
+        batch = self.eval_batch_size(views)
         if views in self.cached_eval:
             return self.cached_eval[views].eval_batches(batch)
         return torch.utils.data.DataLoader(self.eval_dataset(views), batch_size=batch, num_workers=self.config.workers,

@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from sfa_vivit import checkpoints, runtime
@@ -93,8 +92,12 @@ class Trainer:
             raise TrainError(str(e)) from None
         self.device, self.rank, self.world = self.runtime.device, self.runtime.rank, self.runtime.world
         self.is_main, self.autocast = self.runtime.is_main, self.runtime.autocast
-        if config.batch_size % self.world:
-            raise TrainError(f"batch_size={config.batch_size} is not divisible by the {self.world} ranks")
+        if config.batch_size % self.runtime.batch_multiple:
+            raise TrainError(f"batch_size={config.batch_size} is not divisible by the job's "
+                             f"{self.runtime.batch_multiple} devices ({self.runtime.describe()})")
+        if config.compile and self.runtime.kind == "xla":
+            raise TrainError("compile=true is for CPU and CUDA (torch.compile); on XLA every step is compiled "
+                             "as one graph already")
         self.local_batch = config.batch_size // self.world
         self.manifest = load_manifest(data)
         self.num_classes = self.manifest.num_classes
@@ -119,10 +122,11 @@ class Trainer:
             raise TrainError("nothing to train: every parameter is frozen (check freeze_spatial/freeze_temporal)")
         self.optimizer = make_optimizer(config, self.model)
         self.progress = _Progress()
+        self.losses = _LossWatch(self.runtime)
         if resume is not None:
             self._restore(resume, saved)
         self.ddp_model = self.model
-        if self.world > 1:
+        if self.world > 1 and self.runtime.kind != "xla":     # on XLA, SPMD reduces the gradients
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = RunData(config, self.manifest, self.runtime)
@@ -241,6 +245,8 @@ class Trainer:
             log.info("resuming on %d ranks; the run was on %d", self.world, saved)
 
     def _save_checkpoint(self) -> str:
+        """Commit the current state (after checking that no loss since the last read was non-finite)."""
+        self._read_losses()
         url = checkpoints.step_url(self.out, self.progress.step)
         if self.is_main:
             state, optimizer = checkpoints.optimizer_state(self.model, self.optimizer)
@@ -249,8 +255,7 @@ class Trainer:
                      "data": self._trained_on()}
             checkpoints.save(self.model, url, extra=extra, state=state)
             checkpoints.prune_steps(self.out, self.config.keep_checkpoints)
-        if self.world > 1:
-            dist.barrier()
+        self.runtime.barrier()
         return url
 
     # ------------------------------------------------------------------------------------------
@@ -273,19 +278,20 @@ class Trainer:
             if c.cache_views and self.data.cached_train is None:
                 self._prepare_cache()
             while p.epoch < c.epochs:
-                loader = self.data.epoch_batches(p.epoch, p.step_in_epoch)
+                loader = self.runtime.feed(self.data.epoch_batches(p.epoch, p.step_in_epoch))
                 start = time.perf_counter()
                 session_start_elapsed = p.epoch_elapsed_s
                 for batch in self._batches(loader):
-                    loss = self._step(batch)
-                    p.epoch_loss_sum += loss
+                    self._step(batch)
                     p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
                     steps_this_call += 1
-                    if p.step % c.log_every == 0 and self.is_main:
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g", p.epoch + 1, c.epochs,
-                                 p.step_in_epoch, self.steps_per_epoch, loss, lr)
-                        self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
+                    if p.step % c.log_every == 0:
+                        loss = self._read_losses()      # the one host sync of a lazy device's steps
+                        if self.is_main:
+                            lr = self.optimizer.param_groups[0]["lr"]
+                            log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g", p.epoch + 1, c.epochs,
+                                     p.step_in_epoch, self.steps_per_epoch, loss, lr)
+                            self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
                     if self._should_stop():
                         self._stop()
                     if stop_after_steps is not None and steps_this_call >= stop_after_steps:
@@ -295,6 +301,8 @@ class Trainer:
                     if (c.checkpoint_every and p.step % c.checkpoint_every == 0
                             and p.step_in_epoch < self.steps_per_epoch):
                         self._save_checkpoint()
+                self.runtime.synchronize()
+                p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
                 self._end_epoch()
             return self._finish()
         finally:
@@ -329,11 +337,12 @@ class Trainer:
         c, p = self.config, self.progress
         # Every random draw of a step (dropout, drop-path, mixup) is a function of (seed, step, rank).
         step_seed = _seed(c.seed, p.step, self.rank)
-        torch.manual_seed(step_seed)
-        # Videos, or cached spatial features (mixup then mixes features: linear, like the first layer).
+        self.runtime.seed(step_seed)
+        # Videos, or cached spatial features (mixup then mixes features: linear, like the first layer),
+        # already on the device (`Runtime.feed`).
         name = "features" if "features" in batch else "video"
-        inputs = batch[name].to(self.device, non_blocking=True)
-        targets = soft_targets(batch["label"], self.num_classes, c.label_smoothing).to(self.device)
+        inputs = batch[name]
+        targets = soft_targets(batch["label"], self.num_classes, c.label_smoothing)
         if c.mixup_alpha > 0:
             inputs, targets = mixup(inputs, targets, c.mixup_alpha, torch.Generator().manual_seed(step_seed))
         lr = learning_rate_at(c, p.step, self.steps_per_epoch)
@@ -342,23 +351,45 @@ class Trainer:
         with self.autocast:
             out = self.ddp_model(**{name: inputs})
         loss = soft_target_loss(out, targets, self.num_classes)
-        finite = self.runtime.all_reduce(torch.isfinite(loss.detach()).float(), "min")
-        if finite.item() < 1:
-            url = self._save_checkpoint()
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {p.step} (epoch {p.epoch + 1}, batch "
-                                f"{p.step_in_epoch + 1}); stopped before applying it. Last good state: {url}")
+        if not self.runtime.lazy:
+            # Reading the loss costs nothing here: check it before applying it.
+            finite = self.runtime.all_reduce(torch.isfinite(loss.detach()).float(), "min")
+            if finite.item() < 1:
+                url = self._save_checkpoint()
+                raise NonFiniteLoss(f"loss is {loss.item()} at step {p.step} (epoch {p.epoch + 1}, batch "
+                                    f"{p.step_in_epoch + 1}); stopped before applying it. Last good state: {url}")
+        self.losses.add(loss, p.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, c.grad_clip)
         self.optimizer.step()
-        self.runtime.mark_step()
+        self.runtime.step()
         p.step += 1
         p.step_in_epoch += 1
-        return loss.item()
+
+    def _read_losses(self) -> float | None:
+        """Read the losses of the steps since the last read (one host sync on a lazy device): add them to
+        the epoch's sum and return the last one. Raises NonFiniteLoss when one was not finite on any rank:
+        nothing after the last committed checkpoint is kept."""
+        p = self.progress
+        read = self.losses.read()
+        bad = self.runtime.all_reduce(torch.tensor([0.0 if read is None else float(read.bad)]), "max")
+        if bad.item() > 0:
+            last = checkpoints.latest_step(self.out)
+            first = read.first_step if read is not None else p.step
+            raise NonFiniteLoss(f"loss is not finite ({read.last if read else 'on another rank'}) at a step "
+                                f"between {first} and {p.step - 1} (read every log_every={self.config.log_every} "
+                                "steps on this device); nothing after it was committed. Last good state: "
+                                f"{last or 'none (no checkpoint yet)'}")
+        if read is None:
+            return None
+        p.epoch_loss_sum += read.total
+        return read.last
 
     def _end_epoch(self) -> None:
         c, p = self.config, self.progress
+        self._read_losses()
         epoch_time = p.epoch_elapsed_s
         p.train_time_s += epoch_time
         clips = self.steps_per_epoch * c.batch_size
@@ -368,6 +399,8 @@ class Trainer:
                                   "peak_memory_bytes": self.runtime.peak_memory_bytes()}
         if self.data.has_eval and c.eval_every and ((p.epoch + 1) % c.eval_every == 0 or p.epoch + 1 == c.epochs):
             record.update(self._evaluate(c.eval_views))
+        if self.runtime.kind == "xla":       # flat after the first epoch when no step makes a new graph
+            record["xla_compilations"] = self.runtime.compilations()
         p.history.append(record)
         p.epoch += 1
         p.step_in_epoch = 0
@@ -382,8 +415,8 @@ class Trainer:
         self._save_checkpoint()
 
     def _evaluate(self, views: str) -> dict[str, Any]:
-        return evaluate_model(self.model, self.data.eval_batches(views), device=self.device,
-                              num_classes=self.num_classes, autocast=self.autocast)
+        return evaluate_model(self.model, self.data.eval_batches(views), self.runtime, num_classes=self.num_classes,
+                              batch_size=self.data.eval_batch_size(views))
 
     # ------------------------------------------------------------------------------------------
     # Cleanup
@@ -394,10 +427,12 @@ class Trainer:
         metrics = run_metrics(c, p, self.model, world=self.world, cache_report=self.data.cache_report, final=final,
                               peak_memory=self.runtime.peak_memory_bytes())
         model = self.model
-        if self.world > 1:
-            digests = [None] * self.world
-            dist.all_gather_object(digests, metrics["weights_sha256"])
-            metrics["ranks_identical"] = len(set(digests)) == 1
+        if self.world > 1 or self.runtime.devices > 1:
+            digests = self.runtime.all_gather_object(metrics["weights_sha256"])
+            metrics["ranks_identical"] = (len(set(digests)) == 1
+                                          and self.runtime.replicas_identical(model.state_dict().values()))
+        metrics["runtime"] = {"device": self.runtime.kind, "devices": self.runtime.devices, "ranks": self.world,
+                              "xla_compilations": self.runtime.compilations(), **runtime.versions()}
         if self.is_main:
             self.tracker.log_metrics({"train_time_s": metrics["train_time_s"],
                                       **{f"final_{k}": v for k, v in final.items() if isinstance(v, (int, float))}},
@@ -423,8 +458,7 @@ class Trainer:
             log.info("done: %s in %.1f s of training (%d steps); final top-1 %s (%s views); model %s, metrics %s",
                      c.mode, metrics["train_time_s"], p.step, f"{top1:.2f}%" if top1 is not None else "n/a",
                      c.final_eval_views, join(self.out, checkpoints.FINAL_MODEL), join(self.out, "metrics.json"))
-        if self.world > 1:
-            dist.barrier()
+        self.runtime.barrier()
         return metrics
 
     # ------------------------------------------------------------------------------------------
@@ -448,14 +482,14 @@ class Trainer:
     def _banner(self) -> None:
         """What this run is about to do, before the first step."""
         c, p, m = self.config, self.progress, self.model
-        bf16 = isinstance(self.autocast, torch.autocast)
+        bf16 = self.runtime.bf16
         lines = [
             f"sfa train: {c.mode} ({c.recipe} recipe) on {self.data_url}",
             f"  model      ViViT-{c.variant} FE, {c.num_frames} frames at {c.image_size} px; "
             f"{m.num_parameters(trainable=True) / 1e6:.2f}M of {m.num_parameters() / 1e6:.2f}M parameters trained",
             f"  data       {self.manifest.split(c.train_split)['num_samples']} training clips, {self.steps_per_epoch} "
             f"steps per epoch of {c.batch_size} clips, {c.epochs} epochs",
-            f"  compute    {self.world} rank(s) on {self.device.type}, {'bf16 autocast' if bf16 else 'fp32'}",
+            f"  compute    {self.runtime.describe()}, {'bf16 autocast' if bf16 else 'fp32'}",
             f"  outputs    {self.out} (checkpoints every "
             f"{f'{c.checkpoint_every} steps' if c.checkpoint_every else 'epoch'}; "
             f"{f'resuming at step {p.step}' if p.step else 'a new run'})",
@@ -478,6 +512,48 @@ class Trainer:
     def _should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_signal else 0.0])
         return bool(self.runtime.all_reduce(flag, "max").item())
+
+
+@dataclasses.dataclass
+class _LossRead:
+    total: float          # the sum of the losses read
+    last: float           # the last step's loss
+    bad: bool             # one of them was not finite
+    first_step: int       # the step of the first of them
+
+
+class _LossWatch:
+    """The training losses kept on the device between reads, so that a step never waits for the host.
+    A read leaves zeroed sums behind that the device has computed (buffers, like the sums of any step,
+    not constants of the next step's graph), so every step after the first has the same graph."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.rt = rt
+        self.sum: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+        self.bad: torch.Tensor | None = None
+        self.first_step: int | None = None
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.sum is None:
+            self.sum, self.bad = torch.zeros_like(loss), torch.zeros_like(loss)
+        if self.first_step is None:
+            self.first_step = step
+        self.sum = self.sum + loss
+        self.bad = torch.maximum(self.bad, (~torch.isfinite(loss)).float())
+        self.last = loss
+
+    def read(self) -> _LossRead | None:
+        """The losses since the last read (None when there were none); empties the watch."""
+        if self.first_step is None:
+            return None
+        total, last, bad = torch.stack([self.sum, self.last, self.bad]).cpu().tolist()
+        read = _LossRead(total, last, bad > 0, self.first_step)
+        self.sum, self.bad = torch.zeros_like(self.sum), torch.zeros_like(self.bad)
+        self.rt.step()
+        self.first_step = None
+        return read
 
 
 ARCHITECTURE_FIELDS = ("variant", "model", "image_size")
