@@ -345,6 +345,26 @@ def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavou
         runner.set_image(out, "two words")
 
 
+def test_reproduce_takes_per_dataset_sets_a_variant_and_an_image_checkpoint():
+    """Each dataset's runs get the shared variant and image checkpoint, then the dataset's own sets, through a
+    settings step whose output is the inner pipeline's `sets`."""
+    import yaml
+
+    from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS, dataset_sets
+    inputs = runner.pipeline_inputs(str(ROOT / "pipelines" / "reproduce-tpu-v3-8.yaml"))
+    assert inputs["variant"] == "B" and inputs["image_checkpoint"] == ""
+    for name in REPRODUCE_DATASETS:
+        assert inputs[f"{name.replace('-', '_')}_sets"] == [], name
+    spec = next(yaml.safe_load_all(open(ROOT / "pipelines" / "reproduce-tpu-v3-8.yaml")))
+    text = json.dumps(spec)
+    for name in REPRODUCE_DATASETS:
+        assert f'"settings-{name}"' in text, name
+    settings = dataset_sets.python_func
+    assert settings(variant="L", image_checkpoint="gs://b/vit-l", sets=["epochs=3", "variant=H"]) == \
+        ["variant=L", "image_checkpoint=gs://b/vit-l", "epochs=3", "variant=H"]       # later wins: H
+    assert settings(variant="B", image_checkpoint="", sets=[]) == ["variant=B"]
+
+
 def test_the_first_data_step_names_a_parameter_that_cannot_work():
     """The compiled `sfa` pipeline's defaults fail here, at the first data step, naming what is missing."""
     from sfa_vivit.kubeflow import steps
@@ -434,9 +454,28 @@ def test_tpu_profiles_hold_the_documented_values(tmp_path):
                                                                  target="vertex"))))
     train = spec["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["resources"]["accelerator"]
     assert (train["resourceType"], int(train["resourceCount"])) == ("TPU_V3", 8)      # Vertex counts v3 cores
+    # TPU v5e on Vertex AI: every accelerated step is a custom job on ct5lp-hightpu-8t with its topology, running
+    # our TPU image; the job's launcher keeps Google Cloud Pipeline Components' image.
+    spec = next(yaml.safe_load_all(open(runner.compile_pipeline("sfa", "tpu-v5e-8", str(tmp_path / "v5e.yaml"),
+                                                                 target="vertex"))))
+    jobs = {name: comp["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
+            for name, comp in spec["components"].items()
+            if "worker_pool_specs" in comp.get("inputDefinitions", {}).get("parameters", {})}
+    assert {"comp-train-stage1", "comp-train-stage2", "comp-train-baseline", "comp-evaluate",
+            "comp-memory-benchmark"} <= set(jobs)
+    for name, pools in jobs.items():
+        assert [p["machine_spec"] for p in pools] == [{"machine_type": "ct5lp-hightpu-8t", "tpu_topology": "2x4",
+                                                       "accelerator_type": "TPU_V5_LITEPOD",
+                                                       "accelerator_count": 8}], name
+        assert {p["container_spec"]["image_uri"] for p in pools} == {image_for("tpu")}, name
+    launchers = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()
+                 if "--type" in e["container"].get("args", [])}
+    assert launchers and all(runner.GCPC_IMAGE in image for image in launchers), launchers
+    with pytest.raises(ValueError, match="tpu-v4-8 has no Vertex AI equivalent"):
+        runner.compile_pipeline("sfa", "tpu-v4-8", str(tmp_path / "v4.yaml"), target="vertex")
 
 
-@pytest.mark.parametrize("profile", sorted(profiles.PROFILES))
+@pytest.mark.parametrize("profile", sorted(p.name for p in profiles.PROFILES.values() if p.vertex))
 def test_the_vertex_compile_stays_within_vertex_caps_and_has_no_kubernetes_settings(tmp_path, profile):
     docs = list(yaml.safe_load_all(open(runner.compile_pipeline("sfa", profile, str(tmp_path / "v.yaml"),
                                                                 target="vertex"))))
@@ -445,7 +484,7 @@ def test_the_vertex_compile_stays_within_vertex_caps_and_has_no_kubernetes_setti
         resources = executor["container"].get("resources", {})
         # The check below is not vacuous (a multi-node profile's training step is a custom job: its machines
         # are named in the worker pools, tests/test_trainjob.py).
-        assert name != "exec-train-stage2" or "resourceCpuLimit" in resources or profiles.get(profile).nodes > 1
+        assert name != "exec-train-stage2" or "resourceCpuLimit" in resources or profiles.get(profile).vertex_custom_job
         cpu = float(resources.get("resourceCpuLimit", resources.get("cpuLimit", 0)) or 0)
         memory = str(resources.get("resourceMemoryLimit", resources.get("memoryLimit", "0")) or "0")
         assert cpu <= profiles.VERTEX_MAX_CPU, (name, cpu)

@@ -50,18 +50,27 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
     """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES). operator: what runs a multi-node
     profile's training on Kubeflow, 'trainjob' (Kubeflow Trainer v2) or 'pytorchjob' (Training Operator v1)."""
     prof = profiles.get(profile)
+    if target == "vertex" and not prof.vertex:
+        raise ValueError(f"profile {profile} has no Vertex AI equivalent (Vertex AI training offers TPU v2, v3 "
+                         "and v5e); compile it for Kubeflow on GKE, or use tpu-v5e-8 on Vertex AI")
+    # On Vertex AI with a TPU topology, the accelerated steps are custom jobs on the profile's machine.
+    custom_jobs = target == "vertex" and prof.vertex_tpu_topology is not None
 
     def accelerated(task: Any) -> Any:
-        return _retried(profiles.apply(task, prof, target=target))
+        return _retried(task if custom_jobs else profiles.apply(task, prof, target=target))
 
     cluster = ""
     train_components = {"stage1": c.train_stage1, "stage2": c.train_stage2, "baseline": c.train_baseline}
+    evaluate, memory_benchmark = c.evaluate, c.memory_benchmark
     if prof.nodes > 1:
         from sfa_vivit.kubeflow.trainjob import node_spec
         cluster = node_spec(prof, engine=operator).to_json()
-        if target == "vertex":
-            train_components = {mode: profiles.vertex_custom_job(component, prof)
-                                for mode, component in train_components.items()}
+    if target == "vertex" and prof.vertex_custom_job:
+        train_components = {mode: profiles.vertex_custom_job(component, prof)
+                            for mode, component in train_components.items()}
+    if custom_jobs:
+        evaluate, memory_benchmark = (profiles.vertex_custom_job(component, prof)
+                                      for component in (c.evaluate, c.memory_benchmark))
 
     def trainer(task: Any) -> Any:
         """A training step: on the profile's node; on Kubeflow with nodes > 1 a small launcher pod that submits
@@ -134,9 +143,9 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
         stage2 = trainer(train_components["stage2"](data=data, stage1=stage1.outputs["model"], recipe=recipe,
                                         sets=_concat(sets, stage2_sets, prof), tracking_uri=tracking_uri,
                                         parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
-        evaluation = accelerated(c.evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
+        evaluation = accelerated(evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
                                             name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent))
-        membench = accelerated(c.memory_benchmark(
+        membench = accelerated(memory_benchmark(
             variant=membench_variant, frames=membench_frames, regimes=BENCH.regimes,
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
             model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent)).after(evaluation)
@@ -147,7 +156,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
             baseline = trainer(train_components["baseline"](
                 data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof), tracking_uri=tracking_uri,
                 parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
-            baseline_eval = accelerated(c.evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
+            baseline_eval = accelerated(evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
                                                    parent_run_id=parent))
             _fresh(_light(c.report(baseline=baseline.outputs["model"],

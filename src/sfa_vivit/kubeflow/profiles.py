@@ -9,8 +9,8 @@
     gpu-a100-x4  4 nodes x nvidia.com/gpu x 8        gke-accelerator=nvidia-tesla-a100            (GKE only)
     gpu-h100-x4  4 nodes x nvidia.com/gpu x 8        gke-accelerator=nvidia-h100-80gb             (GKE only)
     tpu-v3-8     google.com/tpu x 4 (8 cores)        gke-tpu-accelerator=tpu-v3-device, 2x2       TPU_V3 x 8 cores
-    tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   TPU_V4_POD
-    tpu-v5e-8    google.com/tpu x 8                  gke-tpu-accelerator=tpu-v5-lite-podslice 2x4 TPU_V5_LITEPOD
+    tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   (GKE only)
+    tpu-v5e-8    google.com/tpu x 8                  gke-tpu-accelerator=tpu-v5-lite-podslice 2x4 ct5lp-hightpu-8t, 2x4
 
 GPU profiles run training under torchrun with one process per GPU; TPU profiles select
 `device=xla`. A profile with `nodes` > 1 trains on that many nodes: on Kubeflow its training steps
@@ -40,7 +40,14 @@ class Profile:
     device: str = "cpu"                     # the trainer's device setting
     shm_size: str = "16Gi"
     nodes: int = 1                          # > 1: training steps submit a multi-node TrainJob
-    vertex_machine_type: str | None = None  # multi-node on Vertex AI: every worker pool's machine
+    vertex_machine_type: str | None = None  # Vertex AI custom jobs (multi-node, TPU v5e): every worker's machine
+    vertex_tpu_topology: str | None = None  # Vertex AI TPU v5e: the slice's topology (MachineSpec.tpuTopology)
+    vertex: bool = True                     # Vertex AI can run it (its training offers TPU v2, v3 and v5e)
+
+    @property
+    def vertex_custom_job(self) -> bool:
+        """On Vertex AI its accelerated steps run as custom jobs (worker pools name the machine and topology)."""
+        return self.nodes > 1 or self.vertex_tpu_topology is not None
 
     @property
     def image_flavour(self) -> str:
@@ -87,12 +94,18 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             vertex_accelerator="TPU_V3", vertex_accelerator_count=8, device="xla", tolerations=_TPU_TAINT,
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v3-device"),
                            ("cloud.google.com/gke-tpu-topology", "2x2"))),
+    # Vertex AI training offers TPU v2, v3 and v5e VMs, not v4
+    # (https://cloud.google.com/vertex-ai/docs/training/training-with-tpu-vm): v4 runs on GKE only.
     Profile("tpu-v4-8", cpu="200", memory="400G", accelerator="google.com/tpu", accelerator_count=4,
-            vertex_accelerator="TPU_V4_POD", device="xla", tolerations=_TPU_TAINT,
+            vertex_accelerator="TPU_V4_POD", device="xla", tolerations=_TPU_TAINT, vertex=False,
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v4-podslice"),
                            ("cloud.google.com/gke-tpu-topology", "2x2x1"))),
+    # On Vertex AI a v5e host is the machine ct5lp-hightpu-8t with MachineSpec.tpuTopology, which the SDK calls
+    # "required for TPU v5" (https://cloud.google.com/vertex-ai/docs/reference/rest/v1/MachineSpec); 8 chips
+    # on one host are the topology 2x4 (https://cloud.google.com/tpu/docs/supported-tpu-configurations).
     Profile("tpu-v5e-8", cpu="200", memory="180G", accelerator="google.com/tpu", accelerator_count=8,
             vertex_accelerator="TPU_V5_LITEPOD", device="xla", tolerations=_TPU_TAINT,
+            vertex_machine_type="ct5lp-hightpu-8t", vertex_tpu_topology="2x4",
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v5-lite-podslice"),
                            ("cloud.google.com/gke-tpu-topology", "2x4"))),
 )}
@@ -141,14 +154,19 @@ def apply(task: Any, profile: Profile, *, target: str = "kubeflow") -> Any:
 
 def vertex_custom_job(component: Any, profile: Profile) -> Any:
     """`component` as a Vertex AI custom job of `profile.nodes` machines (Google Cloud Pipeline Components):
-    the chief in worker pool 0, the other nodes in worker pool 1, each machine with the profile's GPUs
+    the chief in worker pool 0, the other nodes in worker pool 1, each machine with the profile's GPUs or TPU slice
     (https://cloud.google.com/vertex-ai/docs/training/distributed-training). Every machine runs the step;
     the step sees CLUSTER_SPEC and starts its node of one torchrun job (train/launch.py)."""
     from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
-    return create_custom_training_job_from_component(
+    job = create_custom_training_job_from_component(
         component, replica_count=profile.nodes, machine_type=profile.vertex_machine_type,
-        accelerator_type=profile.vertex_accelerator, accelerator_count=profile.accelerator_count,
+        accelerator_type=profile.vertex_accelerator,
+        accelerator_count=profile.vertex_accelerator_count or profile.accelerator_count,
         restart_job_on_worker_restart=True)
+    if profile.vertex_tpu_topology:      # Google Cloud Pipeline Components has no argument for it
+        for pool in job.component_spec.inputs["worker_pool_specs"].default:
+            pool["machine_spec"]["tpu_topology"] = profile.vertex_tpu_topology
+    return job
 
 
 def as_config_map(namespace: str = "sfa-vivit") -> dict[str, Any]:

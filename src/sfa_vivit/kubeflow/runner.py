@@ -56,18 +56,23 @@ def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow"
     return out
 
 
+GCPC_IMAGE = "google-cloud-pipeline-components"   # in the name of the launcher image Vertex custom jobs start
+
+
 def set_image(package: str, image: str, out: str | None = None) -> str:
-    """Write `package` (compiled pipeline YAML) to `out` (default: in place) with every executor running
-    `image`. Returns the path written."""
+    """Write `package` (compiled pipeline YAML) to `out` (default: in place) with every step running `image`
+    (a Vertex custom job's machines too; its launcher keeps its own image). Returns the path written."""
     import yaml
     if not image or any(c.isspace() for c in image):
         raise PipelineError(f"--image {image!r} is not an image reference")
     with open(package) as f:
         docs = list(yaml.safe_load_all(f))
     for executor in docs[0].get("deploymentSpec", {}).get("executors", {}).values():
-        if "container" in executor:
+        # A Vertex custom job's executor is Google Cloud Pipeline Components' launcher, in its own image
+        # (our images do not carry it); the job's machines run our image, set in its worker pools below.
+        if "container" in executor and GCPC_IMAGE not in executor["container"].get("image", ""):
             executor["container"]["image"] = image
-    for component in docs[0].get("components", {}).values():     # Vertex custom jobs (multi-node profiles)
+    for component in docs[0].get("components", {}).values():     # Vertex custom jobs (multi-node, TPU v5e)
         pools = component.get("inputDefinitions", {}).get("parameters", {}).get("worker_pool_specs", {})
         for pool in pools.get("defaultValue") or []:
             pool["container_spec"]["image_uri"] = image
