@@ -438,6 +438,7 @@ DOCUMENTED_TPUS = {
     "tpu-v3-8": ("tpu-v3-device", "2x2", 4),
     "tpu-v4-8": ("tpu-v4-podslice", "2x2x1", 4),
     "tpu-v5e-8": ("tpu-v5-lite-podslice", "2x4", 8),
+    "tpu-v3-64": ("tpu-v3-slice", "4x8", 4),        # multi-host: 32 chips on 8 hosts of 4
 }
 
 
@@ -450,6 +451,9 @@ def test_tpu_profiles_hold_the_documented_values(tmp_path):
         assert dict(p.node_selector) == {"cloud.google.com/gke-tpu-accelerator": accelerator,
                                          "cloud.google.com/gke-tpu-topology": topology}, name
         assert ("google.com/tpu", "Exists", "NoSchedule") in p.tolerations and p.image_flavour == "tpu", name
+        rows, cols = (int(x) for x in topology.split("x")[:2])
+        assert p.nodes * chips == rows * cols * (int(topology.split("x")[2]) if topology.count("x") == 2 else 1), name
+        assert p.launcher == "python" and p.nproc == 1, name
     spec = next(yaml.safe_load_all(open(runner.compile_pipeline("sfa", "tpu-v3-8", str(tmp_path / "v.yaml"),
                                                                  target="vertex"))))
     train = spec["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["resources"]["accelerator"]

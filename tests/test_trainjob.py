@@ -11,6 +11,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from sfa_vivit import runtime
 from sfa_vivit.kubeflow import profiles, runner
 from sfa_vivit.kubeflow.trainjob import (
     JobFailed,
@@ -78,6 +79,41 @@ def test_the_v1_pytorchjob_is_a_setting_away_and_its_pods_pass_the_kubernetes_sc
     template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                 "template": replicas["Worker"]["template"]}
     kubernetes_validate.validate(template, "1.30", strict=True)
+
+
+def test_a_multi_host_tpu_slice_runs_one_python_process_per_host():
+    """tpu-v3-64 (the paper's 64 v3 TensorCores): 8 hosts of 4 chips; each node runs one process (no torchrun)
+    that drives its host's chips; the hosts' ranks come from the pod environment (runtime.hosts_env)."""
+    spec = node_spec(profiles.get("tpu-v3-64"))
+    assert (spec.nodes, spec.procs_per_node, spec.launcher) == (8, 1, "python")
+    body = train_job("sfa-stage1-x", "kubeflow", spec, image="reg/sfa-vivit:1-tpu", spec_json=SPEC_JSON)
+    trainer = body["spec"]["trainer"]
+    assert trainer["command"] == ["python"] and trainer["args"][:2] == ["-m", "sfa_vivit.train.launch"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (8, 1)
+    assert trainer["resourcesPerNode"]["limits"]["google.com/tpu"] == "4"
+    pod = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert pod["template"]["spec"]["template"]["spec"]["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v3-slice", "cloud.google.com/gke-tpu-topology": "4x8"}
+    check_train_job(body)
+    v1 = pytorch_job("sfa-stage1-x", "kubeflow", node_spec(profiles.get("tpu-v3-64"), engine="pytorchjob"),
+                     image="reg/sfa-vivit:1-tpu", spec_json=SPEC_JSON)
+    container = v1["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python"] and "--node_rank=$(RANK)" not in container["args"]
+    # A Trainer node's PET_* variables, when GKE's TPU variables are absent, give the hosts' ranks.
+    env = {"PET_NNODES": "8", "PET_NODE_RANK": "3", "PET_MASTER_ADDR": "sfa-stage1-x-node-0-0.sfa-stage1-x",
+           "PET_MASTER_PORT": "29400"}
+    assert runtime.hosts_env(env) == {"RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": env["PET_MASTER_ADDR"],
+                                      "MASTER_PORT": "29400"}
+    with pytest.raises(ValueError, match="tpu-v3-64 has no Vertex AI equivalent"):
+        runner.compile_pipeline("sfa", "tpu-v3-64", "/dev/null", target="vertex")
+    # In the checked-in pipeline, training steps are launcher pods; evaluation and the benchmark, one pod each,
+    # go to a single-host v3-8 (a multi-host slice's hosts only run together).
+    spec, platform = yaml.safe_load_all((Path(runner.__file__).parents[3] / "pipelines" / "sfa-tpu-v3-64.yaml")
+                                        .read_text())
+    selectors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("exec-evaluate", "exec-memory-benchmark"):
+        assert selectors[step]["nodeSelector"]["labels"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v3-device"
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train-stage1"]["container"]["resources"]
 
 
 def test_the_multi_node_pipeline_trains_through_a_launcher_pod(tmp_path):

@@ -304,11 +304,20 @@ def _start_xla(data_parallel: bool) -> tuple[torch.device, int, Any]:
 
 def hosts_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """On a multi-host TPU slice: torch.distributed's variables (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) from the ones GKE injects (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES), set in `env` (default
-    os.environ) unless already set; returns what it set ({} on one host)."""
+    MASTER_PORT) from the ones GKE injects (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES), or else from those of a
+    Kubeflow Trainer node (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT), set in `env`
+    (default os.environ) unless already set; returns what it set ({} on one host)."""
     env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        return {}
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if len(hosts) < 2 or "WORLD_SIZE" in env:
+    if len(hosts) < 2 and int(env.get("PET_NNODES", "1") or 1) > 1:
+        values = {"RANK": env.get("PET_NODE_RANK", "0"), "WORLD_SIZE": env["PET_NNODES"],
+                  "MASTER_ADDR": env.get("PET_MASTER_ADDR", "localhost"),
+                  "MASTER_PORT": env.get("PET_MASTER_PORT", DEFAULT_MASTER_PORT)}
+        env.update(values)
+        return values
+    if len(hosts) < 2:
         return {}
     try:
         worker = int(env["TPU_WORKER_ID"])

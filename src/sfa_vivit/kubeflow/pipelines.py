@@ -56,8 +56,12 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
     # On Vertex AI with a TPU topology, the accelerated steps are custom jobs on the profile's machine.
     custom_jobs = target == "vertex" and prof.vertex_tpu_topology is not None
 
-    def accelerated(task: Any) -> Any:
-        return _retried(task if custom_jobs else profiles.apply(task, prof, target=target))
+    def accelerated(task: Any, on: profiles.Profile = prof) -> Any:
+        return _retried(task if custom_jobs else profiles.apply(task, on, target=target))
+
+    # Evaluation and the benchmark run in one pod: on a multi-host TPU slice, whose hosts only run together,
+    # that pod goes to a single-host slice of the same TPU instead.
+    one_pod = profiles.get(prof.single_host) if prof.single_host else prof
 
     cluster = ""
     train_components = {"stage1": c.train_stage1, "stage2": c.train_stage2, "baseline": c.train_baseline}
@@ -144,11 +148,13 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                                         sets=_concat(sets, stage2_sets, prof), tracking_uri=tracking_uri,
                                         parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
         evaluation = accelerated(evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
-                                            name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent))
+                                            name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent),
+                                 one_pod)
         membench = accelerated(memory_benchmark(
             variant=membench_variant, frames=membench_frames, regimes=BENCH.regimes,
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
-            model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent)).after(evaluation)
+            model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent),
+            one_pod).after(evaluation)
         report_args = dict(stage1=stage1.outputs["model"], stage2=stage2.outputs["model"],
                            evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
                            tracking_uri=tracking_uri, parent_run_id=parent)
@@ -158,7 +164,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                 parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
             baseline_eval = accelerated(evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
-                                                   parent_run_id=parent))
+                                                   parent_run_id=parent), one_pod)
             _fresh(_light(c.report(baseline=baseline.outputs["model"],
                                    baseline_evaluation=baseline_eval.outputs["results"], **report_args)))
         with dsl.Else("no-baseline"):

@@ -11,9 +11,12 @@
     tpu-v3-8     google.com/tpu x 4 (8 cores)        gke-tpu-accelerator=tpu-v3-device, 2x2       TPU_V3 x 8 cores
     tpu-v4-8     google.com/tpu x 4                  gke-tpu-accelerator=tpu-v4-podslice, 2x2x1   (GKE only)
     tpu-v5e-8    google.com/tpu x 8                  gke-tpu-accelerator=tpu-v5-lite-podslice 2x4 ct5lp-hightpu-8t, 2x4
+    tpu-v3-64    8 hosts x google.com/tpu x 4        gke-tpu-accelerator=tpu-v3-slice, 4x8        (GKE only)
 
 GPU profiles run training under torchrun with one process per GPU; TPU profiles select
-`device=xla`. A profile with `nodes` > 1 trains on that many nodes: on Kubeflow its training steps
+`device=xla`, one process per host driving every chip of the host (SPMD). tpu-v3-64 is the paper's setup
+("64 v3 TPUs", i.e. 64 TensorCores: 32 chips), a multi-host slice of 8 hosts.
+A profile with `nodes` > 1 trains on that many nodes: on Kubeflow its training steps
 run in a small launcher pod that submits a Kubeflow Trainer TrainJob (kubeflow/trainjob.py) with the
 profile's per-node resources; on Vertex AI they are custom jobs with worker pools; its evaluation and
 benchmark steps use one node. Every profile mounts a memory-backed emptyDir at /dev/shm (DataLoader
@@ -43,6 +46,7 @@ class Profile:
     vertex_machine_type: str | None = None  # Vertex AI custom jobs (multi-node, TPU v5e): every worker's machine
     vertex_tpu_topology: str | None = None  # Vertex AI TPU v5e: the slice's topology (MachineSpec.tpuTopology)
     vertex: bool = True                     # Vertex AI can run it (its training offers TPU v2, v3 and v5e)
+    single_host: str | None = None          # multi-host TPU: the profile evaluation and the benchmark run on
 
     @property
     def vertex_custom_job(self) -> bool:
@@ -53,6 +57,12 @@ class Profile:
     def image_flavour(self) -> str:
         """The image its steps run: tpu (torch-xla) for TPU profiles, cuda for GPUs, cpu otherwise."""
         return {"xla": "tpu", "cuda": "cuda"}.get(self.device, "cpu")
+
+    @property
+    def launcher(self) -> str:
+        """How a node starts its training processes: torchrun (one per GPU), or python (one per host: on
+        XLA that process drives every chip of the host, and a slice's hosts find each other by themselves)."""
+        return "python" if self.device == "xla" else "torchrun"
 
     @property
     def nproc(self) -> int:
@@ -100,6 +110,14 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             vertex_accelerator="TPU_V4_POD", device="xla", tolerations=_TPU_TAINT, vertex=False,
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v4-podslice"),
                            ("cloud.google.com/gke-tpu-topology", "2x2x1"))),
+    # A multi-host slice (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus): TPU v3 pod slices
+    # are tpu-v3-slice with 4 chips per host; 4x8 is 32 chips (64 TensorCores) on 8 hosts. Each host is one node
+    # of a TrainJob; GKE gives each TPU_WORKER_ID and TPU_WORKER_HOSTNAMES (runtime.hosts_env).
+    Profile("tpu-v3-64", cpu="16", memory="96G", accelerator="google.com/tpu", accelerator_count=4,
+            vertex_accelerator="TPU_V3", device="xla", tolerations=_TPU_TAINT, nodes=8, vertex=False,
+            single_host="tpu-v3-8",
+            node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v3-slice"),
+                           ("cloud.google.com/gke-tpu-topology", "4x8"))),
     # On Vertex AI a v5e host is the machine ct5lp-hightpu-8t with MachineSpec.tpuTopology, which the SDK calls
     # "required for TPU v5" (https://cloud.google.com/vertex-ai/docs/reference/rest/v1/MachineSpec); 8 chips
     # on one host are the topology 2x4 (https://cloud.google.com/tpu/docs/supported-tpu-configurations).

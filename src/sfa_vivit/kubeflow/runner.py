@@ -28,6 +28,7 @@ COMPILED_PIPELINES = {  # file name -> (builder, profile)
     "sfa-gpu-h100.yaml": ("sfa", "gpu-h100"),
     "sfa-gpu-a100-x4.yaml": ("sfa", "gpu-a100-x4"),
     "sfa-tpu-v3-8.yaml": ("sfa", "tpu-v3-8"),
+    "sfa-tpu-v3-64.yaml": ("sfa", "tpu-v3-64"),
     "reproduce-gpu-a100.yaml": ("reproduce", "gpu-a100"),
     "reproduce-tpu-v3-8.yaml": ("reproduce", "tpu-v3-8"),
 }

@@ -44,6 +44,7 @@ ENGINES = {
 TRAINJOB_RUNTIME = "torch-distributed"
 NODE = "node"                 # the torch-distributed runtime's replicated job and container name
 MANAGER = "sfa-vivit.kubeflow.org/launcher"
+LAUNCHERS = ("torchrun", "python")
 
 
 class JobFailed(RuntimeError):
@@ -60,10 +61,13 @@ class NodeSpec:
     tolerations: list[dict[str, str]] = dataclasses.field(default_factory=list)
     shm_size: str = "16Gi"
     engine: str = "trainjob"
+    launcher: str = "torchrun"          # torchrun (procs_per_node ranks), or python (one process per node: XLA)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r} is not one of {sorted(ENGINES)}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher={self.launcher!r} is not one of {LAUNCHERS}")
         if self.nodes < 2 or self.procs_per_node < 1:
             raise ValueError(f"a multi-node job needs nodes >= 2 and procs_per_node >= 1, got {self.nodes} "
                              f"and {self.procs_per_node}")
@@ -85,7 +89,16 @@ def node_spec(profile: Any, engine: str = "trainjob") -> NodeSpec:
                     resources={"limits": dict(resources), "requests": dict(resources)},
                     node_selector=dict(profile.node_selector),
                     tolerations=[{"key": k, "operator": op, "effect": effect} for k, op, effect in profile.tolerations],
-                    shm_size=profile.shm_size, engine=engine)
+                    shm_size=profile.shm_size, engine=engine, launcher=profile.launcher)
+
+
+def _command(spec: NodeSpec, spec_json: str, torchrun_args: list[str] = ()) -> tuple[list[str], list[str]]:
+    """A node's command and arguments: torchrun with `torchrun_args`, or one Python process (XLA: the ranks
+    are the slice's hosts, from the environment the cluster gives each pod; runtime.hosts_env)."""
+    run = ["-m", "sfa_vivit.train.launch", "--spec-json", spec_json]
+    if spec.launcher == "python":
+        return ["python"], run
+    return ["torchrun"], [*torchrun_args, *run]
 
 
 def job_name(mode: str, out: str) -> str:
@@ -110,6 +123,7 @@ def _pod_patch(spec: NodeSpec, service_account: str | None, container: str) -> d
 def train_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_json: str,
               service_account: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """The Kubeflow Trainer v2 TrainJob of a multi-node run, checked against the Trainer API models."""
+    command, args = _command(spec, spec_json)
     body = {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
@@ -120,8 +134,8 @@ def train_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_jso
                            "name": TRAINJOB_RUNTIME},
             "trainer": {
                 "image": image,
-                "command": ["torchrun"],
-                "args": ["-m", "sfa_vivit.train.launch", "--spec-json", spec_json],
+                "command": command,
+                "args": args,
                 "numNodes": spec.nodes,
                 "numProcPerNode": spec.procs_per_node,
                 "resourcesPerNode": spec.resources,
@@ -175,12 +189,13 @@ def pytorch_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_j
     sets MASTER_ADDR, MASTER_PORT and RANK (the node's rank) in each pod; Kubernetes expands $(VAR) in
     the arguments."""
     pod = _pod_patch(spec, service_account, "pytorch")
+    command, args = _command(spec, spec_json, [f"--nnodes={spec.nodes}", f"--nproc_per_node={spec.procs_per_node}",
+                                               "--node_rank=$(RANK)", "--master_addr=$(MASTER_ADDR)",
+                                               "--master_port=$(MASTER_PORT)"])
     pod["containers"][0].update({
         "image": image,
-        "command": ["torchrun"],
-        "args": [f"--nnodes={spec.nodes}", f"--nproc_per_node={spec.procs_per_node}", "--node_rank=$(RANK)",
-                 "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)",
-                 "-m", "sfa_vivit.train.launch", "--spec-json", spec_json],
+        "command": command,
+        "args": args,
         "resources": spec.resources,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
     })
