@@ -22,6 +22,15 @@ def test_a_multi_host_tpu_slice_gives_each_host_its_rank_and_the_first_host_as_m
         runtime.hosts_env({"TPU_WORKER_HOSTNAMES": "a,b"})
 
 
+def test_auto_picks_xla_only_where_a_pjrt_device_is_configured_and_torch_xla_is_installed(monkeypatch):
+    import importlib.util
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    assert runtime.resolve_device("auto") in ("cpu", "cuda") and runtime.resolve_device("xla") == "xla"
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")         # the TPU image's setting
+    has_xla = importlib.util.find_spec("torch_xla") is not None
+    assert runtime.resolve_device("auto") == ("xla" if has_xla else "cpu")
+
+
 def test_the_feed_thread_hands_on_items_and_errors_and_stops_with_its_consumer():
     assert list(runtime._prefetched(range(5), lambda x: x * 10, depth=2)) == [0, 10, 20, 30, 40]
 

@@ -95,10 +95,8 @@ def test_a_multi_host_tpu_slice_runs_one_python_process_per_host():
     assert pod["template"]["spec"]["template"]["spec"]["nodeSelector"] == {
         "cloud.google.com/gke-tpu-accelerator": "tpu-v3-slice", "cloud.google.com/gke-tpu-topology": "4x8"}
     check_train_job(body)
-    v1 = pytorch_job("sfa-stage1-x", "kubeflow", node_spec(profiles.get("tpu-v3-64"), engine="pytorchjob"),
-                     image="reg/sfa-vivit:1-tpu", spec_json=SPEC_JSON)
-    container = v1["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python"] and "--node_rank=$(RANK)" not in container["args"]
+    with pytest.raises(ValueError, match="multi-host TPU slice: it trains as a TrainJob"):
+        node_spec(profiles.get("tpu-v3-64"), engine="pytorchjob")
     # A Trainer node's PET_* variables, when GKE's TPU variables are absent, give the hosts' ranks.
     env = {"PET_NNODES": "8", "PET_NODE_RANK": "3", "PET_MASTER_ADDR": "sfa-stage1-x-node-0-0.sfa-stage1-x",
            "PET_MASTER_PORT": "29400"}

@@ -68,7 +68,7 @@ def test_stage1_trains_on_every_device_as_on_the_cpu_and_compiles_once(stage1):
 @pytest.mark.parametrize("cached", [False, True], ids=["videos", "feature-cache"])
 def test_stage2_trains_on_every_device_as_on_the_cpu(stage1, tiny_data, tmp_path, cached):
     init = stage1["xla"][0]
-    extra = ["cache_views=2"] if cached else []
+    extra = ["cache_views=2", "eval_views=2x2"] if cached else []   # 4 views a clip: batches cut inside clips
     on_xla = _run("stage2", tiny_data, tmp_path / "xla", *extra, device="xla", init=init, epochs=3)
     on_cpu = _run("stage2", tiny_data, tmp_path / "cpu", *extra, device="cpu", init=init, epochs=3)
     assert on_xla["ranks_identical"] is True
@@ -142,6 +142,8 @@ def test_info_names_the_torch_xla_pair_and_the_devices():
     runtime = json.loads(done.stdout)["runtime"]
     assert runtime["torch"].startswith("2.9.0") and runtime["torch_xla"] == "2.9.0"
     assert runtime["xla_devices"] == int(os.environ.get("CPU_NUM_DEVICES", "1"))
+    from sfa_vivit.runtime import resolve_device
+    assert resolve_device("auto") == "xla"          # PJRT_DEVICE is set: evaluation and membench steps use it
 
 
 def test_the_xla_environment_is_the_tpu_images_pair():

@@ -189,8 +189,8 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
     for regime in regimes:
         if regime not in REGIMES:
             raise ValueError(f"--regimes: {regime!r} is not one of {list(REGIMES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from sfa_vivit.runtime import resolve_device
+    device = resolve_device(device)
     rows = []
     for regime in regimes:
         for f in frames:

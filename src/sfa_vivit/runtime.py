@@ -70,6 +70,16 @@ class Runtime:
         return self.kind in ("cuda", "xla")
 
     @property
+    def static_shapes(self) -> bool:
+        """Every new shape is a new compiled graph (XLA): pad the last batch rather than run a short one."""
+        return self.kind == "xla"
+
+    @property
+    def spmd_hosts(self) -> bool:
+        """Several hosts run one SPMD program: every host must run every step (XLA with more than one rank)."""
+        return self.kind == "xla" and self.world > 1
+
+    @property
     def bf16(self) -> bool:
         return isinstance(self.autocast, torch.autocast)
 
@@ -260,7 +270,7 @@ def start(device: str = "auto", precision: str = "auto", *, data_parallel: bool 
         raise RuntimeSetupError(f"device={device!r} is not one of {list(DEVICES)}")
     if precision not in PRECISIONS:
         raise RuntimeSetupError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    kind = resolve_device(device)
     devices, mesh = 1, None
     if kind == "xla":
         where, devices, mesh = _start_xla(data_parallel)
@@ -280,6 +290,20 @@ def start(device: str = "auto", precision: str = "auto", *, data_parallel: bool 
         log.warning("bf16 autocast on CPU is slow on most CPUs; fp32 is the default there")
     autocast = torch.autocast(device_type=where.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     return Runtime(where, rank, world, autocast, devices, mesh)
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: CUDA when a GPU is visible, else XLA when a PJRT device is configured (PJRT_DEVICE, as in the
+    TPU image) and torch-xla is installed, else the CPU. Other names are returned as they are."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("PJRT_DEVICE"):
+        import importlib.util
+        if importlib.util.find_spec("torch_xla") is not None:
+            return "xla"
+    return "cpu"
 
 
 def _start_xla(data_parallel: bool) -> tuple[torch.device, int, Any]:

@@ -59,6 +59,11 @@ class Profile:
         return {"xla": "tpu", "cuda": "cuda"}.get(self.device, "cpu")
 
     @property
+    def vertex_count(self) -> int:
+        """Vertex AI's accelerator count (TPU v3: cores, not chips)."""
+        return self.vertex_accelerator_count or self.accelerator_count
+
+    @property
     def launcher(self) -> str:
         """How a node starts its training processes: torchrun (one per GPU), or python (one per host: on
         XLA that process drives every chip of the host, and a slice's hosts find each other by themselves)."""
@@ -155,8 +160,7 @@ def apply(task: Any, profile: Profile, *, target: str = "kubeflow") -> Any:
     task.set_memory_request(memory).set_memory_limit(memory)
     if profile.accelerator:
         accelerator = profile.vertex_accelerator if vertex else profile.accelerator
-        count = (profile.vertex_accelerator_count or profile.accelerator_count) if vertex \
-            else profile.accelerator_count
+        count = profile.vertex_count if vertex else profile.accelerator_count
         task.set_accelerator_type(accelerator).set_accelerator_limit(count)
     if vertex:
         return task
@@ -179,7 +183,7 @@ def vertex_custom_job(component: Any, profile: Profile) -> Any:
     job = create_custom_training_job_from_component(
         component, replica_count=profile.nodes, machine_type=profile.vertex_machine_type,
         accelerator_type=profile.vertex_accelerator,
-        accelerator_count=profile.vertex_accelerator_count or profile.accelerator_count,
+        accelerator_count=profile.vertex_count,
         restart_job_on_worker_restart=True)
     if profile.vertex_tpu_topology:      # Google Cloud Pipeline Components has no argument for it
         for pool in job.component_spec.inputs["worker_pool_specs"].default:

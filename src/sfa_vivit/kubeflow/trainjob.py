@@ -81,7 +81,12 @@ class NodeSpec:
 
 
 def node_spec(profile: Any, engine: str = "trainjob") -> NodeSpec:
-    """The per-node request of a multi-node profile (`profiles.Profile` with nodes > 1)."""
+    """The per-node request of a multi-node profile (`profiles.Profile` with nodes > 1). Raises ValueError for
+    a multi-host TPU slice on the v1 Training Operator: GKE gives a slice's hosts their TPU_WORKER_ID and
+    TPU_WORKER_HOSTNAMES in the pods of an Indexed Job or JobSet (a TrainJob), not in a PyTorchJob's."""
+    if profile.launcher == "python" and engine == "pytorchjob":
+        raise ValueError(f"profile {profile.name} is a multi-host TPU slice: it trains as a TrainJob (--operator "
+                         "trainjob), whose pods GKE gives the slice's layout; a PyTorchJob's pods do not get it")
     resources = {"cpu": profile.cpu, "memory": profile.memory}
     if profile.accelerator:
         resources[profile.accelerator] = str(profile.accelerator_count)

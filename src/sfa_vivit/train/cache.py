@@ -219,15 +219,17 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
     features, labels, keys = [], [], []
     pending: list[torch.Tensor] = []
 
-    def flush() -> None:
-        if pending:
-            n = len(pending)
-            if rt.lazy and n < batch_size:
-                pending.extend([torch.zeros_like(pending[0])] * (batch_size - n))
+    def flush(last: bool = False) -> None:
+        """Compute `batch_size` videos at a time (a clip's views arrive together), the rest when `last`."""
+        while len(pending) >= batch_size or (last and pending):
+            chunk = pending[:batch_size]
+            n = len(chunk)
+            if rt.static_shapes and n < batch_size:
+                chunk += [torch.zeros_like(chunk[0])] * (batch_size - n)
             with rt.autocast:
-                out = model.spatial_features(rt.put(torch.stack(pending)))
+                out = model.spatial_features(rt.put(torch.stack(chunk)))
             features.extend(out.to("cpu", dtype)[:n])
-            pending.clear()
+            del pending[:n]
 
     for sample in iter_samples([dataset.shards[index]], dataset.checksums, dataset.counts):
         if views is None:
@@ -240,9 +242,8 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
             clip = clips[0]
         labels.append(clip["label"])
         keys.append(clip["key"])
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+        flush()
+    flush(last=True)
     per_clip = views or dataset.num_clips * dataset.num_crops
     stacked = torch.stack(features).view(len(keys), per_clip, *features[0].shape) if keys else torch.empty(0)
     key_bytes = torch.tensor(list("\n".join(keys).encode()), dtype=torch.uint8)

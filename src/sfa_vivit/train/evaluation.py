@@ -63,7 +63,7 @@ def evaluate_model(model: torch.nn.Module, loader, rt: Runtime | None = None, *,
     def add(name: str, value: torch.Tensor) -> None:
         counts[name] = counts[name] + value.float().sum()
 
-    pad_to = batch_size if rt.lazy else None
+    pad_to = batch_size if rt.static_shapes else None
     was_training = model.training
     model.eval()
     for batch in rt.feed(_views_as_rows(batch, pad_to) for batch in loader):
@@ -96,10 +96,14 @@ def evaluate_model(model: torch.nn.Module, loader, rt: Runtime | None = None, *,
         rt.step()
     model.train(was_training)
 
-    # One read of the device at the end; the sums over ranks on the host side of the reduction.
-    totals = torch.stack([torch.as_tensor(counts[n], device=device).float() for n in names]).cpu().double()
-    counts = dict(zip(names, rt.all_reduce(totals).cpu().tolist()))
-    matrices = {h: rt.all_reduce(m.cpu().double()).cpu() for h, m in matrices.items()}
+    # One read of the device at the end, then the sums over ranks (under SPMD the counts are the job's already).
+    def total(t: torch.Tensor) -> torch.Tensor:
+        t = t.cpu().double()
+        return t if rt.kind == "xla" else rt.all_reduce(t).cpu()
+
+    counts = dict(zip(names, total(torch.stack([torch.as_tensor(counts[n], device=device).float()
+                                                for n in names])).tolist()))
+    matrices = {h: total(m) for h, m in matrices.items()}
     n = counts.pop("n", 0.0)
     result: dict[str, Any] = {"num_examples": int(n)}
     for name, value in counts.items():

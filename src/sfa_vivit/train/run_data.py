@@ -33,6 +33,12 @@ class RunData:
         self.has_eval = c.eval_split in manifest.data["splits"]
         if not self.has_eval:
             log.warning("%s has no %r split: no validation metrics", manifest.root, c.eval_split)
+        elif runtime.spmd_hosts:
+            # Each host reads its own shards, a different number of batches: one SPMD program over every host
+            # cannot run them. The pipeline evaluates the final model on one host (its evaluate step).
+            self.has_eval = False
+            log.warning("a multi-host TPU slice: no validation during training; evaluate the final model on one "
+                        "host (`sfa evaluate`, the pipeline's evaluate step)")
         self.cache_report: cache.CacheReport | None = None
         self.cached_train: cache.CachedSplit | None = None
         self.cached_eval: dict[str, cache.CachedSplit] = {}

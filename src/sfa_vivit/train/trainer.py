@@ -95,6 +95,9 @@ class Trainer:
         if config.batch_size % self.runtime.batch_multiple:
             raise TrainError(f"batch_size={config.batch_size} is not divisible by the job's "
                              f"{self.runtime.batch_multiple} devices ({self.runtime.describe()})")
+        if self.runtime.spmd_hosts and config.cache_views:
+            raise TrainError("cache_views on a multi-host TPU slice: the feature cache is built per host, which one "
+                             "SPMD program over every host cannot do; train stage 2 from videos there, or on one host")
         if config.compile and self.runtime.kind == "xla":
             raise TrainError("compile=true is for CPU and CUDA (torch.compile); on XLA every step is compiled "
                              "as one graph already")
@@ -336,7 +339,8 @@ class Trainer:
     def _step(self, batch: dict[str, Any]) -> float:
         c, p = self.config, self.progress
         # Every random draw of a step (dropout, drop-path, mixup) is a function of (seed, step, rank).
-        step_seed = _seed(c.seed, p.step, self.rank)
+        # Under SPMD the hosts run one program: the same draws on every host (XLA's own RNG varies per row).
+        step_seed = _seed(c.seed, p.step, 0 if self.runtime.kind == "xla" else self.rank)
         self.runtime.seed(step_seed)
         # Videos, or cached spatial features (mixup then mixes features: linear, like the first layer),
         # already on the device (`Runtime.feed`).
