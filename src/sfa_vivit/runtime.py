@@ -216,6 +216,12 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def pad_rows(tensor: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:
+    """`tensor` with at least `rows` rows, the missing ones `fill` (one batch shape for XLA's graphs)."""
+    missing = rows - tensor.shape[0]
+    return torch.cat([tensor, tensor.new_full((missing, *tensor.shape[1:]), fill)]) if missing > 0 else tensor
+
+
 _DONE = object()
 
 

@@ -68,6 +68,11 @@ class NodeSpec:
             raise ValueError(f"engine={self.engine!r} is not one of {sorted(ENGINES)}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher={self.launcher!r} is not one of {LAUNCHERS}")
+        if self.launcher == "python" and self.engine == "pytorchjob":
+            # GKE gives a TPU slice's hosts their TPU_WORKER_ID and TPU_WORKER_HOSTNAMES in the pods of an
+            # Indexed Job or JobSet (a TrainJob), not in a PyTorchJob's.
+            raise ValueError("a multi-host TPU slice: it trains as a TrainJob (--operator trainjob), whose pods "
+                             "GKE gives the slice's layout; a PyTorchJob's pods do not get it")
         if self.nodes < 2 or self.procs_per_node < 1:
             raise ValueError(f"a multi-node job needs nodes >= 2 and procs_per_node >= 1, got {self.nodes} "
                              f"and {self.procs_per_node}")
@@ -81,12 +86,8 @@ class NodeSpec:
 
 
 def node_spec(profile: Any, engine: str = "trainjob") -> NodeSpec:
-    """The per-node request of a multi-node profile (`profiles.Profile` with nodes > 1). Raises ValueError for
-    a multi-host TPU slice on the v1 Training Operator: GKE gives a slice's hosts their TPU_WORKER_ID and
-    TPU_WORKER_HOSTNAMES in the pods of an Indexed Job or JobSet (a TrainJob), not in a PyTorchJob's."""
-    if profile.launcher == "python" and engine == "pytorchjob":
-        raise ValueError(f"profile {profile.name} is a multi-host TPU slice: it trains as a TrainJob (--operator "
-                         "trainjob), whose pods GKE gives the slice's layout; a PyTorchJob's pods do not get it")
+    """The per-node request of a multi-node profile (`profiles.Profile` with nodes > 1); ValueError for a
+    combination no engine can run (NodeSpec)."""
     resources = {"cpu": profile.cpu, "memory": profile.memory}
     if profile.accelerator:
         resources[profile.accelerator] = str(profile.accelerator_count)
@@ -100,10 +101,10 @@ def node_spec(profile: Any, engine: str = "trainjob") -> NodeSpec:
 def _command(spec: NodeSpec, spec_json: str, torchrun_args: list[str] = ()) -> tuple[list[str], list[str]]:
     """A node's command and arguments: torchrun with `torchrun_args`, or one Python process (XLA: the ranks
     are the slice's hosts, from the environment the cluster gives each pod; runtime.hosts_env)."""
-    run = ["-m", "sfa_vivit.train.launch", "--spec-json", spec_json]
+    from sfa_vivit.train.launch import rank_args
     if spec.launcher == "python":
-        return ["python"], run
-    return ["torchrun"], [*torchrun_args, *run]
+        return ["python"], rank_args(spec_json)
+    return ["torchrun"], [*torchrun_args, *rank_args(spec_json)]
 
 
 def job_name(mode: str, out: str) -> str:

@@ -42,7 +42,7 @@ from sfa_vivit.data.manifest import Manifest
 from sfa_vivit.data.reader import ClipDataset, iter_samples
 from sfa_vivit.models.vivit import ViViT
 from sfa_vivit.progress import bar as progress_bar
-from sfa_vivit.runtime import Runtime
+from sfa_vivit.runtime import Runtime, pad_rows
 from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,12 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
     def flush(last: bool = False) -> None:
         """Compute `batch_size` videos at a time (a clip's views arrive together), the rest when `last`."""
         while len(pending) >= batch_size or (last and pending):
-            chunk = pending[:batch_size]
-            n = len(chunk)
-            if rt.static_shapes and n < batch_size:
-                chunk += [torch.zeros_like(chunk[0])] * (batch_size - n)
+            video = torch.stack(pending[:batch_size])
+            n = video.shape[0]
+            if rt.static_shapes:
+                video = pad_rows(video, batch_size)
             with rt.autocast:
-                out = model.spatial_features(rt.put(torch.stack(chunk)))
+                out = model.spatial_features(rt.put(video))
             features.extend(out.to("cpu", dtype)[:n])
             del pending[:n]
 

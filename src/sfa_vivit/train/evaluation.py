@@ -17,11 +17,7 @@ from sfa_vivit.runtime import Runtime
 def _views_as_rows(batch: dict[str, Any], size: int | None) -> dict[str, Any]:
     """On the host: the views of each clip as rows of the batch ((B, V, ...) → (B * V, ...), V in 'views'),
     and, given `size`, B padded to `size` clips (zeros, unlabelled: -1), so that every batch has one shape."""
-    def pad(tensor: torch.Tensor, fill: int) -> torch.Tensor:
-        missing = (size or 0) - tensor.shape[0]
-        return torch.cat([tensor, tensor.new_full((missing, *tensor.shape[1:]), fill)]) if missing > 0 else tensor
-
-    batch = {k: runtime.map_tensors(v, lambda t, fill=-1 if k == "label" else 0: pad(t, fill))
+    batch = {k: runtime.map_tensors(v, lambda t, fill=-1 if k == "label" else 0: runtime.pad_rows(t, size or 0, fill))
              for k, v in batch.items()}
     name = "features" if "features" in batch else "video"
     return {**batch, name: batch[name].flatten(0, 1), "views": batch[name].shape[1]}

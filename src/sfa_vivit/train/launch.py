@@ -25,7 +25,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from sfa_vivit import runtime
@@ -41,13 +40,8 @@ def run(config: TrainConfig, data: str, out: str, init: str | None = None, *,
     Returns the run's metrics. Raises subprocess.CalledProcessError when a rank fails."""
     if nproc <= 1:
         return train(config, data, out, init, tracking=tracking)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="sfa-train-", delete=False) as f:
-        f.write(spec_of(config, data, out, init, tracking=tracking))
-    try:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                        "-m", "sfa_vivit.train.launch", f.name], check=True)
-    finally:
-        os.unlink(f.name)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    *rank_args(spec_of(config, data, out, init, tracking=tracking))], check=True)
     with open_url(join(out, "metrics.json"), "rb") as metrics:
         return json.load(metrics)
 
@@ -57,6 +51,11 @@ def spec_of(config: TrainConfig, data: str, out: str, init: str | None = None, *
     """The JSON every rank of a run is started with (`--spec-json`)."""
     return json.dumps({"config": config.to_dict(), "data": data, "out": out, "init": init,
                        "tracking": dataclasses.asdict(tracking)}, sort_keys=True)
+
+
+def rank_args(spec_json: str) -> list[str]:
+    """What torchrun (or python, one process per host on a TPU slice) runs for each rank of a run."""
+    return ["-m", "sfa_vivit.train.launch", "--spec-json", spec_json]
 
 
 def node_args(env: dict[str, str] | None = None) -> list[str]:
@@ -88,22 +87,21 @@ def node(nproc: int, spec_json: str) -> int:
     """One node of a multi-node job: torchrun with `nproc` ranks here and the rendezvous the engine's
     environment describes. Returns torchrun's exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", *node_args(), f"--nproc_per_node={nproc}",
-           "-m", "sfa_vivit.train.launch", "--spec-json", spec_json]
+           *rank_args(spec_json)]
     return subprocess.run(cmd).returncode
 
 
 def main(argv: list[str]) -> None:
-    """One rank: train the run described by `--spec-json JSON` or the JSON file argv[0] (written by `run`).
+    """One rank: train the run described by `--spec-json JSON` (`rank_args`).
     `node --nproc N --spec-json JSON` starts the ranks of this node of a Vertex AI worker-pool job."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "node":
         nproc = int(argv[argv.index("--nproc") + 1]) if "--nproc" in argv else 1
         sys.exit(node(nproc, argv[argv.index("--spec-json") + 1]))
-    if argv and argv[0] == "--spec-json":
-        spec = json.loads(argv[1])
-    else:
-        with open(argv[0]) as f:
-            spec = json.load(f)
+    if not argv or argv[0] != "--spec-json":
+        sys.exit(f"usage: python -m sfa_vivit.train.launch --spec-json JSON | node --nproc N --spec-json JSON; "
+                 f"got {argv}")
+    spec = json.loads(argv[1])
     config = TrainConfig(**spec["config"])
     validate(config)
     try:
