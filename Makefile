@@ -3,6 +3,8 @@
 #   make run    the main job: the sfa Kubeflow pipeline run locally (kfp.local) on synthetic data,
 #               SFA vs the conventional recipe, MLflow in runs/<run-id>/mlflow.db
 # and, for the XLA path (CI runs it after `make test`):
+#   make test-e2e     the end-to-end runs kept out of `make test` for time: the local pipeline on tiny sizes
+#                     and the README's quick starts, run as written (about 3 minutes)
 #   make test-images  resolve each Dockerfile's pip installs against their pins (pip --dry-run, no Docker)
 #   make test-xla   create .venv-xla with the TPU image's torch/torch-xla pair (constraints-xla.txt, ~7 GB)
 #                   and run the tests marked xla on torch-xla's CPU backend with 2 devices
@@ -15,7 +17,7 @@ XVENV  ?= .venv-xla
 XPY    := $(XVENV)/bin/python
 XPIP   := PIP_CONSTRAINT=$(CURDIR)/constraints-xla.txt $(XPY) -m pip install --quiet --progress-bar off
 
-.PHONY: install install-xla test test-images test-xla test-all run clean
+.PHONY: install install-xla test test-e2e test-images test-xla test-all run clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +30,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt constraints-common.txt
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+test-e2e: install
+	$(PY) -m pytest -m e2e
 
 test-images: install
 	$(PY) -m pytest -m registry

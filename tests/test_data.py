@@ -534,8 +534,86 @@ def test_colour_jitter_is_the_composition_of_its_four_operations():
             gray = augment._gray(y)
             y = (y - gray) * f + gray
         else:
-            y = torch.einsum("ij,tjhw->tihw", augment._hue_matrix((f - 1) * 0.25), y)
+            y = torch.einsum("ij,tjhw->tihw", torch.tensor(augment._hue_matrix((f - 1) * 0.25)), y)
     torch.testing.assert_close(augment.color_jitter(x, gen), y.clamp(0, 1), rtol=1e-4, atol=1e-5)
+
+
+# The clips of one seed under every recipe's augmentation (RandAugment's every op included), hashed: run in
+# child processes with other thread counts and CPU kernels (ATEN_CPU_CAPABILITY), the hash must not move.
+_CLIP_DIGEST = """
+import hashlib, sys, torch
+from sfa_vivit.data import augment
+torch.set_num_threads(int(sys.argv[1]))
+frames = torch.randint(0, 256, (8, 96, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+digest = hashlib.sha256()
+configs = (augment.AugmentConfig(color_jitter_probability=1.0),
+           augment.AugmentConfig(color_jitter_probability=0.0, randaugment_layers=2, randaugment_magnitude=15))
+for cfg in configs:
+    for seed in range(6):
+        digest.update(augment.train_transform(frames, 72, cfg, torch.Generator().manual_seed(seed)).numpy().tobytes())
+x = frames.permute(0, 3, 1, 2).float().div(255)
+for op in range(len(augment.RANDAUGMENT_OPS)):   # each op once, on a clip big enough to be split over threads
+    gen = torch.Generator().manual_seed(1000 + op)
+    while int(torch.randint(len(augment.RANDAUGMENT_OPS), (), generator=gen.clone_state())) != op:
+        torch.rand((), generator=gen)
+    digest.update(augment.randaugment_op(x, 15, gen).numpy().tobytes())
+digest.update(augment.eval_views(frames, 64, 3, augment.AugmentConfig()).numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _clip_digest(threads: int, capability: str | None = None) -> str:
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY")}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    out = subprocess.run([sys.executable, "-c", _CLIP_DIGEST, str(threads)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_clips_are_the_same_bytes_with_any_thread_count_and_cpu_kernel(tiny_data):
+    """A clip, augmentation included, does not depend on who makes it: 1 or 2 intra-op threads, torch's
+    default / AVX2 / AVX-512 kernels (where the CPU has them), a DataLoader worker or the main process."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    capabilities = ["default", "avx2"] + (["avx512"] if "avx512f" in flags else [])
+    reference = _clip_digest(1)
+    assert _clip_digest(2) == reference
+    for capability in capabilities if "avx2" in flags else []:
+        assert _clip_digest(2, capability) == reference, capability
+
+    # In this process too, and through DataLoader workers (one thread each), for a whole training reader.
+    def batches(workers: int, threads: int) -> list[torch.Tensor]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ds = ClipDataset(tiny_data, "train", num_frames=8, image_size=32, batch_size=4, num_batches=3, seed=5,
+                             augment=augment.AugmentConfig(color_jitter_probability=1.0, randaugment_layers=2,
+                                                           randaugment_magnitude=15))
+            loader = torch.utils.data.DataLoader(ds, batch_size=ds.worker_batch_size(1, workers), num_workers=workers)
+            return [b["video"] for b in merge_worker_batches(loader, workers)]
+        finally:
+            torch.set_num_threads(before)
+    one = batches(0, 1)
+    for workers, threads in ((0, 2), (2, 2)):
+        got = batches(workers, threads)
+        assert len(got) == len(one) and all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in zip(got, one))
+
+
+def test_deterministic_resampling_equals_torch_grid_sample_and_conv():
+    """The fixed-order forms of RandAugment's geometric ops and sharpness blur compute what torch's
+    `affine_grid` + `grid_sample` and a 3x3 convolution compute (to float rounding)."""
+    import torch.nn.functional as F
+    x = torch.rand(3, 3, 20, 28)
+    for matrix in ([[0.9, -0.3, 0.1], [0.3, 0.9, -0.2]], [[1, 0.4, 0], [0, 1, 0]], [[1, 0, 0.7], [0, 1, 0]]):
+        theta = torch.tensor(matrix).unsqueeze(0).expand(3, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        ref = F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+        torch.testing.assert_close(augment._affine(x, matrix), ref, rtol=0, atol=2e-6)
+    kernel = (torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype) / 13).expand(3, 1, 3, 3)
+    ref = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    torch.testing.assert_close(augment._sharpen_base(x), ref, rtol=0, atol=2e-6)
+    assert augment.exact_mean(x, (0, 2, 3)) == pytest.approx(x.double().mean(dim=(0, 2, 3)).tolist(), abs=1e-9)
 
 
 def test_every_reproduce_dataset_name_is_a_prep_adapter_and_a_recipe(tmp_path):

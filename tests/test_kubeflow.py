@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from helpers import yaml_doc, yaml_docs
 from sfa_vivit.kubeflow import profiles, runner
 from sfa_vivit.kubeflow.components import COMPONENTS, image_for
 
@@ -43,7 +43,7 @@ def _platform(spec: dict) -> dict:
 @pytest.mark.parametrize("profile", ["gpu-a100", "tpu-v4-8"])
 def test_the_compiled_pipeline_holds_the_profile(tmp_path, profile):
     path = runner.compile_pipeline("sfa", profile, str(tmp_path / "p.yaml"))
-    pipeline_spec, platform_spec = list(yaml.safe_load_all(Path(path).read_text()))
+    pipeline_spec, platform_spec = list(yaml_docs(Path(path).read_text()))
     prof = profiles.get(profile)
     executors = pipeline_spec["deploymentSpec"]["executors"]
     train = executors["exec-train-stage2"]["container"]["resources"]
@@ -83,9 +83,9 @@ def test_k8s_manifests_pass_strict_validation():
     proc = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", *files],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    kinds = {d["kind"] for f in files for d in yaml.safe_load_all(Path(f).read_text())}
+    kinds = {d["kind"] for f in files for d in yaml_docs(Path(f).read_text())}
     assert kinds >= {"Namespace", "ServiceAccount", "Deployment", "Service", "ConfigMap"}
-    sa = yaml.safe_load((ROOT / "k8s" / "service-account.yaml").read_text())
+    sa = yaml_doc((ROOT / "k8s" / "service-account.yaml").read_text())
     assert "iam.gke.io/gcp-service-account" in sa["metadata"]["annotations"]
 
 
@@ -171,6 +171,7 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
 
 
 @pytest.mark.integration
+@pytest.mark.e2e
 def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     summary = runner.run_local(str(tmp_path / "runs"), "e2e", size="tiny")
@@ -287,9 +288,8 @@ def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
 
 def test_every_input_of_every_compiled_pipeline_and_component_is_described():
     """What the Kubeflow UI shows next to each field: no parameter or artifact left without a description."""
-    import yaml
     for path in sorted((ROOT / "pipelines").glob("*.yaml")) + sorted((ROOT / "components").glob("*.yaml")):
-        spec = next(yaml.safe_load_all(path.read_text()))
+        spec = next(yaml_docs(path.read_text()))
         inputs = (spec["root"] if "root" in spec else spec).get("inputDefinitions", {})
         fields = {**inputs.get("parameters", {}), **inputs.get("artifacts", {})}
         assert fields, path.name
@@ -309,9 +309,8 @@ def _tasks(dag: dict, components: dict):
 def test_data_training_and_evaluation_steps_retry_and_are_never_cached():
     """In every checked-in pipeline: prep, training and evaluation retry with back-off; those and every
     step that reads outside data or measures run afresh (no reuse of another run's outputs)."""
-    import yaml
     for path in sorted((ROOT / "pipelines").glob("*.yaml")):
-        spec = next(yaml.safe_load_all(path.read_text()))
+        spec = next(yaml_docs(path.read_text()))
         seen = set()
         for name, task in _tasks(spec["root"]["dag"], spec["components"]):
             kind = re.sub(r"-\d+$", "", task["componentRef"]["name"].removeprefix("comp-"))   # comp-evaluate-2
@@ -327,10 +326,9 @@ def test_data_training_and_evaluation_steps_retry_and_are_never_cached():
 
 
 def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavour(tmp_path):
-    import yaml
 
     def images(path):
-        spec = next(yaml.safe_load_all(open(path)))
+        spec = next(yaml_docs(open(path)))
         return {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
 
     for file, (name, profile) in runner.COMPILED_PIPELINES.items():   # the checked-in ones: the profile's flavour
@@ -348,14 +346,13 @@ def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavou
 def test_reproduce_takes_per_dataset_sets_a_variant_and_an_image_checkpoint():
     """Each dataset's runs get the shared variant and image checkpoint, then the dataset's own sets, through a
     settings step whose output is the inner pipeline's `sets`."""
-    import yaml
 
     from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS, dataset_sets
     inputs = runner.pipeline_inputs(str(ROOT / "pipelines" / "reproduce-tpu-v3-8.yaml"))
     assert inputs["variant"] == "B" and inputs["image_checkpoint"] == ""
     for name in REPRODUCE_DATASETS:
         assert inputs[f"{name.replace('-', '_')}_sets"] == [], name
-    spec = next(yaml.safe_load_all(open(ROOT / "pipelines" / "reproduce-tpu-v3-8.yaml")))
+    spec = next(yaml_docs(open(ROOT / "pipelines" / "reproduce-tpu-v3-8.yaml")))
     text = json.dumps(spec)
     for name in REPRODUCE_DATASETS:
         assert f'"settings-{name}"' in text, name
@@ -454,13 +451,13 @@ def test_tpu_profiles_hold_the_documented_values(tmp_path):
         rows, cols = (int(x) for x in topology.split("x")[:2])
         assert p.nodes * chips == rows * cols * (int(topology.split("x")[2]) if topology.count("x") == 2 else 1), name
         assert p.launcher == "python" and p.nproc == 1, name
-    spec = next(yaml.safe_load_all(open(runner.compile_pipeline("sfa", "tpu-v3-8", str(tmp_path / "v.yaml"),
+    spec = next(yaml_docs(open(runner.compile_pipeline("sfa", "tpu-v3-8", str(tmp_path / "v.yaml"),
                                                                  target="vertex"))))
     train = spec["deploymentSpec"]["executors"]["exec-train-stage2"]["container"]["resources"]["accelerator"]
     assert (train["resourceType"], int(train["resourceCount"])) == ("TPU_V3", 8)      # Vertex counts v3 cores
     # TPU v5e on Vertex AI: every accelerated step is a custom job on ct5lp-hightpu-8t with its topology, running
     # our TPU image; the job's launcher keeps Google Cloud Pipeline Components' image.
-    spec = next(yaml.safe_load_all(open(runner.compile_pipeline("sfa", "tpu-v5e-8", str(tmp_path / "v5e.yaml"),
+    spec = next(yaml_docs(open(runner.compile_pipeline("sfa", "tpu-v5e-8", str(tmp_path / "v5e.yaml"),
                                                                  target="vertex"))))
     jobs = {name: comp["inputDefinitions"]["parameters"]["worker_pool_specs"]["defaultValue"]
             for name, comp in spec["components"].items()
@@ -481,7 +478,7 @@ def test_tpu_profiles_hold_the_documented_values(tmp_path):
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in profiles.PROFILES.values() if p.vertex))
 def test_the_vertex_compile_stays_within_vertex_caps_and_has_no_kubernetes_settings(tmp_path, profile):
-    docs = list(yaml.safe_load_all(open(runner.compile_pipeline("sfa", profile, str(tmp_path / "v.yaml"),
+    docs = list(yaml_docs(open(runner.compile_pipeline("sfa", profile, str(tmp_path / "v.yaml"),
                                                                 target="vertex"))))
     assert len(docs) == 1 or "kubernetes" not in docs[1].get("platforms", {}), "a kfp-kubernetes platform spec"
     for name, executor in docs[0]["deploymentSpec"]["executors"].items():
@@ -504,7 +501,7 @@ def test_dockerfiles_pass_hadolint_and_the_build_definition_builds_every_flavour
     dockerfiles = [ROOT / "containers" / f"Dockerfile.{flavour}" for flavour in FLAVOURS]
     done = subprocess.run([str(hadolint), *map(str, dockerfiles)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    build = yaml.safe_load((ROOT / "containers" / "cloudbuild.yaml").read_text())
+    build = yaml_doc((ROOT / "containers" / "cloudbuild.yaml").read_text())
     assert build["substitutions"]["_VERSION"] == __version__
     steps = {tuple(s["args"][s["args"].index("-f") + 1:s["args"].index("-f") + 4]) for s in build["steps"]}
     expected = {(f"containers/Dockerfile.{f}", "-t", f"${{_REGISTRY}}:${{_VERSION}}-{f}") for f in FLAVOURS}

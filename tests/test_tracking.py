@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import config
+from helpers import config, yaml_docs
 from helpers import free_port as _free_port
 from sfa_vivit.train import Trainer
 
@@ -76,9 +76,8 @@ def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_se
 
 
 def _manifest_allowed_hosts() -> str:
-    import yaml
     root = Path(__file__).resolve().parents[1]
-    for doc in yaml.safe_load_all((root / "k8s" / "mlflow.yaml").read_text()):
+    for doc in yaml_docs((root / "k8s" / "mlflow.yaml").read_text()):
         if doc and doc.get("kind") == "Deployment":
             args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
             return next(a.split("=", 1)[1] for a in args if a.startswith("--allowed-hosts="))

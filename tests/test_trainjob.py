@@ -8,9 +8,9 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import yaml
 from kubernetes.client.exceptions import ApiException
 
+from helpers import yaml_docs
 from sfa_vivit import runtime
 from sfa_vivit.kubeflow import profiles, runner
 from sfa_vivit.kubeflow.trainjob import (
@@ -106,7 +106,7 @@ def test_a_multi_host_tpu_slice_runs_one_python_process_per_host():
         runner.compile_pipeline("sfa", "tpu-v3-64", "/dev/null", target="vertex")
     # In the checked-in pipeline, training steps are launcher pods; evaluation and the benchmark, one pod each,
     # go to a single-host v3-8 (a multi-host slice's hosts only run together).
-    spec, platform = yaml.safe_load_all((Path(runner.__file__).parents[3] / "pipelines" / "sfa-tpu-v3-64.yaml")
+    spec, platform = yaml_docs((Path(runner.__file__).parents[3] / "pipelines" / "sfa-tpu-v3-64.yaml")
                                         .read_text())
     selectors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in ("exec-evaluate", "exec-memory-benchmark"):
@@ -116,7 +116,7 @@ def test_a_multi_host_tpu_slice_runs_one_python_process_per_host():
 
 def test_the_multi_node_pipeline_trains_through_a_launcher_pod(tmp_path):
     path = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "p.yaml"))
-    spec, platform = yaml.safe_load_all(Path(path).read_text())
+    spec, platform = yaml_docs(Path(path).read_text())
     executors = spec["deploymentSpec"]["executors"]
     tasks = spec["root"]["dag"]["tasks"]
     stage1 = tasks["train-stage1"]
@@ -127,7 +127,7 @@ def test_the_multi_node_pipeline_trains_through_a_launcher_pod(tmp_path):
     evaluation = executors[tasks["evaluate"]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
     assert evaluation["resources"]["accelerator"]["resourceCount"] == "8"
     v1 = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "v1.yaml"), operator="pytorchjob")
-    (v1_spec, _) = yaml.safe_load_all(Path(v1).read_text())
+    (v1_spec, _) = yaml_docs(Path(v1).read_text())
     v1_cluster = v1_spec["root"]["dag"]["tasks"]["train-stage1"]["inputs"]["parameters"]["cluster"]
     assert json.loads(v1_cluster["runtimeValue"]["constant"])["engine"] == "pytorchjob"
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -138,7 +138,7 @@ def test_on_vertex_the_multi_node_step_is_a_custom_job_with_worker_pools(tmp_pat
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
     path = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "v.yaml"), "vertex", image="reg/sfa:1-cuda")
-    (spec,) = yaml.safe_load_all(Path(path).read_text())       # Vertex runs no Kubernetes platform spec
+    (spec,) = yaml_docs(Path(path).read_text())       # Vertex runs no Kubernetes platform spec
     json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
     stage1 = spec["root"]["dag"]["tasks"]["train-stage1"]
     pools = spec["components"][stage1["componentRef"]["name"]]["inputDefinitions"]["parameters"][

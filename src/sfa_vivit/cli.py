@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what each measured step computes: full, stage2 (frozen spatial), stage2-cached")
     p.add_argument("--image-size", type=int, default=bench.image_size)
     p.add_argument("--batch-size", type=int, default=bench.batch_size)
-    p.add_argument("--steps", type=int, default=bench.steps, help="timed steps after one warm-up step (median)")
+    p.add_argument("--steps", type=int, default=bench.steps,
+                   help="timed steps of each regime, interleaved with the other regimes in one process after a "
+                   "warm-up step of each (median and spread of the per-step ratios)")
     p.add_argument("--budget-gib", type=float, default=bench.budget_gib,
                    help="> 0: search the largest frame count per regime within this budget")
     p.add_argument("--max-frames", type=int, default=bench.max_frames, help="stop the budget search here")

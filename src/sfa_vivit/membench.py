@@ -1,9 +1,14 @@
 """`sfa membench`: training-step time and peak memory of full training vs SFA stage 2, per frame count.
 
-Each configuration runs in a fresh child process (so one configuration's allocations cannot
-inflate another's peak): build the model, a warm-up step, then `steps` timed SGD steps on random
-inputs. Peak memory is the CUDA allocator's peak on a GPU and the child's peak resident set on
-CPU (which includes the interpreter and torch, reported apart as `base_rss_bytes`).
+Memory: each configuration runs in a fresh child process (so one configuration's allocations cannot
+inflate another's peak): build the model, one warm-up and one measured SGD step on random inputs.
+Peak memory is the CUDA allocator's peak on a GPU and the child's peak resident set on CPU (which
+includes the interpreter and torch, reported apart as `base_rss_bytes`).
+
+Time: the regimes of one frame count are timed in one child, interleaved (full, stage2, full,
+stage2, ...) for `steps` repeats after a warm-up step of each, so load on the machine at any moment
+falls on every regime alike. Each regime's ratio to `full` is taken per repeat; the median and the
+spread (min, max) are reported, of wall time and, on CPU, of the process's CPU time.
 
 Modes:
     full           every parameter trained (the conventional recipe, SFA stage 1)
@@ -46,7 +51,7 @@ class BenchOptions:
     regimes: str = ",".join(REGIMES)
     image_size: int = 224
     batch_size: int = 1
-    steps: int = 3                       # timed steps after one warm-up step (median reported)
+    steps: int = 5                       # timed steps per regime, interleaved across regimes (median reported)
     budget_gib: float = 0.0              # > 0: search the largest frame count per regime within it
     max_frames: int = 2048               # where the budget search stops
     spatial_chunk: int = 4               # tubelets per frozen-spatial chunk in stage 2
@@ -81,14 +86,10 @@ class Setting:
             raise ValueError(f"precision={self.precision!r} is not fp32 or bf16")
 
 
-def measure(s: Setting) -> dict[str, Any]:
-    """Run one setting in this process; returns times and peaks. (The CLI runs it in a child.)"""
-    from sfa_vivit import runtime
+def _build_step(s: Setting, rt):
+    """Model, optimizer and random inputs of one setting → (a function doing one SGD step, trainable
+    parameters, model, last-loss holder)."""
     from sfa_vivit.models import vivit
-    s.validate()
-    base_rss = runtime.peak_rss_bytes()
-    # One device (on XLA one chip, without SPMD): the memory of one device's step is the question.
-    rt = runtime.start(s.device, s.precision, data_parallel=False)
     device = rt.device
     model = vivit(s.variant, num_frames=s.frames, image_size=s.image_size, num_classes=s.num_classes,
                   spatial_chunk=s.spatial_chunk, **s.model)
@@ -103,12 +104,9 @@ def measure(s: Setting) -> dict[str, Any]:
     else:
         inputs = {"video": torch.randn(s.batch_size, s.frames, 3, s.image_size, s.image_size, device=device)}
     labels = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
-    rt.synchronize()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(s.warmup + s.steps):
-        start = time.perf_counter()
+    last: dict[str, torch.Tensor] = {}
+
+    def step() -> None:
         with rt.autocast:
             logits = model(**inputs)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
@@ -117,31 +115,88 @@ def measure(s: Setting) -> dict[str, Any]:
         optimizer.step()
         rt.step()
         rt.synchronize()
+        last["loss"] = loss
+    return step, params, model, last
+
+
+def measure(s: Setting) -> dict[str, Any]:
+    """Peak memory of one setting's training step, in this process (the CLI runs it in a fresh child):
+    `warmup` steps, then `steps` measured steps (their median wall time is `step_s`; the benchmark's
+    step times and ratios come from `time_interleaved`, which times the regimes side by side)."""
+    from sfa_vivit import runtime
+    s.validate()
+    base_rss = runtime.peak_rss_bytes()
+    # One device (on XLA one chip, without SPMD): the memory of one device's step is the question.
+    rt = runtime.start(s.device, s.precision, data_parallel=False)
+    step, params, model, last = _build_step(s, rt)
+    rt.synchronize()
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    times = []
+    for i in range(s.warmup + s.steps):
+        start = time.perf_counter()
+        step()
         if i >= s.warmup:
             times.append(time.perf_counter() - start)
-    step = statistics.median(times)
+    seconds = statistics.median(times)
     peak = rt.peak_memory_bytes()
-    return {**dataclasses.asdict(s), "step_s": round(step, 5), "clips_per_s": round(s.batch_size / step, 4),
+    return {**dataclasses.asdict(s), "step_s": round(seconds, 5), "clips_per_s": round(s.batch_size / seconds, 4),
             "peak_memory_bytes": peak, "base_rss_bytes": base_rss, "fits": True,
             "xla_compilations": rt.compilations(),
             "trainable_parameters": sum(p.numel() for p in params), "total_parameters": model.num_parameters(),
-            "loss_finite": bool(torch.isfinite(loss))}
+            "loss_finite": bool(torch.isfinite(last["loss"]))}
+
+
+def time_interleaved(settings: list[Setting], repeats: int) -> dict[str, Any]:
+    """Step times of `settings` (one frame count, several regimes) measured in this process, interleaved:
+    one warm-up step of each, then `repeats` rounds of one step of each in turn. Returns per regime the
+    lists of wall and process-CPU seconds, one entry per round."""
+    from sfa_vivit import runtime
+    rt = runtime.start(settings[0].device, settings[0].precision, data_parallel=False)
+    steps = {}
+    for s in settings:
+        s.validate()
+        steps[s.regime] = _build_step(s, rt)[0]
+        steps[s.regime]()                      # warm-up: first-call allocations, kernel selection
+    wall: dict[str, list[float]] = {regime: [] for regime in steps}
+    cpu: dict[str, list[float]] = {regime: [] for regime in steps}
+    for _ in range(repeats):
+        for regime, step in steps.items():
+            w, c = time.perf_counter(), time.process_time()
+            step()
+            wall[regime].append(time.perf_counter() - w)
+            cpu[regime].append(time.process_time() - c)
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+def _child(payload: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any] | None, str, int]:
+    """Run this module in a fresh Python process on `payload` → (its JSON answer or None, error, status)."""
+    cmd = [sys.executable, "-m", "sfa_vivit.membench", json.dumps(payload)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s", -1
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1]), "", 0
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    oom = proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower()
+    return None, "out of memory" if oom else tail, proc.returncode
 
 
 def run_child(s: Setting, timeout: float | None = None) -> dict[str, Any]:
     """`measure(s)` in a fresh Python process. Out of memory (or killed) → {'fits': False, 'error'}."""
-    cmd = [sys.executable, "-m", "sfa_vivit.membench", json.dumps(dataclasses.asdict(s))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**dataclasses.asdict(s), "fits": False, "error": f"timed out after {timeout} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    oom = proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower()
-    return {**dataclasses.asdict(s), "fits": False, "error": "out of memory" if oom else tail,
-            "returncode": proc.returncode}
+    answer, error, status = _child(dataclasses.asdict(s), timeout)
+    if answer is not None:
+        return answer
+    row = {**dataclasses.asdict(s), "fits": False, "error": error}
+    return row | ({"returncode": status} if status > 0 or status < -1 else {})
+
+
+def run_timing_child(settings: list[Setting], repeats: int, timeout: float | None = None) -> dict[str, Any]:
+    """`time_interleaved(settings, repeats)` in a fresh Python process; {'error': ...} if it fails."""
+    answer, error, _ = _child({"interleave": [dataclasses.asdict(s) for s in settings], "repeats": repeats}, timeout)
+    return answer if answer is not None else {"error": error}
 
 
 def _fits(row: dict[str, Any], budget_bytes: float) -> bool:
@@ -192,20 +247,30 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
     from sfa_vivit.runtime import resolve_device
     device = resolve_device(device)
     rows = []
-    for regime in regimes:
-        for f in frames:
-            s = Setting(variant=variant, regime=regime, frames=f, image_size=image_size, batch_size=batch_size,
-                        steps=steps, device=device, precision=precision, spatial_chunk=spatial_chunk,
-                        model=dict(model or {}))
+    timing: list[dict[str, Any]] = []
+    for f in frames:
+        cells = [Setting(variant=variant, regime=regime, frames=f, image_size=image_size, batch_size=batch_size,
+                         steps=1, device=device, precision=precision, spatial_chunk=spatial_chunk,
+                         model=dict(model or {})) for regime in regimes]
+        for s in cells:
             s.validate()
-            row = run_child(s, timeout)
+            row = run_child(s, timeout)                  # memory: a fresh child per cell
             rows.append(row)
-            log.info("%s %s %3d frames: %s", variant, regime, f,
-                     f"{row['step_s']:.3f} s/step, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB"
-                     if row.get("fits") else row.get("error"))
+            log.info("%s %s %3d frames: %s", variant, s.regime, f,
+                     f"peak {row['peak_memory_bytes'] / 2**30:.2f} GiB" if row.get("fits") else row.get("error"))
+        fitting = [s for s, row in zip(cells, rows[-len(cells):]) if row.get("fits")]
+        if fitting:                                       # time: the regimes that fit, side by side
+            timed = run_timing_child(fitting, steps, timeout)
+            timing.append({"frames": f, "regimes": [s.regime for s in fitting], **timed})
+            for row in rows[-len(cells):]:
+                _set_times(row, timed, device)
+            log.info("%s %3d frames, %d interleaved steps each: %s", variant, f, steps,
+                     timed.get("error") or ", ".join(f"{r} {statistics.median(t):.3f} s"
+                                                      for r, t in timed["wall_s"].items()))
     result: dict[str, Any] = {"variant": variant, "device": device, "image_size": image_size,
                               "batch_size": batch_size, "precision": precision, "rows": rows,
-                              "ratios": ratios(rows), "per_frame_bytes": per_frame_bytes(rows)}
+                              "steps": steps, "ratios": ratios(rows, timing),
+                              "per_frame_bytes": per_frame_bytes(rows), "timing": timing}
     if budget_gib:
         result["budget"] = [search_max_frames(Setting(variant=variant, regime=m, image_size=image_size,
                                                       batch_size=batch_size, device=device, precision=precision,
@@ -216,16 +281,45 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
     return result
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Step time and peak of each regime over `full` at the same frame count (same run)."""
+def _set_times(row: dict[str, Any], timed: dict[str, Any], device: str) -> None:
+    """A memory row's step time from the interleaved timing of its frame count (median over rounds)."""
+    wall = timed.get("wall_s", {}).get(row["regime"])
+    if not row.get("fits") or not wall:
+        return
+    row["step_s"] = round(statistics.median(wall), 5)
+    row["clips_per_s"] = round(row["batch_size"] / row["step_s"], 4)
+    if device == "cpu":
+        row["cpu_step_s"] = round(statistics.median(timed["cpu_s"][row["regime"]]), 5)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+
+def ratios(rows: list[dict[str, Any]], timing: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Each regime over `full` at the same frame count: peak memory from the memory rows, step time per
+    interleaved round (`step_ratio` = the median over rounds, `step_ratio_spread` its median/min/max;
+    `cpu_step_ratio*` the same of process CPU time, on CPU). Without `timing`, from the rows' step times."""
     full = {r["frames"]: r for r in rows if r["regime"] == "full" and r.get("fits")}
+    timed = {t["frames"]: t for t in timing or [] if "wall_s" in t}
     out = []
     for r in rows:
         ref = full.get(r["frames"])
-        if r["regime"] != "full" and ref and r.get("fits"):
-            out.append({"regime": r["regime"], "frames": r["frames"],
-                        "step_ratio": round(r["step_s"] / ref["step_s"], 4),
-                        "peak_ratio": round(r["peak_memory_bytes"] / ref["peak_memory_bytes"], 4)})
+        if r["regime"] == "full" or not ref or not r.get("fits"):
+            continue
+        entry = {"regime": r["regime"], "frames": r["frames"],
+                 "peak_ratio": round(r["peak_memory_bytes"] / ref["peak_memory_bytes"], 4)}
+        t = timed.get(r["frames"])
+        if t and r["regime"] in t["wall_s"] and "full" in t["wall_s"]:
+            for kind, key in (("wall_s", "step_ratio"), ("cpu_s", "cpu_step_ratio")):
+                if kind == "cpu_s" and r["device"] != "cpu":
+                    continue
+                per_round = [a / b for a, b in zip(t[kind][r["regime"]], t[kind]["full"])]
+                entry[f"{key}_spread"] = _spread(per_round)
+                entry[key] = entry[f"{key}_spread"]["median"]
+        elif "step_s" in r and "step_s" in ref:
+            entry["step_ratio"] = round(r["step_s"] / ref["step_s"], 4)
+        out.append(entry)
     return out
 
 
@@ -247,23 +341,33 @@ def per_frame_bytes(rows: list[dict[str, Any]]) -> dict[str, float | None]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"ViViT-{result['variant']} on {result['device']}, {result['image_size']} px, batch "
              f"{result['batch_size']}, {result['precision']}", "",
-             "| regime | frames | step (s) | clips/s | peak memory (GiB) | step / full | peak / full |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"Step times: {result.get('steps', '?')} steps of each regime, interleaved in one process; "
+             "step / full is the median of the per-round ratios (min-max in brackets); CPU: process CPU time.", "",
+             "| regime | frames | step (s) | clips/s | peak memory (GiB) | step / full | CPU time / full "
+             "| peak / full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rel = {(r["regime"], r["frames"]): r for r in result["ratios"]}
     for r in result["rows"]:
         ratio = rel.get((r["regime"], r["frames"]), {})
         if r.get("fits"):
             lines.append(f"| {r['regime']} | {r['frames']} | {r['step_s']:.3f} | {r['clips_per_s']:.2f} | "
-                         f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratio.get('step_ratio', '')} | "
-                         f"{ratio.get('peak_ratio', '')} |")
+                         f"{r['peak_memory_bytes'] / 2**30:.2f} | {_ratio_cell(ratio, 'step_ratio')} | "
+                         f"{_ratio_cell(ratio, 'cpu_step_ratio')} | {ratio.get('peak_ratio', '')} |")
         else:
-            lines.append(f"| {r['regime']} | {r['frames']} | - | - | {r.get('error')} | | |")
+            lines.append(f"| {r['regime']} | {r['frames']} | - | - | {r.get('error')} | | | |")
     lines += ["", "Peak memory per added frame: " + ", ".join(
         f"{m} {v / 2**20:.2f} MiB" if v is not None else f"{m} -" for m, v in result["per_frame_bytes"].items())]
     for b in result.get("budget", []):
         lines.append(f"- {b['regime']}: at most {b['max_frames']} frames in {b['budget_gib']} GiB"
                      + (" (search cap reached)" if b["capped"] else ""))
     return "\n".join(lines) + "\n"
+
+
+def _ratio_cell(ratio: dict[str, Any], key: str) -> str:
+    if key not in ratio:
+        return ""
+    spread = ratio.get(f"{key}_spread")
+    return f"{ratio[key]:.3f} ({spread['min']:.3f}-{spread['max']:.3f})" if spread else f"{ratio[key]:.3f}"
 
 
 def write_outputs(result: dict[str, Any], out: str) -> None:
@@ -286,7 +390,12 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
 def main(argv: list[str]) -> int:
     """Child entry point: one JSON Setting in, one JSON row out."""
     torch.set_num_threads(int(os.environ.get("SFA_MEMBENCH_THREADS", torch.get_num_threads())))
-    print(json.dumps(measure(Setting(**json.loads(argv[0])))), flush=True)
+    payload = json.loads(argv[0])
+    if "interleave" in payload:
+        answer = time_interleaved([Setting(**s) for s in payload["interleave"]], payload["repeats"])
+    else:
+        answer = measure(Setting(**payload))
+    print(json.dumps(answer), flush=True)
     return 0
 
 

@@ -84,7 +84,7 @@ def finish_train(crops: torch.Tensor, size: int, config: AugmentConfig, generato
     u = torch.rand(2, generator=generator).tolist()
     if allow_flip and u[0] < config.flip_probability:
         x = x.flip(-1)
-    x = x.float().div_(255)   # stays channels-last, where the colour conv2d is several times faster
+    x = x.float().div_(255)
     if u[1] < config.color_jitter_probability:
         x = color_jitter(x, generator)
     for _ in range(config.randaugment_layers):
@@ -116,6 +116,66 @@ def eval_views(frames: torch.Tensor, size: int, num_crops: int, config: AugmentC
     return normalize(torch.stack(views), config.mean, config.std)
 
 
+# Every operation below gives the same bytes whatever the thread count and whichever CPU kernels torch
+# dispatches to (AVX2, AVX-512, none): a clip must not depend on whether a DataLoader worker (one
+# thread) or the main process (one thread per core) made it. Elementwise float operations are exact
+# per element, so they are free to use; reductions (`mean`), convolutions and matrix products are not
+# (their summation order follows the threads and the vector width), so the few this module needs are
+# exact integer sums, Python arithmetic on a handful of numbers, or sums of shifted copies in a fixed
+# order. tests/test_data.py holds this across thread counts and ATEN_CPU_CAPABILITY values.
+
+_FIXED_POINT = 2.0 ** 32
+
+
+def exact_mean(x: torch.Tensor, dim: tuple[int, ...]) -> list[float]:
+    """Mean of x over `dim`, as Python floats, independent of threads and CPU kernels: each value is
+    truncated to a multiple of 2**-32 (elementwise) and summed as int64, which is exact in any order.
+    The error is below 2**-32. x: values in [0, 1]; the kept dimensions must flatten to a list."""
+    fixed = x.double().mul_(_FIXED_POINT).long()
+    count = math.prod(x.shape[d] for d in dim)
+    return (fixed.sum(dim=dim).double() / (count * _FIXED_POINT)).flatten().tolist()
+
+
+def _mat3(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
+
+
+def _vec3(a: list[list[float]], v: list[float]) -> list[float]:
+    return [sum(a[i][k] * v[k] for k in range(3)) for i in range(3)]
+
+
+def _eye3(f: float = 1.0) -> list[list[float]]:
+    return [[f if i == j else 0.0 for j in range(3)] for i in range(3)]
+
+
+_GRAY = (0.299, 0.587, 0.114)
+_TO_YIQ = [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]
+
+
+def _inverse3(m: list[list[float]]) -> list[list[float]]:
+    (a, b, c), (d, e, f), (g, h, i) = m
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    adj = [[e * i - f * h, c * h - b * i, b * f - c * e],
+           [f * g - d * i, a * i - c * g, c * d - a * f],
+           [d * h - e * g, b * g - a * h, a * e - b * d]]
+    return [[v / det for v in row] for row in adj]
+
+
+_FROM_YIQ = _inverse3(_TO_YIQ)
+
+
+def _apply_color_matrix(x: torch.Tensor, matrix: list[list[float]], offset: list[float]) -> torch.Tensor:
+    """y_c = sum_k matrix[c][k] x_k + offset[c] per pixel, by elementwise operations in a fixed order, on
+    contiguous channel planes (where they vectorise). x: (T, C, H, W) → a new (T, C, H, W)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    for c in range(3):
+        y = out[:, c]
+        torch.mul(x[:, 0], matrix[c][0], out=y)
+        y.add_(x[:, 1] * matrix[c][1]).add_(x[:, 2] * matrix[c][2]).add_(offset[c])
+    return out
+
+
 def color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random brightness, contrast, saturation (each x0.6-1.4) and hue (±0.1 turn), in random order.
 
@@ -124,44 +184,74 @@ def color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     x: (T, C, H, W) in [0, 1]."""
     order = torch.randperm(4, generator=generator).tolist()
     factors = (0.6 + 0.8 * torch.rand(4, generator=generator)).tolist()
-    gray = torch.tensor([0.299, 0.587, 0.114])
-    matrix, offset = torch.eye(3), torch.zeros(3)
-    mean_rgb = x.mean(dim=(0, 2, 3))
+    matrix, offset = _eye3(), [0.0, 0.0, 0.0]
+    mean_rgb = exact_mean(x, (0, 2, 3))
     for op in order:
         f = factors[op]
+        shift = [0.0, 0.0, 0.0]
         if op == 0:      # brightness
-            step, shift = torch.eye(3) * f, torch.zeros(3)
+            step = _eye3(f)
         elif op == 1:    # contrast: towards the mean gray of the image as it is at this point
-            mean_gray = gray @ (matrix @ mean_rgb + offset)
-            step, shift = torch.eye(3) * f, torch.full((3,), (1 - f) * float(mean_gray))
+            current = [m + o for m, o in zip(_vec3(matrix, mean_rgb), offset)]
+            mean_gray = sum(g * v for g, v in zip(_GRAY, current))
+            step, shift = _eye3(f), [(1 - f) * mean_gray] * 3
         elif op == 2:    # saturation: towards each pixel's gray
-            step, shift = torch.eye(3) * f + (1 - f) * gray.expand(3, 3), torch.zeros(3)
+            step = [[f * (i == j) + (1 - f) * _GRAY[j] for j in range(3)] for i in range(3)]
         else:            # hue
-            step, shift = _hue_matrix((f - 1.0) * 0.25), torch.zeros(3)
-        matrix, offset = step @ matrix, step @ offset + shift
-    y = F.conv2d(x, matrix.to(x.dtype)[:, :, None, None], offset.to(x.dtype))
-    return y.clamp_(0, 1)
+            step = _hue_matrix((f - 1.0) * 0.25)
+        matrix, offset = _mat3(step, matrix), [s + t for s, t in zip(_vec3(step, offset), shift)]
+    return _apply_color_matrix(x, matrix, offset).clamp_(0, 1)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(-3)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+    return (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(-3)
 
 
-def _hue_matrix(turns: float) -> torch.Tensor:
+def _hue_matrix(turns: float) -> list[list[float]]:
     # Rotate chroma around the gray axis (YIQ): gray pixels are unchanged.
     theta = 2 * math.pi * turns
     c, s = math.cos(theta), math.sin(theta)
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float32)
-    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    rot = [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]]
+    return _mat3(_FROM_YIQ, _mat3(rot, _TO_YIQ))
 
 
 def _affine(x: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:
-    theta = torch.tensor(matrix, dtype=x.dtype).unsqueeze(0).expand(x.shape[0], 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # Fill outside the image with gray (0.5), as TF's RandAugment fills with 128.
-    return F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+    """Bilinear resampling of x (T, C, H, W) at `matrix` (2x3, output → input in [-1, 1] coordinates, as
+    `affine_grid` with align_corners=False), outside filled with gray (0.5, as TF's RandAugment fills with
+    128). By gathering the four neighbours and elementwise weights, not `grid_sample`, whose vectorised
+    kernel is free to contract multiplies and adds differently on other CPUs."""
+    T, C, H, W = x.shape
+    xs = (torch.arange(W, dtype=torch.float64) * 2 + 1) / W - 1
+    ys = (torch.arange(H, dtype=torch.float64) * 2 + 1) / H - 1
+    (a, b, c), (d, e, f) = matrix
+    gx = xs[None, :] * a + ys[:, None] * b + c           # (H, W), in [-1, 1] of the input
+    gy = xs[None, :] * d + ys[:, None] * e + f
+    px, py = ((gx + 1) * W - 1) / 2, ((gy + 1) * H - 1) / 2   # input pixel coordinates
+    x0, y0 = px.floor(), py.floor()
+    wx, wy = (px - x0).to(x.dtype), (py - y0).to(x.dtype)
+    out = torch.zeros(T, C, H * W, dtype=x.dtype)
+    flat = (x - 0.5).reshape(T, C, H * W)
+    for dy, dx, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+        cx, cy = (x0 + dx).long(), (y0 + dy).long()
+        inside = ((cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)).flatten()
+        index = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).flatten()
+        w = (weight.flatten() * inside).expand(T, C, -1)
+        out.add_(flat.index_select(2, index) * w)
+    return out.add_(0.5).reshape(T, C, H, W)
+
+
+def _sharpen_base(x: torch.Tensor) -> torch.Tensor:
+    """TF's sharpness blur ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) with replicated edges, as a sum of
+    shifted copies in a fixed order (no convolution kernel whose summation order varies)."""
+    H, W = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    total = padded[..., 1:H + 1, 1:W + 1] * 5
+    for dy in range(3):
+        for dx in range(3):
+            if (dy, dx) != (1, 1):
+                total = total + padded[..., dy:dy + H, dx:dx + W]
+    return total / 13
 
 
 RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize",
@@ -197,13 +287,11 @@ def randaugment_op(x: torch.Tensor, magnitude: float, generator: torch.Generator
         if op == "color":
             base = _gray(x)
         elif op == "contrast":
-            base = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+            base = torch.tensor(exact_mean(_gray(x), (0, 1, 2, 3)), dtype=x.dtype).view(1, 1, 1, 1)
         elif op == "brightness":
             base = torch.zeros_like(x)
         else:
-            kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype) / 13
-            kernel = kernel.expand(x.shape[1], 1, 3, 3)
-            base = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
+            base = _sharpen_base(x)
         return (base + (x - base) * f).clamp(0, 1)
     if op in ("shear_x", "shear_y"):
         s = 0.3 * level * sign
@@ -213,15 +301,15 @@ def randaugment_op(x: torch.Tensor, magnitude: float, generator: torch.Generator
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
-    """Histogram equalisation per channel over the whole clip."""
+    """Histogram equalisation per channel over the whole clip (integer counts: exact in any order)."""
     q = (x * 255).round().long().clamp(0, 255)
     out = torch.empty_like(x)
     for c in range(x.shape[1]):
-        hist = torch.bincount(q[:, c].flatten(), minlength=256).float()
+        hist = torch.bincount(q[:, c].flatten(), minlength=256)
         cdf = hist.cumsum(0)
-        cdf_min = cdf[cdf > 0][0]
-        denom = (cdf[-1] - cdf_min).clamp_min(1)
-        lut = ((cdf - cdf_min) / denom).clamp(0, 1)
+        cdf_min = int(cdf[cdf > 0][0])
+        denom = max(int(cdf[-1]) - cdf_min, 1)
+        lut = ((cdf - cdf_min).double() / denom).clamp(0, 1).to(x.dtype)
         out[:, c] = lut[q[:, c]]
     return out
 

@@ -60,6 +60,12 @@ def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow"
 GCPC_IMAGE = "google-cloud-pipeline-components"   # in the name of the launcher image Vertex custom jobs start
 
 
+def _yaml_loader():
+    """libyaml's safe loader where PyYAML has it (10x faster on a 0.5 MB compiled pipeline), else PyYAML's."""
+    import yaml
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def set_image(package: str, image: str, out: str | None = None) -> str:
     """Write `package` (compiled pipeline YAML) to `out` (default: in place) with every step running `image`
     (a Vertex custom job's machines too; its launcher keeps its own image). Returns the path written."""
@@ -67,7 +73,7 @@ def set_image(package: str, image: str, out: str | None = None) -> str:
     if not image or any(c.isspace() for c in image):
         raise PipelineError(f"--image {image!r} is not an image reference")
     with open(package) as f:
-        docs = list(yaml.safe_load_all(f))
+        docs = list(yaml.load_all(f, Loader=_yaml_loader()))
     for executor in docs[0].get("deploymentSpec", {}).get("executors", {}).values():
         # A Vertex custom job's executor is Google Cloud Pipeline Components' launcher, in its own image
         # (our images do not carry it); the job's machines run our image, set in its worker pools below.
@@ -248,7 +254,7 @@ def pipeline_inputs(package: str) -> dict[str, Any]:
     if not os.path.exists(package):
         raise PipelineError(f"{package}: no such compiled pipeline (run `sfa pipeline compile`)")
     with open(package) as f:
-        spec = next(yaml.safe_load_all(f))     # the PipelineSpec; a platform spec may follow
+        spec = next(yaml.load_all(f, Loader=_yaml_loader()))     # the PipelineSpec; a platform spec may follow
     params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
     return {name: p.get("defaultValue") for name, p in params.items()}
 
