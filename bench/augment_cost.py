@@ -36,6 +36,7 @@ def module_at(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("augment_at_rev", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
 

@@ -84,9 +84,11 @@ def finish_train(crops: torch.Tensor, size: int, config: AugmentConfig, generato
     u = torch.rand(2, generator=generator).tolist()
     if allow_flip and u[0] < config.flip_probability:
         x = x.flip(-1)
+    jitter = u[1] < config.color_jitter_probability
+    mean_rgb = uint8_means(x) if jitter else None
     x = x.float().div_(255)
-    if u[1] < config.color_jitter_probability:
-        x = color_jitter(x, generator)
+    if jitter:
+        x = color_jitter(x, generator, mean_rgb)
     for _ in range(config.randaugment_layers):
         x = randaugment_op(x, config.randaugment_magnitude, generator)
     return normalize(x.clamp_(0, 1), config.mean, config.std)
@@ -136,6 +138,15 @@ def exact_mean(x: torch.Tensor, dim: tuple[int, ...]) -> list[float]:
     return (fixed.sum(dim=dim).double() / (count * _FIXED_POINT)).flatten().tolist()
 
 
+def uint8_means(x: torch.Tensor) -> list[float]:
+    """Per-channel means of a uint8 (T, C, H, W) clip in [0, 1] units (value / 255), exact: from integer
+    histograms (torch.bincount), whatever the summation order."""
+    levels = torch.arange(256, dtype=torch.int64)
+    count = x.numel() // x.shape[1]
+    return [int((torch.bincount(x[:, c].flatten(), minlength=256) * levels).sum()) / (count * 255)
+            for c in range(x.shape[1])]
+
+
 def _mat3(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
     return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
 
@@ -168,24 +179,27 @@ def _apply_color_matrix(x: torch.Tensor, matrix: list[list[float]], offset: list
     """y_c = sum_k matrix[c][k] x_k + offset[c] per pixel, by elementwise operations in a fixed order, on
     contiguous channel planes (where they vectorise). x: (T, C, H, W) → a new (T, C, H, W)."""
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out, term = torch.empty_like(x), torch.empty_like(x[:, 0])
     for c in range(3):
         y = out[:, c]
         torch.mul(x[:, 0], matrix[c][0], out=y)
-        y.add_(x[:, 1] * matrix[c][1]).add_(x[:, 2] * matrix[c][2]).add_(offset[c])
+        for k in (1, 2):
+            y.add_(torch.mul(x[:, k], matrix[c][k], out=term))
+        y.add_(offset[c])
     return out
 
 
-def color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, generator: torch.Generator, mean_rgb: list[float] | None = None) -> torch.Tensor:
     """Random brightness, contrast, saturation (each x0.6-1.4) and hue (±0.1 turn), in random order.
 
     Each is an affine map of RGB, so the four compose into one 3x3 matrix plus offset, applied in a
     single pass (contrast pulls towards the clip's mean gray, itself an affine function of the input).
-    x: (T, C, H, W) in [0, 1]."""
+    x: (T, C, H, W) in [0, 1]; `mean_rgb`: its per-channel means where the caller has them exactly
+    (`uint8_means` of the uint8 clip x came from), else computed here (`exact_mean`)."""
     order = torch.randperm(4, generator=generator).tolist()
     factors = (0.6 + 0.8 * torch.rand(4, generator=generator)).tolist()
     matrix, offset = _eye3(), [0.0, 0.0, 0.0]
-    mean_rgb = exact_mean(x, (0, 2, 3))
+    mean_rgb = exact_mean(x, (0, 2, 3)) if mean_rgb is None else mean_rgb
     for op in order:
         f = factors[op]
         shift = [0.0, 0.0, 0.0]
@@ -219,39 +233,39 @@ def _hue_matrix(turns: float) -> list[list[float]]:
 def _affine(x: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:
     """Bilinear resampling of x (T, C, H, W) at `matrix` (2x3, output → input in [-1, 1] coordinates, as
     `affine_grid` with align_corners=False), outside filled with gray (0.5, as TF's RandAugment fills with
-    128). By gathering the four neighbours and elementwise weights, not `grid_sample`, whose vectorised
-    kernel is free to contract multiplies and adds differently on other CPUs."""
+    128). By gathering the four neighbours of each pixel (for all frames and channels at once) and weighting
+    them elementwise, not `affine_grid` + `grid_sample`, whose results differ between CPU kernels."""
     T, C, H, W = x.shape
     xs = (torch.arange(W, dtype=torch.float64) * 2 + 1) / W - 1
     ys = (torch.arange(H, dtype=torch.float64) * 2 + 1) / H - 1
     (a, b, c), (d, e, f) = matrix
-    gx = xs[None, :] * a + ys[:, None] * b + c           # (H, W), in [-1, 1] of the input
-    gy = xs[None, :] * d + ys[:, None] * e + f
-    px, py = ((gx + 1) * W - 1) / 2, ((gy + 1) * H - 1) / 2   # input pixel coordinates
+    px = ((xs[None, :] * a + ys[:, None] * b + c + 1) * W - 1) / 2      # (H, W) input pixel coordinates
+    py = ((xs[None, :] * d + ys[:, None] * e + f + 1) * H - 1) / 2
     x0, y0 = px.floor(), py.floor()
     wx, wy = (px - x0).to(x.dtype), (py - y0).to(x.dtype)
-    out = torch.zeros(T, C, H * W, dtype=x.dtype)
-    flat = (x - 0.5).reshape(T, C, H * W)
-    for dy, dx, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx), (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
-        cx, cy = (x0 + dx).long(), (y0 + dy).long()
-        inside = ((cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)).flatten()
+    planes = (x - 0.5).reshape(T * C, H * W)                           # one row per frame and channel
+    out, corner = torch.empty(T * C, H * W, dtype=x.dtype), torch.empty(T * C, H * W, dtype=x.dtype)
+    for n, (dy, dx, weight) in enumerate(((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx),
+                                          (1, 0, wy * (1 - wx)), (1, 1, wy * wx))):
+        cx, cy = x0.long() + dx, y0.long() + dy
+        inside = (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
         index = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).flatten()
-        w = (weight.flatten() * inside).expand(T, C, -1)
-        out.add_(flat.index_select(2, index) * w)
+        target = out if n == 0 else corner          # buffers reused: large allocations cost page faults
+        torch.index_select(planes, 1, index, out=target).mul_((weight * inside).flatten())
+        if n:
+            out.add_(corner)
     return out.add_(0.5).reshape(T, C, H, W)
 
 
 def _sharpen_base(x: torch.Tensor) -> torch.Tensor:
-    """TF's sharpness blur ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) with replicated edges, as a sum of
-    shifted copies in a fixed order (no convolution kernel whose summation order varies)."""
+    """TF's sharpness blur ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) with replicated edges: the 3x3 box sum
+    (three columns, then three rows) plus 4 x the centre, over 13. Sums of shifted copies in a fixed order,
+    not a convolution kernel whose summation order varies."""
     H, W = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    total = padded[..., 1:H + 1, 1:W + 1] * 5
-    for dy in range(3):
-        for dx in range(3):
-            if (dy, dx) != (1, 1):
-                total = total + padded[..., dy:dy + H, dx:dx + W]
-    return total / 13
+    across = padded[..., 0:W] + padded[..., 1:W + 1] + padded[..., 2:W + 2]          # (..., H+2, W)
+    box = across[..., 0:H, :] + across[..., 1:H + 1, :] + across[..., 2:H + 2, :]
+    return (box + padded[..., 1:H + 1, 1:W + 1] * 4) / 13
 
 
 RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize",
@@ -287,7 +301,9 @@ def randaugment_op(x: torch.Tensor, magnitude: float, generator: torch.Generator
         if op == "color":
             base = _gray(x)
         elif op == "contrast":
-            base = torch.tensor(exact_mean(_gray(x), (0, 1, 2, 3)), dtype=x.dtype).view(1, 1, 1, 1)
+            # TF's contrast: the mean of the gray image quantised to 8 bits (exact integer counts).
+            gray8 = _gray(x).mul(255).round_().clamp_(0, 255).to(torch.uint8)
+            base = torch.tensor(uint8_means(gray8)[0], dtype=x.dtype)
         elif op == "brightness":
             base = torch.zeros_like(x)
         else:
