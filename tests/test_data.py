@@ -8,10 +8,8 @@ import io
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
@@ -249,31 +247,6 @@ def test_corrupted_shard_is_detected(kinetics_folder, capsys):
 # ---------------------------------------------------------------------------------------------
 # GCS (emulator on loopback)
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    exe = Path(sys.executable).with_name("gcp-storage-emulator")
-    if not exe.exists():
-        pytest.skip("gcp-storage-emulator is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the GCS emulator did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
-
 
 @pytest.mark.integration
 def test_prep_and_reader_over_gcs(kinetics_folder, gcs_emulator, monkeypatch):

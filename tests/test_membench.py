@@ -2,16 +2,23 @@
 
 import json
 
+import pytest
+
 from sfa_vivit.cli import main
 from sfa_vivit.membench import Setting, run_child, search_max_frames
 
 SMALL = dict(spatial_depth=2, temporal_depth=1)
 
 
-def test_full_mode_peaks_higher_with_more_frames_and_stage2_grows_less():
-    rows = {(m, f): run_child(Setting(variant="Ti", regime=m, frames=f, image_size=64, batch_size=4, steps=1,
+@pytest.fixture(scope="module")
+def rows():
+    """Full and stage-2 steps of a small Ti at 8 and 64 frames, each measured in its own child."""
+    return {(m, f): run_child(Setting(variant="Ti", regime=m, frames=f, image_size=64, batch_size=4, steps=1,
                                       num_classes=10, model=SMALL))
             for m in ("full", "stage2") for f in (8, 64)}
+
+
+def test_full_mode_peaks_higher_with_more_frames_and_stage2_grows_less(rows):
     assert all(r["fits"] and r["loss_finite"] for r in rows.values()), rows
     full_growth = rows["full", 64]["peak_memory_bytes"] - rows["full", 8]["peak_memory_bytes"]
     stage2_growth = rows["stage2", 64]["peak_memory_bytes"] - rows["stage2", 8]["peak_memory_bytes"]
@@ -27,7 +34,7 @@ def test_a_failing_child_is_reported_not_raised():
     assert row["fits"] is False and "tubelet" in row["error"]
 
 
-def test_budget_search_and_outputs(tmp_path, capsys):
+def test_outputs_and_interleaved_timing(tmp_path, capsys):
     out = tmp_path / "mb.json"
     assert main(["membench", "--variant", "Ti", "--frames", "8,16", "--regimes", "full,stage2-cached", "--image-size",
                  "32", "--steps", "3", "--set", "model.spatial_depth=1", "--set", "temporal_depth=1", "--out", str(out),
@@ -49,11 +56,13 @@ def test_budget_search_and_outputs(tmp_path, capsys):
         per_round = sorted(a / b for a, b in zip(timing["wall_s"]["stage2-cached"], timing["wall_s"]["full"]))
         assert ratio["step_ratio"] == round(per_round[1], 4)
     assert "stage2-cached" in capsys.readouterr().out
-    # A budget just above the smallest setting's peak: the search stops where the next doubling fails.
-    first = run_child(Setting(variant="Ti", regime="full", frames=8, image_size=64, batch_size=4, steps=1, warmup=0,
-                              model=SMALL))
-    budget = (first["peak_memory_bytes"] + 40 * 2**20) / 2**30
-    found = search_max_frames(Setting(variant="Ti", regime="full", image_size=64, batch_size=4, model=SMALL), budget,
-                              max_frames=256, resolution=8)
+
+
+def test_budget_search_stops_where_the_next_doubling_fails(rows):
+    """A budget just above the smallest setting's peak (full, 8 frames): the search finds a frame count below
+    the cap and every probe it accepted fits the budget."""
+    budget = (rows["full", 8]["peak_memory_bytes"] + 40 * 2**20) / 2**30
+    found = search_max_frames(Setting(variant="Ti", regime="full", image_size=64, batch_size=4, num_classes=10,
+                                      model=SMALL), budget, max_frames=256, resolution=8)
     assert found["max_frames"] is not None and 8 <= found["max_frames"] < 256 and not found["capped"]
     assert all(p["peak_memory_bytes"] <= budget * 2**30 for p in found["probes"] if p["frames"] <= found["max_frames"])

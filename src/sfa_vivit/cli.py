@@ -101,6 +101,19 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _heads(text: str | None) -> dict[str, int] | None:
+    """--heads noun=300,verb=97 → {'noun': 300, 'verb': 97}."""
+    if not text:
+        return None
+    heads = {}
+    for item in text.split(","):
+        name, _, count = item.partition("=")
+        if not name.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"--heads {text!r}: each item must be NAME=COUNT with COUNT >= 1, e.g. noun=300,verb=97")
+        heads[name.strip()] = int(count)
+    return heads
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfa` command line: every command, flag and default."""
     from sfa_vivit import __version__
@@ -209,6 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
     p.add_argument("--out", required=True, help="JSON file; the .md table and .png plot are written beside it")
 
+    scenic = sub.add_parser("scenic", help="Scenic (JAX) ViViT factorised-encoder checkpoints in and out")
+    scenic = scenic.add_subparsers(dest="scenic_command", required=True)
+    p = scenic.add_parser("import", help="a Scenic ViViT-FE checkpoint (Flax msgpack) -> a checkpoint of ours, "
+                                         "which `sfa evaluate` and `sfa train --init` take")
+    p.add_argument("source", help="the Scenic checkpoint file (local or gs://): a train state or a parameter tree")
+    p.add_argument("out", help="the checkpoint folder to write")
+    p.add_argument("--frames", type=int, help="resize the temporal position embedding to this many frames, as Scenic "
+                                              "does (default: the checkpoint's)")
+    p.add_argument("--heads", help="split the output layer into named heads, in Scenic's class_splits order, e.g. "
+                                   "noun=300,verb=97 (397 outputs are read as that, EPIC-KITCHENS, by default)")
+    p = scenic.add_parser("export", help="a checkpoint of ours (or a run folder) -> a Scenic ViViT-FE checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder or run folder (its final model)")
+    p.add_argument("out", help="the Scenic checkpoint file to write (local or gs://)")
+    p.add_argument("--layout", default="train_state", choices=["train_state", "params"],
+                   help="train_state: parameters under optimizer/target, as Scenic's ViViT trainer restores them; "
+                        "params: a bare parameter tree")
+
     pipe = sub.add_parser("pipeline", help="Kubeflow: compile, run locally, submit, schedule").add_subparsers(
         dest="pipeline_command", required=True)
     p = pipe.add_parser("compile", help="write components/*.yaml, pipelines/*.yaml, k8s/profiles.yaml "
@@ -302,6 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(markdown(result) + f"sfa membench: {args.out} (+ .md, .png)")
         elif args.command == "pipeline":
             return _pipeline(args)
+        elif args.command == "scenic":
+            from sfa_vivit.importers import export_scenic, import_scenic
+            if args.scenic_command == "import":
+                out = import_scenic(args.source, args.out, num_frames=args.frames, heads=_heads(args.heads))
+                print(f"sfa scenic import: {args.source} -> {out} (evaluate it with `sfa evaluate --checkpoint {out} "
+                      f"--data ...`, or start stage 2 from it with `sfa train --mode stage2 --init {out} ...`)")
+            else:
+                out = export_scenic(args.checkpoint, args.out, layout=args.layout)
+                print(f"sfa scenic export: {args.checkpoint} -> {out}")
         elif args.command == "evaluate":
             metrics = evaluate(args.checkpoint, args.data, views=args.views, out=args.out, split=args.split,
                                batch_size=args.batch_size, workers=args.workers, device=args.device,

@@ -15,7 +15,8 @@ Image checkpoints (`load_image_vit`), three families, detected from the files wh
   MlpBlock_0``, positions at ``pos_embedding``, optionally under ``params/`` or ``params/img/`` and
   optionally with the blocks scanned into one stacked ``encoderblock``). Flax uses eps 1e-6 and tanh GELU.
 
-`scenic_name` maps our parameter names one to one onto Scenic's ViViT-FE names.
+`scenic_name` maps our parameter names one to one onto Scenic's ViViT-FE names; `load_scenic` and
+`save_scenic` read and write Scenic ViViT factorised-encoder checkpoints (Flax msgpack) through it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Callable, NamedTuple
@@ -33,8 +35,8 @@ import safetensors.torch
 import torch
 
 from sfa_vivit.checkpoints import CheckpointError, check_shape
-from sfa_vivit.models.vivit import ViViT, inflate_patch_kernel, resample_positions_2d
-from sfa_vivit.storage import join, open_url, url_to_fs
+from sfa_vivit.models.vivit import ViViT, ViViTConfig, inflate_patch_kernel, resample_positions_2d
+from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +383,8 @@ def scenic_name(name: str) -> str:
         return f"embedding/{leaf[parts[1]]}"
     if parts[0] == "head":
         return f"output_projection/{leaf[parts[1]]}"
+    if parts[0] == "pre_logits":
+        return f"pre_logits/{leaf[parts[1]]}"
     if parts[0] == "adapter":
         return f"adapter/{parts[1]}/{leaf[parts[2]]}"
     enc = _SCENIC_ENCODER[parts[0]]
@@ -399,3 +403,293 @@ def scenic_name(name: str) -> str:
         scenic_sub = _SCENIC_BLOCK[sub]
     kind = ("scale" if rest[-1] == "weight" else "bias") if is_norm else leaf[rest[-1]]
     return f"{enc}/encoderblock_{block}/{scenic_sub}/{kind}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenic ViViT factorised-encoder checkpoints (Flax msgpack)
+# ----------------------------------------------------------------------------------------------
+
+# Flax's msgpack extension types (flax/serialization.py): an ndarray is ExtType 1 holding
+# msgpack((shape, dtype name, C-order bytes)); a numpy scalar ExtType 3 holding msgpack((dtype, bytes)).
+# Arrays over 2**30 bytes are written as {'__msgpack_chunked_array__': True, 'shape': {...}, 'chunks': {...}}.
+_FLAX_NDARRAY, _FLAX_COMPLEX, _FLAX_NPSCALAR = 1, 2, 3
+_FLAX_CHUNKED = "__msgpack_chunked_array__"
+
+# Every parameter name a Scenic ViViT factorised encoder (`SpaceTimeViViT`, classification or multi-head) has.
+_SCENIC_FE_NAME = re.compile(
+    r"^(?:embedding/(?:kernel|bias)"
+    r"|cls_(?:Spatial|Temporal)Transformer"
+    r"|(?:Spatial|Temporal)Transformer/(?:posembed_input/pos_embedding|encoder_norm/(?:scale|bias)"
+    r"|encoderblock_\d+/(?:LayerNorm_[01]/(?:scale|bias)"
+    r"|MultiHeadDotProductAttention_0/(?:query|key|value|out)/(?:kernel|bias)"
+    r"|MlpBlock_0/Dense_[01]/(?:kernel|bias)))"
+    r"|pre_logits/(?:kernel|bias)|output_projection/(?:kernel|bias))$")
+
+# Scenic's EPIC-KITCHENS multi-head model splits one output layer as class_splits [300, 97],
+# split_names [noun, verb] (scenic/projects/vivit/configs/epic_kitchens/...): nouns first.
+EPIC_KITCHENS_HEADS = {"noun": 300, "verb": 97}
+
+
+def _flax_ext(code: int, data: bytes) -> Any:
+    import msgpack
+    if code == _FLAX_NDARRAY:
+        shape, dtype, buffer = msgpack.unpackb(data, raw=False)
+        return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+    if code == _FLAX_NPSCALAR:
+        dtype, buffer = msgpack.unpackb(data, raw=False)
+        return np.frombuffer(buffer, dtype=np.dtype(dtype))[0]
+    if code == _FLAX_COMPLEX:
+        real, imag = msgpack.unpackb(data, raw=False)
+        return complex(real, imag)
+    return msgpack.ExtType(code, data)
+
+
+def _unchunk(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        if tree.get(_FLAX_CHUNKED):
+            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
+            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+            return np.concatenate(chunks).reshape(shape)
+        return {k: _unchunk(v) for k, v in tree.items()}
+    return tree
+
+
+def read_flax_msgpack(url: str) -> dict[str, Any]:
+    """A Flax checkpoint (`flax.serialization.to_bytes`, what `save_checkpoint` writes in msgpack mode) at
+    any fsspec URL → a nested dict of numpy arrays. Raises CheckpointError naming the file when it is not one."""
+    import msgpack
+    with open_url(url, "rb") as f:
+        data = f.read()
+    try:
+        tree = msgpack.unpackb(data, ext_hook=_flax_ext, raw=False, strict_map_key=False)
+    except Exception as e:  # noqa: BLE001 - any decoding failure means "not a Flax msgpack checkpoint"
+        raise CheckpointError(f"{url} is not a Flax msgpack checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{url} holds a msgpack {type(tree).__name__}, not a Flax state dict")
+    return _unchunk(tree)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _scenic_params(tree: dict[str, Any], url: str) -> tuple[dict[str, np.ndarray], int | None, str]:
+    """The parameter tree of a Scenic checkpoint, flattened to 'a/b/c' names, its step, and where it was
+    found: the ViViT trainer's train state (`optimizer/target`), scenic.train_lib's (`params`), a Flax
+    variables dict (`params`) or a bare parameter tree."""
+    step = tree.get("global_step")
+    for path in (("optimizer", "target"), ("params",), ()):
+        node: Any = tree
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and ("embedding" in node or "Transformer" in node or "cls" in node):
+            flat = _flatten(node)
+            bad = [k for k, v in flat.items() if not isinstance(v, np.ndarray)]
+            if bad:
+                raise CheckpointError(f"{url}: parameter {bad[0]} is not an array")
+            return flat, None if step is None else int(np.asarray(step)), "/".join(path) or "(root)"
+    raise CheckpointError(f"{url} holds no ViViT parameter tree: looked under optimizer/target (Scenic's ViViT "
+                          f"trainer), params (scenic.train_lib) and the root; top-level keys: {sorted(tree)[:8]}")
+
+
+def _scenic_config(params: dict[str, np.ndarray], url: str, heads: dict[str, int] | None) -> ViViTConfig:
+    """A ViViT-FE config read from the shapes of Scenic parameters. Raises CheckpointError naming the first
+    parameter that is not one of a ViViT factorised encoder."""
+    for name in params:
+        if not _SCENIC_FE_NAME.match(name):
+            hint = (" (an unfactorised ViViT or another attention type: only the factorised encoder, "
+                    "Scenic's SpaceTimeViViT, is supported)" if name.startswith(("Transformer/", "cls")) else "")
+            raise CheckpointError(f"{url}: parameter {name} {tuple(params[name].shape)} is not one of a Scenic "
+                                  f"ViViT factorised-encoder model{hint}")
+    for needed in ("embedding/kernel", "SpatialTransformer/posembed_input/pos_embedding",
+                   "TemporalTransformer/posembed_input/pos_embedding", "output_projection/kernel",
+                   "SpatialTransformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
+                   "SpatialTransformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"):
+        if needed not in params:
+            raise CheckpointError(f"{url}: no parameter {needed}: not a Scenic ViViT factorised-encoder checkpoint")
+    kernel = params["embedding/kernel"]                     # (t, p, p, C, D)
+    if kernel.ndim != 5 or kernel.shape[1] != kernel.shape[2]:
+        raise CheckpointError(f"{url}: parameter embedding/kernel has shape {kernel.shape}, not a 3D tubelet "
+                              "kernel (t, p, p, C, D) with square patches")
+    tubelet, patch, _, channels, width = kernel.shape
+    token = "cls_SpatialTransformer" in params
+    if token != ("cls_TemporalTransformer" in params):
+        raise CheckpointError(f"{url}: one encoder has a CLS token and the other not; Scenic's classifier "
+                              "applies to both")
+
+    def depth(encoder: str) -> int:
+        return len({m.group(1) for k in params if (m := re.match(rf"{encoder}/encoderblock_(\d+)/", k))})
+
+    def block(encoder: str) -> tuple[int, int]:
+        query = params[f"{encoder}/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]   # (D, nh, hs)
+        return query.shape[1], params[f"{encoder}/encoderblock_0/MlpBlock_0/Dense_0/kernel"].shape[1]
+
+    spatial_tokens = params["SpatialTransformer/posembed_input/pos_embedding"].shape[1] - token
+    grid = math.isqrt(spatial_tokens)
+    if grid * grid != spatial_tokens:
+        raise CheckpointError(f"{url}: SpatialTransformer/posembed_input/pos_embedding holds {spatial_tokens} "
+                              "patch positions, not a square grid")
+    temporal_tokens = params["TemporalTransformer/posembed_input/pos_embedding"].shape[1] - token
+    heads_s, mlp_s = block("SpatialTransformer")
+    temporal_depth = depth("TemporalTransformer")
+    heads_t, mlp_t = block("TemporalTransformer") if temporal_depth else (heads_s, mlp_s)
+    representation = params["pre_logits/kernel"].shape[1] if "pre_logits/kernel" in params else None
+    total = params["output_projection/kernel"].shape[1]
+    if heads is None and total == sum(EPIC_KITCHENS_HEADS.values()):
+        heads = dict(EPIC_KITCHENS_HEADS)
+        log.info("%s: %d outputs, read as Scenic's EPIC-KITCHENS heads %s (pass heads= to split otherwise)",
+                 url, total, heads)
+    if heads is not None and sum(heads.values()) != total:
+        raise CheckpointError(f"{url}: output_projection has {total} outputs but heads {heads} add up to "
+                              f"{sum(heads.values())}")
+    try:
+        return ViViTConfig(num_frames=temporal_tokens * tubelet, image_size=grid * patch,
+                           num_classes=dict(heads) if heads else total, width=width,
+                           spatial_depth=depth("SpatialTransformer"), temporal_depth=temporal_depth,
+                           heads=heads_s, mlp_dim=mlp_s,
+                           temporal_heads=heads_t if heads_t != heads_s else None,
+                           temporal_mlp_dim=mlp_t if mlp_t != mlp_s else None,
+                           patch=patch, tubelet=tubelet, in_channels=channels,
+                           classifier="token" if token else "gap", representation_size=representation,
+                           layer_norm_eps=1e-6, activation="gelu_tanh")   # Flax LayerNorm, jax.nn.gelu (tanh)
+    except ValueError as e:
+        raise CheckpointError(f"{url}: the shapes give no valid ViViT-FE model ({e})") from None
+
+
+def _scenic_layout(name: str, config: ViViTConfig) -> tuple[Callable, Callable]:
+    """(ours → Scenic, Scenic → ours) array transforms for our parameter `name`."""
+    parts = name.split(".")
+    if name == "embedding.weight":                          # (D, C, t, p, p) ↔ (t, p, p, C, D)
+        return (lambda a: a.permute(2, 3, 4, 1, 0)), (lambda a: a.permute(4, 3, 0, 1, 2))
+    if len(parts) > 4 and parts[3] == "attn":
+        heads = config.heads if parts[0] == "spatial" else (config.temporal_heads or config.heads)
+        width, kind = config.width, parts[-1]
+        if parts[4] in ("query", "key", "value"):
+            if kind == "weight":                            # (nh*hs, D) ↔ (D, nh, hs)
+                return (lambda a: a.T.reshape(width, heads, -1)), (lambda a: a.reshape(width, -1).T)
+            return (lambda a: a.reshape(heads, -1)), (lambda a: a.reshape(-1))
+        if kind == "weight":                                # out: (D, nh*hs) ↔ (nh, hs, D)
+            return (lambda a: a.T.reshape(heads, -1, width)), (lambda a: a.reshape(-1, width).T)
+    if parts[-1] == "weight" and parts[-2] not in ("norm", "norm1", "norm2"):
+        return (lambda a: a.T), (lambda a: a.T)             # Dense: (out, in) ↔ (in, out)
+    return (lambda a: a), (lambda a: a)
+
+
+def load_scenic(source: str | os.PathLike, *, num_frames: int | None = None,
+                heads: dict[str, int] | None = None) -> ViViT:
+    """A ViViT from a Scenic ViViT factorised-encoder checkpoint (Flax msgpack, local path or any fsspec URL).
+
+    Reads the training state Scenic's ViViT trainer writes (parameters under `optimizer/target`, step beside
+    them), scenic.train_lib's (`params`) or a bare parameter tree. The architecture (width, heads, depths,
+    tubelet, patch, MLP widths, classifier, pre-logits, class count) comes from the parameters' shapes;
+    numerics follow Scenic (LayerNorm eps 1e-6, tanh GELU). `num_frames`: resize the temporal position
+    embedding to this many frames as Scenic does (linear, end points kept, CLS position kept). `heads`:
+    split the output layer into named heads, in Scenic's `class_splits` order (397 outputs are read as
+    EPIC-KITCHENS' {'noun': 300, 'verb': 97} unless given). The step is in `model.scenic_step`.
+    Raises CheckpointError naming the file and the first parameter that does not fit.
+    """
+    url = os.fspath(source)
+    params, step, where = _scenic_params(read_flax_msgpack(url), url)
+    config = _scenic_config(params, url, heads)
+    model = ViViT(config)
+    own = model.state_dict()
+    wanted = {scenic_name(k): k for k in own}
+    missing = [name for name in wanted if name not in params]
+    if missing:
+        raise CheckpointError(f"{url}: no parameter {missing[0]} (a ViViT-FE model of these shapes has it)")
+    state = {}
+    for scenic_key, ours in wanted.items():
+        array = params[scenic_key]
+        value = _scenic_layout(ours, config)[1](torch.from_numpy(np.array(array, dtype=np.float32)))
+        check_shape(url, scenic_key, tuple(value.shape), tuple(own[ours].shape))
+        state[ours] = value.contiguous()
+    model.load_state_dict(state)
+    if num_frames is not None and num_frames != config.num_frames:
+        model.resize_temporal(num_frames)
+    model.scenic_step = step
+    log.info("loaded Scenic ViViT-FE %s (%s, step %s): %s", url, where, step,
+             {k: getattr(model.config, k) for k in ("width", "spatial_depth", "temporal_depth", "heads", "patch",
+                                                     "tubelet", "num_frames", "image_size", "classifier")})
+    return model
+
+
+def save_scenic(model: ViViT, target: str | os.PathLike, *, step: int = 0, layout: str = "train_state") -> str:
+    """Write `model` as a Scenic ViViT-FE checkpoint (Flax msgpack) at `target` (any fsspec URL, written
+    atomically): layout 'train_state' is what Scenic's ViViT trainer restores (parameters under
+    `optimizer/target`, `global_step` = `step`), 'params' a bare parameter tree. A model with an SFA
+    adapter has no Scenic counterpart and is refused. Returns the URL written."""
+    import msgpack
+
+    if layout not in ("train_state", "params"):
+        raise ValueError(f"layout={layout!r} must be 'train_state' or 'params'")
+    if model.adapter is not None:
+        raise CheckpointError("this model has an SFA adapter, which Scenic's ViViT has no place for")
+    if model.config.activation != "gelu_tanh" or model.config.layer_norm_eps != 1e-6:
+        log.warning("the model uses activation=%s, layer_norm_eps=%g; Scenic's ViViT uses gelu_tanh and 1e-6, "
+                    "so its outputs will differ slightly", model.config.activation, model.config.layer_norm_eps)
+    params: dict[str, Any] = {}
+    for name, tensor in model.state_dict().items():
+        array = _scenic_layout(name, model.config)[0](tensor.detach().float().cpu()).contiguous().numpy()
+        node = params
+        *path, leaf = scenic_name(name).split("/")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = array
+    tree = params if layout == "params" else {
+        "global_step": np.asarray(step, dtype=np.int32),
+        "optimizer": {"state": {"step": np.asarray(step, dtype=np.int32), "param_states": {}}, "target": params},
+        "model_state": {}, "rng": np.zeros(2, dtype=np.uint32), "accum_train_time": 0}
+
+    def ext(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            payload = msgpack.packb((value.shape, value.dtype.name, value.tobytes()), use_bin_type=True)
+            return msgpack.ExtType(_FLAX_NDARRAY, payload)
+        raise TypeError(f"cannot write {type(value).__name__} into a Flax checkpoint")
+
+    url = os.fspath(target)
+    write_bytes_atomic(url, msgpack.packb(_sorted(tree), default=ext, use_bin_type=True))
+    return url
+
+
+def _sorted(tree: Any) -> Any:
+    # Flax writes state dicts with their keys in sorted order (flax.serialization.to_state_dict of a dict).
+    return {k: _sorted(tree[k]) for k in sorted(tree)} if isinstance(tree, dict) else tree
+
+
+_RUN_ARCHITECTURE = ("width", "spatial_depth", "temporal_depth", "heads", "mlp_dim", "temporal_heads",
+                     "temporal_mlp_dim", "patch", "tubelet", "in_channels", "classifier", "representation_size",
+                     "layer_norm_eps", "activation")
+
+
+def import_scenic(source: str | os.PathLike, out: str | os.PathLike, *, num_frames: int | None = None,
+                  heads: dict[str, int] | None = None) -> str:
+    """`load_scenic(source)` written as a committed checkpoint of ours at `out`, so that `sfa evaluate OUT`
+    and `sfa train --init OUT` (stage 2 included) start from it. The checkpoint records where it came from
+    and, as a run would, the architecture settings (`variant`, `model.*`, `image_size`) that `--init`
+    hands on to the run it starts. Returns `out`."""
+    from sfa_vivit import checkpoints
+    from sfa_vivit.models.vivit import VARIANTS
+    model = load_scenic(source, num_frames=num_frames, heads=heads)
+    c = model.config
+    sizes = {k: getattr(c, k) for k in _RUN_ARCHITECTURE}
+    variant = next((name for name, v in VARIANTS.items() if all(sizes.get(k) == n for k, n in v.items())), "B")
+    extra = {"imported_from": {"format": "scenic", "source": os.fspath(source), "step": model.scenic_step},
+             "config": {"variant": variant, "model": sizes, "image_size": c.image_size}}
+    return checkpoints.save(model, os.fspath(out), extra=extra)
+
+
+def export_scenic(checkpoint: str | os.PathLike, target: str | os.PathLike, *, layout: str = "train_state") -> str:
+    """Our checkpoint (or a run folder's final model) at `checkpoint` → a Scenic ViViT-FE checkpoint at
+    `target` (`save_scenic`). Returns `target`."""
+    from sfa_vivit import checkpoints
+    url = checkpoints.resolve_model(os.fspath(checkpoint))
+    model, extra = checkpoints.load(url)
+    step = (extra.get("trainer") or {}).get("step") or (extra.get("imported_from") or {}).get("step") or 0
+    return save_scenic(model, target, step=int(step), layout=layout)

@@ -17,11 +17,13 @@ checkpoints map one to one onto ours. Every parameter has exactly one Scenic cou
     spatial.blocks.{i}.mlp.fc1 / fc2       .../encoderblock_{i}/MlpBlock_0/Dense_0 / Dense_1
     spatial.norm                           SpatialTransformer/encoder_norm
     temporal.*                             cls_TemporalTransformer, TemporalTransformer/*   (same layout)
+    pre_logits (representation_size set)   pre_logits          (Dense, then tanh)
     head                                   output_projection  (several heads: one Dense, split by class count,
                                                                as Scenic's multi-head model)
     adapter.fc1 / fc2                      (SFA only; no Scenic counterpart)
 
-`sfa_vivit.importers.scenic_name()` is that table as code.
+`sfa_vivit.importers.scenic_name()` is that table as code; `importers.load_scenic` / `save_scenic` read and
+write Scenic's checkpoints through it, and tests hold our logits to Scenic's own model's.
 
 Where Scenic leaves something out we fix it and say so: the spatial CLS token is copied from the image
 checkpoint (Scenic leaves `cls_SpatialTransformer` at zero), and a frozen spatial encoder runs in
@@ -71,6 +73,8 @@ class ViViTConfig:
     Numerics: `layer_norm_eps` and `activation` ('gelu_tanh' as Flax/Scenic/big_vision, 'gelu' exact as
     Hugging Face and timm); `load_image_vit` sets both from the image checkpoint.
     `classifier`: 'token' (CLS token in both encoders, Scenic's ViViT-FE default) or 'gap' (mean of tokens).
+    `representation_size`: a pre-logits layer (Dense → tanh, Scenic's `pre_logits`) of that size between
+    the temporal encoder and the head; None (the default, and the paper's models): none.
     `adapter`: the SFA 2-layer MLP between spatial and temporal encoders, of hidden size `adapter_dim`
     (default `width`), with a residual path and a zero-initialised output layer by default, so that
     adding it leaves the model's function unchanged.
@@ -92,6 +96,7 @@ class ViViTConfig:
     in_channels: int = 3
     classifier: Literal["token", "gap"] = "token"
     tubelet_init: Literal["central_frame", "average"] = "central_frame"
+    representation_size: int | None = None
     adapter: bool = False
     adapter_dim: int | None = None
     adapter_residual: bool = True
@@ -131,7 +136,7 @@ class ViViTConfig:
                      "patch", "tubelet", "in_channels"):
             _check_positive_int(name, getattr(self, name))
         _check_positive_int("temporal_depth", self.temporal_depth, allow_zero=True)
-        for name in ("temporal_heads", "temporal_mlp_dim", "adapter_dim"):
+        for name in ("temporal_heads", "temporal_mlp_dim", "adapter_dim", "representation_size"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         _check_positive_int("spatial_chunk", self.spatial_chunk, allow_zero=True)
@@ -424,7 +429,9 @@ class ViViT(nn.Module):
         # with the config or from add_adapter().
         self.register_module("adapter", Adapter(config) if config.adapter else None)
         self.temporal = self._new_temporal()
-        self.head = nn.Linear(config.width, config.total_classes)
+        self.register_module("pre_logits", nn.Linear(config.width, config.representation_size)
+                             if config.representation_size else None)
+        self.head = nn.Linear(config.representation_size or config.width, config.total_classes)
         nn.init.zeros_(self.head.weight)   # Scenic zero-initialises output_projection
         nn.init.zeros_(self.head.bias)
         self.spatial_frozen = False
@@ -482,7 +489,10 @@ class ViViT(nn.Module):
         """Spatial features (B, T', D) → adapter → temporal encoder → logits."""
         if self.adapter is not None:
             features = self.adapter(features)
-        logits = self.head(self.temporal(features))            # (B, total_classes)
+        pooled = self.temporal(features)                        # (B, D)
+        if self.pre_logits is not None:
+            pooled = torch.tanh(self.pre_logits(pooled))        # (B, representation_size)
+        logits = self.head(pooled)                              # (B, total_classes)
         classes = self.config.num_classes
         if isinstance(classes, dict):
             return dict(zip(classes, logits.split(list(classes.values()), dim=-1)))
@@ -549,11 +559,12 @@ class ViViT(nn.Module):
 
     # Parameter bookkeeping -------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Named parameters by part: embedding, spatial, adapter, temporal, head."""
+        """Named parameters by part: embedding, spatial, adapter, temporal, head (pre-logits included)."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
             "embedding": [], "spatial": [], "adapter": [], "temporal": [], "head": []}
         for name, param in self.named_parameters():
-            groups[name.split(".", 1)[0]].append((name, param))
+            part = name.split(".", 1)[0]
+            groups["head" if part == "pre_logits" else part].append((name, param))
         return groups
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -566,6 +577,8 @@ class ViViT(nn.Module):
     def reset_temporal(self) -> "ViViT":
         """A fresh temporal encoder and a zero head (Table 1 rows I-III: only the spatial encoder is kept)."""
         self.temporal = self._new_temporal().to(self.head.weight.device)
+        if self.pre_logits is not None:
+            self.pre_logits.reset_parameters()
         with torch.no_grad():
             self.head.weight.zero_()
             self.head.bias.zero_()
@@ -582,7 +595,8 @@ class ViViT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 ARCHITECTURE_FIELDS = ("width", "spatial_depth", "temporal_depth", "heads", "mlp_dim", "patch", "tubelet",
-                       "in_channels", "classifier", "temporal_heads", "temporal_mlp_dim", "image_size")
+                       "in_channels", "classifier", "temporal_heads", "temporal_mlp_dim", "image_size",
+                       "representation_size")
 
 
 def architecture_differences(source: ViViTConfig, target: ViViTConfig) -> list[str]:
