@@ -120,6 +120,21 @@ def is_committed(url: str | os.PathLike) -> bool:
     return fs.exists(join(path, MARKER_FILE))
 
 
+def committed_ancestor(url: str | os.PathLike) -> str | None:
+    """`url` itself or the nearest folder above it that holds a committed checkpoint, or None: a run must
+    not write into a checkpoint (it would change the files the COMMITTED marker vouches for)."""
+    fs, path = url_to_fs(os.fspath(url))
+    path = path.rstrip("/")
+    while path and path not in ("/", "."):
+        if fs.exists(join(path, MARKER_FILE)):
+            return path
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent == path:
+            break
+        path = parent
+    return None
+
+
 def load(url: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a checkpoint written by `save`: returns (model, extra).
 

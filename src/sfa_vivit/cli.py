@@ -19,6 +19,7 @@ from sfa_vivit.data.manifest import load_manifest, verify_shards
 from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
 from sfa_vivit.data.synth import SynthOptions, generate
 from sfa_vivit.evaluate import evaluate
+from sfa_vivit.lease import LeaseHeld
 from sfa_vivit.membench import BENCH
 from sfa_vivit.models import VARIANTS, vivit
 from sfa_vivit.runtime import versions as runtime_versions
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_file = configure_logging()
     try:
         if args.command == "smoke":
             print(f"sfa smoke: torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -347,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                verify_data=args.verify_data)
             top5 = metrics.get("top5")
             print(f"sfa evaluate: top1 {metrics['top1']:.2f}" + (f", top5 {top5:.2f}" if top5 is not None else "")
-                  + f" on {metrics['num_examples']} clips ({args.views} views)")
+                  + f" on {metrics['num_examples']} clips ({args.views} views)"
+                  + (f"; {metrics['skipped_unlabelled']} unlabelled clips skipped" if metrics.get("skipped_unlabelled")
+                     else ""))
     except Preempted as e:
         print(f"sfa train: {e}", file=sys.stderr)
         return e.exit_code
@@ -357,20 +360,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrepError as e:
         print(f"sfa data prep: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except LeaseHeld as e:
+        print(f"sfa {_command(args)}: error: {one_line(e)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"sfa {_command(args)}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sfa {_command(args)}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:        # a full disk, a permission, a lost mount: what failed, where
-        print(f"sfa {_command(args)}: error: {one_line(e)}", file=sys.stderr)
+    except OSError as e:        # a full disk, a permission, a lost mount, an unreachable store: what failed, where
+        print(f"sfa {_command(args)}: error: {one_line(e)}{_remote(args, e)}{_details(log_file)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback on request
         if os.environ.get("SFA_TRACEBACK"):
             raise
         print(f"sfa {_command(args)}: error: {type(e).__name__}: {one_line(e)} (set SFA_TRACEBACK=1 for the "
-              "traceback)", file=sys.stderr)
+              f"traceback){_details(log_file)}", file=sys.stderr)
         return 1
     finally:
         from sfa_vivit import runtime
@@ -442,6 +448,62 @@ def _command(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if sub else args.command
 
 
+class _OursOnTerminal(logging.Filter):
+    """The terminal shows this package's lines (INFO and up) and other libraries' errors only as the log file's
+    business: their retries, tracebacks and warnings (gcsfs, aiohttp, asyncio, MLflow, urllib3) go to the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("sfa_vivit") or record.name == "__main__"
+
+
+def configure_logging() -> str | None:
+    """Our log lines on stderr; every line, other libraries' included, in the log file `SFA_LOG_FILE` (default
+    ~/.cache/sfa-vivit/sfa.log; `none`: no file, everything on stderr as before). Returns the file's path."""
+    root = logging.getLogger()
+    if getattr(root, "_sfa_configured", False):
+        return getattr(root, "_sfa_log_file", None)
+    if root.handlers:           # an embedding program (or pytest) has configured logging: leave it, as basicConfig
+        return None
+    root.setLevel(logging.INFO)
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    path = os.environ.get("SFA_LOG_FILE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sfa-vivit", "sfa.log")
+    handlers: list[logging.Handler] = [terminal]
+    if path.lower() != "none":
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            file = logging.FileHandler(path, encoding="utf-8")
+            file.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+            handlers.append(file)
+            terminal.addFilter(_OursOnTerminal())
+            logging.captureWarnings(True)       # other libraries' warnings too: into the file
+        except OSError:
+            path = None
+    else:
+        path = None
+    for handler in handlers:
+        root.addHandler(handler)
+    root._sfa_configured, root._sfa_log_file = True, path
+    return path
+
+
+def _remote(args: argparse.Namespace, e: OSError) -> str:
+    """For an error of no local file (a refused connection, a DNS failure, a timeout): the remote URLs the
+    command was given, and what to check."""
+    if e.filename:
+        return ""
+    urls = [v for v in vars(args).values() if isinstance(v, str) and "://" in v and not v.startswith("file://")]
+    urls += [u for v in vars(args).values() if isinstance(v, list) for u in v if isinstance(u, str) and "://" in u]
+    if not urls:
+        return ""
+    return f", reaching {', '.join(dict.fromkeys(urls))}: check the network, the credentials and that the store exists"
+
+
+def _details(log_file: str | None) -> str:
+    return f" (other libraries' messages: {log_file})" if log_file else ""
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line: an OSError as 'what: path', and an error re-raised from a DataLoader worker
     (whose message carries the worker's traceback) as the original error's own message."""
@@ -453,6 +515,21 @@ def one_line(e: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split())
+
+
+def _params(items: list[str]) -> dict[str, object]:
+    """--param NAME=JSON items → {name: value}; an item that does not parse is named with what is wrong."""
+    params = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"--param {item!r} must look like NAME=JSON, e.g. epochs=2 or dataset='\"kinetics400\"'")
+        try:
+            params[name.strip()] = json.loads(text)
+        except ValueError:
+            raise ValueError(f"--param {name.strip()}={text!r}: the value is not JSON (a string needs quotes: "
+                             f"{name.strip()}='\"{text}\"')") from None
+    return params
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -481,14 +558,17 @@ def _pipeline(args: argparse.Namespace) -> int:
                   f"  MLflow:  {sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri {s['tracking_uri']}"
                   f"  (then http://127.0.0.1:5000)\n  summary: {s['root']}/summary.json")
         elif args.pipeline_command == "submit":
-            params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
+            params = _params(args.param)
             ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
                                 params=params, experiment=args.experiment, service_account=args.service_account,
                                 namespace=args.namespace, image=args.image)
             print(f"sfa pipeline submit: {ref}")
         elif args.pipeline_command == "schedule":
-            with open(args.datasets) as f:
-                datasets = json.load(f)
+            try:
+                with open(args.datasets) as f:
+                    datasets = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--datasets {args.datasets} is not valid JSON ({e})") from None
             ids = runner.schedule(args.package, host=args.host, datasets=datasets, cron=args.cron,
                                   pipeline_root=args.pipeline_root, service_account=args.service_account,
                                   namespace=args.namespace, stagger_minutes=args.stagger_minutes)

@@ -35,6 +35,9 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     sha256 first.
     """
     clips, crops = parse_views(views, "views")
+    if out and (checkpoints.latest_step(out) is not None or checkpoints.committed_ancestor(out) is not None):
+        raise ValueError(f"--out {out} is a training run's folder or a checkpoint: its metrics.json belongs to the "
+                         "run; give sfa evaluate a folder of its own")
     url = checkpoints.resolve_model(checkpoint)
     model, extra = checkpoints.load(url)
     manifest = load_manifest(data)
@@ -64,6 +67,11 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
                                          worker_init_fn=quiet_worker)
     metrics = evaluate_model(model, loader, rt, num_classes=manifest.num_classes, confusion=True,
                              batch_size=batch_size)
+    listed = manifest.split(split)["num_samples"]
+    metrics["skipped_unlabelled"] = max(0, listed - metrics["num_examples"])
+    if metrics["skipped_unlabelled"]:
+        log.warning("%s split %s: %d of its %d clips have no label and were not scored", data, split,
+                    metrics["skipped_unlabelled"], listed)
     metrics.update({"checkpoint": url, "data": data, "split": split, "views": views,
                     "classes": manifest.data.get("classes"), "heads": manifest.data.get("heads")})
     if out and rt.is_main:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -240,7 +241,14 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
               steps: int = BENCH.steps, device: str = "cpu", precision: str = BENCH.precision,
               spatial_chunk: int = BENCH.spatial_chunk, model: dict[str, Any] | None = None,
               max_frames: int = BENCH.max_frames, timeout: float | None = 1800) -> dict[str, Any]:
-    """Measure every (regime, frames), optionally search the budget; write JSON + Markdown + PNG at `out`."""
+    """Measure every (regime, frames), optionally search the budget; write JSON + Markdown + PNG at `out`.
+    Raises ValueError naming the option for a regime, frame count, budget or step count that cannot be."""
+    if budget_gib is not None and not (math.isfinite(budget_gib) and budget_gib >= 0):
+        raise ValueError(f"--budget-gib={budget_gib} must be a finite number >= 0 (0: no budget search)")
+    if not frames or any(f < 1 for f in frames):
+        raise ValueError(f"--frames={','.join(map(str, frames))} must be positive frame counts")
+    if steps < 1:
+        raise ValueError(f"--steps={steps} must be >= 1")
     for regime in regimes:
         if regime not in REGIMES:
             raise ValueError(f"--regimes: {regime!r} is not one of {list(REGIMES)}")

@@ -36,11 +36,18 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
+import math
 import os
 import re
 from typing import Callable, Iterable
 
 from sfa_vivit.storage import open_url
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+LABELLED_SPLITS = ("train", "validation")     # a sample of these must have a label; test may have none
 
 DATASETS = ("kinetics400", "kinetics600", "mit", "epic-kitchens-100", "ssv2", "something-else", "synthetic")
 
@@ -110,13 +117,64 @@ def read_annotations(dataset: str, files: Iterable[str], split: str | None = Non
         raise AnnotationError(f"{dataset}: no annotation files given (--annotations)")
     texts = {f: _read_text(f) for f in files}
     result = _ADAPTERS[dataset](dataset, texts)
+    result.records, checked = _check_records(result.records)
+    result.rejected += checked
     result.records, duplicates = unique_records(result.records)
     result.rejected += duplicates
+    for head, names in ({"": result.classes} if result.classes is not None else result.heads or {}).items():
+        _warn_near_duplicates(names, f"{dataset}{f' {head}' if head else ''} classes")
     if split is not None:
         result.records = [r for r in result.records if r.split == split]
         if not result.records:
             raise AnnotationError(f"{dataset}: no records of split {split!r} in {files}")
     return result
+
+
+def _check_records(records: list[VideoRecord]) -> tuple[list[VideoRecord], list[Rejection]]:
+    """Reject what no adapter may let through: a split that is not train/validation/test (a typo would
+    otherwise become a split of its own), an unlabelled sample in a labelled split, a segment that is
+    not a finite time."""
+    kept, rejected = [], []
+    for r in records:
+        if r.split not in SPLITS:
+            rejected.append(Rejection(r.videos[0], f"unknown split {r.split!r} (expected one of {list(SPLITS)})"))
+        elif r.label is None and r.split in LABELLED_SPLITS:
+            rejected.append(Rejection(r.videos[0], f"no label: a {r.split} sample must have one (only test "
+                                                   "splits may be unlabelled)"))
+        elif any(t is not None and not math.isfinite(t) for t in (r.start, r.end)):
+            rejected.append(Rejection(r.videos[0], f"malformed segment: start {r.start}, end {r.end} are not finite "
+                                                   "times"))
+        else:
+            kept.append(r)
+    return kept, rejected
+
+
+def _warn_near_duplicates(names: list[str], what: str) -> None:
+    """Warn about class names that differ only in case or whitespace: almost always one class typed twice."""
+    seen: dict[str, str] = {}
+    for name in names:
+        folded = " ".join(name.split()).casefold()
+        if folded in seen:
+            log.warning("%s: %r and %r differ only in case or whitespace; they are two classes here. If they are "
+                        "one, make the annotations spell it one way", what, seen[folded], name)
+        else:
+            seen[folded] = name
+
+
+def _unique_index(pairs: Iterable[tuple[str, int, str]], path: str) -> dict[int, str]:
+    """(name, index, where) entries of a class-list file → index → name; a repeated index or a repeated name is
+    an AnnotationError naming the file and both entries."""
+    by_index: dict[int, tuple[str, str]] = {}
+    by_name: dict[str, str] = {}
+    for name, index, where in pairs:
+        if index in by_index:
+            other, other_where = by_index[index]
+            raise AnnotationError(f"{path}: index {index} is given twice, to {other!r} ({other_where}) and to "
+                                  f"{name!r} ({where}); every class needs its own index")
+        if name in by_name:
+            raise AnnotationError(f"{path}: class {name!r} is listed twice ({by_name[name]} and {where})")
+        by_index[index], by_name[name] = (name, where), where
+    return {i: name for i, (name, _) in by_index.items()}
 
 
 def _read_text(url: str) -> str:
@@ -205,6 +263,8 @@ def _kinetics(dataset: str, texts: dict[str, str]) -> Annotations:
         ytid = row["youtube_id"].strip()
         try:
             start, end = float(row["time_start"]), float(row["time_end"])
+            if not (math.isfinite(start) and math.isfinite(end)):
+                raise ValueError(f"time_start={row['time_start']!r} and time_end={row['time_end']!r} must be finite")
             if not 0 <= start < end:
                 raise ValueError(f"time_start={start} must be >= 0 and < time_end={end}")
         except ValueError as e:
@@ -228,15 +288,16 @@ def _mit(dataset: str, texts: dict[str, str]) -> Annotations:
     categories = [p for p in texts if os.path.basename(p).startswith("moments_categories")]
     if not categories:
         raise AnnotationError("mit needs moments_categories.txt among --annotations")
-    by_index: dict[int, str] = {}
+    entries = []
     for line_no, line in enumerate(texts[categories[0]].splitlines(), start=1):
         if not line.strip():
             continue
         name, _, idx = line.strip().rpartition(",")
         try:
-            by_index[int(idx)] = name
+            entries.append((name, int(idx), f"line {line_no}"))
         except ValueError:
             raise AnnotationError(f"{categories[0]}:{line_no}: expected 'name,index', got {line!r}") from None
+    by_index = _unique_index(entries, categories[0])
     classes = [by_index[i] for i in sorted(by_index)]
     index = {name: i for i, name in enumerate(classes)}
     records, rejected = [], []
@@ -277,10 +338,15 @@ def _epic_classes(path: str, text: str) -> list[str]:
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or not {"id", "key"} <= set(reader.fieldnames):
         raise AnnotationError(f"{path}: expected columns id,key,..., got {reader.fieldnames}")
-    rows = sorted(((int(r["id"]), r["key"]) for r in reader), key=lambda r: r[0])
-    if [i for i, _ in rows] != list(range(len(rows))):
-        raise AnnotationError(f"{path}: class ids are not 0..{len(rows) - 1}")
-    return [key for _, key in rows]
+    try:
+        by_index = _unique_index(((r["key"], int(r["id"]), f"line {n}") for n, r in enumerate(reader, start=2)), path)
+    except ValueError as e:
+        if isinstance(e, AnnotationError):
+            raise
+        raise AnnotationError(f"{path}: a class id is not an integer ({e})") from None
+    if sorted(by_index) != list(range(len(by_index))):
+        raise AnnotationError(f"{path}: class ids are not 0..{len(by_index) - 1}")
+    return [by_index[i] for i in range(len(by_index))]
 
 
 def _epic(dataset: str, texts: dict[str, str]) -> Annotations:
@@ -344,10 +410,13 @@ def _ssv2(dataset: str, texts: dict[str, str]) -> Annotations:
         expected = "something-something-v2-labels.json" if dataset == "ssv2" else "labels.json"
         raise AnnotationError(f"{dataset} needs {expected} among --annotations")
     try:
-        mapping = {_template_key(k): int(v) for k, v in json.loads(texts[label_files[0]]).items()}
-    except (ValueError, AttributeError) as e:
+        # Pairs, not a dict: a template given twice must be seen, not silently kept once.
+        pairs = json.loads(texts[label_files[0]], object_pairs_hook=list)
+        entries = [(_template_key(k), int(v), f"entry {k!r}: {v!r}") for k, v in pairs]
+    except (ValueError, TypeError, AttributeError) as e:
         raise AnnotationError(f"{label_files[0]}: expected a JSON object template → index, {e}") from None
-    by_index = {i: t for t, i in mapping.items()}
+    by_index = _unique_index(entries, label_files[0])
+    mapping = {t: i for i, t in by_index.items()}
     if sorted(by_index) != list(range(len(by_index))):
         raise AnnotationError(f"{label_files[0]}: indices are not 0..{len(by_index) - 1}")
     classes = [by_index[i] for i in range(len(by_index))]

@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tarfile
 import time
 from typing import Any, Iterable
@@ -45,6 +46,7 @@ from sfa_vivit.data.annotations import (
 )
 from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ShardChecksumError, read_verified
 from sfa_vivit.data.video import VideoRejected, decode_segment
+from sfa_vivit.lease import Lease, lease_key
 from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -133,32 +135,38 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
     resolved, missing = _resolve_videos(ann.records, videos)   # every input is checked before any write
     fs, out_path = url_to_fs(out)
     fs.makedirs(out_path, exist_ok=True)
-    previous, published = _kept_splits(out, ann)
+    if shard_range is not None:      # one part of a fan-out: writes its own shards, removes nothing, no lease
+        return _prepare_part(ann, resolved, out, options, shard_range, progress)
+    # One writer publishes at `out` at a time: a second prep is refused before it writes or removes anything.
+    with Lease(out, f"sfa data prep ({dataset})", key=lease_key()):
+        return _prepare_and_publish(dataset, annotations, videos, out, ann, resolved, missing, options, progress)
 
-    rejected: list[Rejection] = list(ann.rejected)
-    for r in ann.rejected:
-        log.warning("rejected %s: %s", r.video, r.reason)
-    for r in missing:
-        log.warning("rejected %s: %s", r.video, r.reason)
-    rejected += missing
+
+def _prepare_part(ann: Annotations, resolved: list[tuple[VideoRecord, str]], out: str, options: PrepOptions,
+                  shard_range: tuple[int, int], progress: bool) -> dict[str, Any]:
+    part, parts = shard_range
+    if not (isinstance(parts, int) and parts >= 1 and isinstance(part, int) and 0 <= part < parts):
+        raise ValueError(f"shard_range={shard_range!r}: expected (part, parts) with 0 <= part < parts")
+    mine = _plan_shards(resolved, out, options)[part::parts]
+    done = _run_tasks(mine, options, progress=progress, total=sum(len(t.items) for t in mine))
+    return {"part": part, "parts": parts, "shards": len(mine), "num_samples": sum(r["num_samples"] for r in done),
+            "rejected": sum(len(r["rejected"]) for r in done)}
+
+
+def _prepare_and_publish(dataset: str, annotations: Iterable[str], videos: str, out: str, ann: Annotations,
+                         resolved: list[tuple[VideoRecord, str]], missing: list[Rejection], options: PrepOptions,
+                         progress: bool) -> dict[str, Any]:
+    previous, published = _kept_splits(out, ann, options)
+    rejected: list[Rejection] = list(ann.rejected) + missing
+    log_rejections(rejected, f"{dataset} annotations")
 
     tasks = _plan_shards(resolved, out, options)
-    if shard_range is not None:
-        part, parts = shard_range
-        if not (isinstance(parts, int) and parts >= 1 and isinstance(part, int) and 0 <= part < parts):
-            raise ValueError(f"shard_range={shard_range!r}: expected (part, parts) with 0 <= part < parts")
-        mine = tasks[part::parts]
-        done = _run_tasks(mine, options, progress=progress, total=sum(len(t.items) for t in mine))
-        return {"part": part, "parts": parts, "shards": len(mine), "num_samples": sum(r["num_samples"] for r in done),
-                "rejected": sum(len(r["rejected"]) for r in done)}
     results = _run_tasks(tasks, options, progress=progress, total=len(resolved))
     splits: dict[str, dict[str, Any]] = {}
+    decoded_rejects: list[Rejection] = []
     for task, result in sorted(zip(tasks, results), key=lambda tr: tr[0].name):
-        for r in result["rejected"]:
-            rej = Rejection(**r)
-            log.warning("rejected %s: %s", rej.video, rej.reason)
-            rejected.append(rej)
-        entry = splits.setdefault(task.split, {"num_samples": 0, "shards": []})
+        decoded_rejects += [Rejection(**r) for r in result["rejected"]]
+        entry = splits.setdefault(task.split, {"num_samples": 0, "shards": [], "options": options.content()})
         entry.setdefault("_frames", []).extend(result.get("frames", []))
         entry.setdefault("_sides", []).extend(result.get("short_sides", []))
         if result["num_samples"]:
@@ -166,6 +174,8 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
             entry["shards"].append({"path": f"{task.name}.tar", "num_samples": result["num_samples"],
                                     "sha256": result["sha256"]})
 
+    log_rejections(decoded_rejects, f"{dataset} videos")
+    rejected += decoded_rejects
     # A repeated row loses no sample: it is reported, not counted against the reject limit.
     lost = [r for r in rejected if not r.reason.startswith(DUPLICATE)]
     total = len(ann.records) + len(ann.rejected) - (len(rejected) - len(lost))
@@ -198,12 +208,39 @@ def prepare(dataset: str, annotations: Iterable[str], videos: str, out: str, *, 
     return manifest
 
 
-def _kept_splits(out: str, ann: Annotations) -> tuple[dict[str, Any], set[str]]:
+def log_rejections(rejected: list[Rejection], what: str, examples: int = 3) -> None:
+    """One warning per kind of rejection (its count and first examples), not one line per row: 50,000
+    malformed rows are 1 line here and 50,000 entries in the manifest."""
+    if not rejected:
+        return
+    kinds: dict[str, list[Rejection]] = {}
+    for r in rejected:
+        kinds.setdefault(_reason_kind(r.reason), []).append(r)
+    for kind, group in kinds.items():
+        shown = "; ".join(f"{r.video}: {r.reason}" for r in group[:examples])
+        more = f" (and {len(group) - examples} more; every one is listed under 'rejected' in manifest.json)" \
+            if len(group) > examples else ""
+        log.warning("%s: %d rejected, %s. E.g. %s%s", what, len(group), kind, shown, more)
+
+
+def _reason_kind(reason: str) -> str:
+    """The kind of a rejection reason: its words before the first detail ('malformed annotation row',
+    'unknown label', 'duplicate', ...)."""
+    head = re.split(r"[:(]| \d", reason, maxsplit=1)[0].strip()
+    return head or reason[:40]
+
+
+class SplitOptionsMismatch(ValueError):
+    """A split kept from an earlier prep at `out` was made with other options than this run's."""
+
+
+def _kept_splits(out: str, ann: Annotations, options: PrepOptions) -> tuple[dict[str, Any], set[str]]:
     """The splits a published manifest at `out` lists that this run does not touch, if it describes the
     same dataset and classes (so train and validation can be prepared by separate runs into one place),
     and the shard names it lists: they are kept for one more generation, so a reader (or a pipeline's
     retried step) that loaded it before the switch still finds its shards. The manifest itself stays
-    published until the new one replaces it."""
+    published until the new one replaces it. A kept split made with other options (frame rate, size,
+    quality, shard size) is refused: one manifest describes every split it lists truly."""
     fs, path = url_to_fs(join(out, MANIFEST_FILE))
     try:
         old = json.loads(fs.cat_file(path))
@@ -218,6 +255,15 @@ def _kept_splits(out: str, ann: Annotations) -> tuple[dict[str, Any], set[str]]:
             and old.get("heads") == ann.heads)
     touched = {r.split for r in ann.records}
     kept = {s: v for s, v in old.get("splits", {}).items() if same and s not in touched}
+    for name, entry in kept.items():
+        theirs = entry.get("options") or {k: v for k, v in old.get("options", {}).items() if k in options.content()}
+        differ = {k: (theirs.get(k), v) for k, v in options.content().items() if theirs.get(k) != v}
+        if differ:
+            said = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in differ.items())
+            raise SplitOptionsMismatch(
+                f"{out}: split {name!r} there was prepared with other options ({said}); a manifest must describe "
+                f"every split truly. Prepare {name!r} again with this run's options (give its annotation files "
+                "too), or prepare this split into another --out")
     dropped = sorted(set(old.get("splits", {})) - touched - set(kept))
     if dropped:
         log.warning("%s: the published manifest's splits %s are for another dataset or classes; the new manifest "

@@ -140,6 +140,7 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
     from sfa_vivit.storage import join, write_bytes_atomic
     if parts_done:
         log.info("data prep fan-out: %d parts wrote %d samples", len(parts_done), sum(parts_done))
+    _lease_key(data_uri)
     manifest = prepare(dataset, _split_list(annotations), videos, data_uri, options=_prep_options(options))
     pointer = json.loads(json.dumps(manifest))
     for split in pointer["splits"].values():
@@ -154,6 +155,12 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
 # The metadata store takes messages up to 4 MB (gRPC's default): a confusion matrix goes to the UI only
 # well below that (about 350 classes); the full matrix is always in the results artifact.
 MAX_UI_MATRIX_BYTES = 1_000_000
+
+
+def _lease_key(out: str) -> None:
+    """The key of this step's lease on `out` (sfa_vivit.lease): the same for every attempt of the step, so a
+    pod retried by Argo takes over the lease its failed attempt left, at once rather than when it goes stale."""
+    os.environ["SFA_LEASE_KEY"] = f"kfp-step:{out}"
 
 
 def _split_list(text: str) -> list[str]:
@@ -177,6 +184,7 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
     inherited = init_architecture(init_url) if init_url else None      # stage 2: stage 1's architecture
     config = resolve(mode, recipe, overrides=inherited, sets=list(sets))   # bad settings fail here, before any work
     tracking = TrackingTarget(tracking_uri or None, parent_run_id or None)
+    _lease_key(artifact_url(model))
     if cluster:
         from sfa_vivit.kubeflow import trainjob
         spec = trainjob.NodeSpec.from_json(cluster)

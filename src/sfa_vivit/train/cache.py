@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -174,12 +174,23 @@ class CacheReport:
     built_now: int                 # files computed by this call (0: the cache was complete)
 
 
+class BuildStopped(RuntimeError):
+    """The cache build stopped on request (a signal) between two batches; the files written are kept."""
+
+    def __init__(self, built: int, remaining: int):
+        super().__init__(f"{built} cache file(s) written and kept, {remaining} left to build")
+        self.built, self.remaining = built, remaining
+
+
 def build(model: ViViT, url: str, rt: Runtime, *, train: ClipDataset, views: int, eval_sets: dict[str, ClipDataset],
-          dtype: str = "float32", batch_size: int = 8) -> CacheReport:
+          dtype: str = "float32", batch_size: int = 8,
+          should_stop: Callable[[], bool] = lambda: False) -> CacheReport:
     """Compute the features of `views` training views of every clip of `train` and of every view of
     each `eval_sets` dataset (name: views text such as '2x1'), with `model`'s frozen spatial encoder,
     at `url`, on `rt`'s devices (its ranks share the files; batches of `batch_size` videos, a fixed shape).
-    Files already there are kept (resume); a cache of other inputs raises StaleCacheError."""
+    Files already there are kept (resume); a cache of other inputs raises StaleCacheError. `should_stop` is
+    asked between batches (a signal arrived): the shard being computed is dropped and BuildStopped raised,
+    every file already written stays (each is written whole), so a stop takes one batch, not one build."""
     rank, world = rt.rank, rt.world
     if not model.spatial_frozen:
         raise ValueError("the feature cache needs a frozen spatial encoder (freeze_spatial=true)")
@@ -201,7 +212,9 @@ def build(model: ViViT, url: str, rt: Runtime, *, train: ClipDataset, views: int
     for split, name, dataset, index in bar:
         start = time.perf_counter()
         tensors = _compute(model, dataset, index, views if name is None else None, DTYPES[dtype], rt,
-                           rt.per_device_multiple(batch_size))
+                           rt.per_device_multiple(batch_size), should_stop)
+        if tensors is None:
+            raise BuildStopped(built, len(todo) - built)
         meta = {"key": key, "build_time_s": f"{time.perf_counter() - start:.4f}", "source": dataset.shards[index]}
         write_bytes_atomic(join(url, _file(split, name, index)), save_safetensors(tensors, metadata=meta))
         built += 1
@@ -213,9 +226,10 @@ def build(model: ViViT, url: str, rt: Runtime, *, train: ClipDataset, views: int
 
 @torch.no_grad()
 def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, dtype: torch.dtype, rt: Runtime,
-             batch_size: int) -> dict[str, torch.Tensor]:
+             batch_size: int, should_stop: Callable[[], bool] = lambda: False) -> dict[str, torch.Tensor] | None:
     """Features of one data shard: train (views given) → (N, views, T', D); eval → (N, V, T', D).
-    Every batch has `batch_size` videos on a lazy device (the last one padded), so that one graph serves."""
+    Every batch has `batch_size` videos on a lazy device (the last one padded), so that one graph serves.
+    None when `should_stop()` said so between two clips."""
     features, labels, keys = [], [], []
     pending: list[torch.Tensor] = []
 
@@ -232,6 +246,8 @@ def _compute(model: ViViT, dataset: ClipDataset, index: int, views: int | None, 
             del pending[:n]
 
     for sample in iter_samples([dataset.shards[index]], dataset.checksums, dataset.counts):
+        if should_stop():
+            return None
         if views is None:
             clip = dataset.clip(sample)
             pending.extend(clip["video"])

@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 20                      # steps between progress lines
     steps_per_epoch: int | None = None       # default: train samples // batch_size
     verify_data: bool = False                # check every shard's sha256 before training starts
+    mixed_prep: bool = False                 # accept train and validation splits prepared at other frame rates
     mlflow_experiment: str = "sfa-vivit"
     mlflow_log_model: bool = True            # the final model as an MLflow model too (local run folders)
 
@@ -324,7 +325,13 @@ def parse_views(text: str, name: str = "views") -> tuple[int, int]:
             raise ValueError
     except ValueError:
         raise ValueError(f"{name}={text!r} must look like CLIPSxCROPS, e.g. 4x3") from None
+    if clips > MAX_VIEW_CLIPS or crops > MAX_VIEW_CROPS:
+        raise ValueError(f"{name}={text!r}: at most {MAX_VIEW_CLIPS} clips x {MAX_VIEW_CROPS} crops per video (the "
+                         "paper uses 4x3; every view is a forward pass of the whole model)")
     return clips, crops
+
+
+MAX_VIEW_CLIPS, MAX_VIEW_CROPS = 64, 10
 
 
 def augment_config(c: TrainConfig) -> AugmentConfig:

@@ -50,14 +50,14 @@ class RunData:
         return ClipDataset(self.manifest, c.eval_split, sampling="eval", num_frames=c.num_frames, stride=c.stride,
                            image_size=c.image_size, augment=self.augment, num_clips=clips, num_crops=crops)
 
-    def build_cache(self, model: ViViT, url: str) -> cache.CacheReport:
+    def build_cache(self, model: ViViT, url: str, should_stop=lambda: False) -> cache.CacheReport:
         """Build (or reuse, or finish building) the frozen-feature cache at `url` and hold this rank's part;
         from then on the batches come from it."""
         c, rt = self.config, self.runtime
         views = list(dict.fromkeys([c.eval_views, c.final_eval_views])) if self.has_eval else []
         eval_sets = {v: self.eval_dataset(v) for v in views}
         report = cache.build(model, url, rt, train=self.train_data, views=c.cache_views, eval_sets=eval_sets,
-                             dtype=c.cache_dtype, batch_size=self.local_batch)
+                             dtype=c.cache_dtype, batch_size=self.local_batch, should_stop=should_stop)
         self.cache_report = report
         self.cached_train, self.cached_eval = cache.open_splits(report, self.train_data, eval_sets, rt.rank, rt.world,
                                                                 batch_size=c.batch_size)

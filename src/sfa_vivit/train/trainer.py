@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import mixup, one_hot
 from sfa_vivit.data.manifest import data_digest, load_manifest, verify_shards
+from sfa_vivit.lease import Lease, lease_key
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
 from sfa_vivit.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.train import cache
@@ -102,6 +103,25 @@ class Trainer:
             raise TrainError("compile=true is for CPU and CUDA (torch.compile); on XLA every step is compiled "
                              "as one graph already")
         self.local_batch = config.batch_size // self.world
+        inside = checkpoints.committed_ancestor(self.out)
+        if inside is not None:
+            raise TrainError(f"--out {self.out} is {'a' if inside.rstrip('/') == self.out.rstrip('/') else 'inside a'} "
+                             f"committed checkpoint ({inside}); a run writes a run folder of its own: use another "
+                             "--out (and pass the checkpoint as --init to start from it)")
+        self.lease = Lease(self.out, f"sfa train ({config.mode})", key=lease_key()).acquire() if self.is_main else None
+        try:
+            self._setup(config, data)
+        except BaseException:
+            self.release(refused=True)
+            raise
+
+    def release(self, *, refused: bool = False) -> None:
+        """Give up the output's lease (fit() does at its end; a Trainer not fitted should call it). refused:
+        the run never started; the output folder goes too if the lease made it and it is empty."""
+        if self.lease is not None:
+            self.lease.release(remove_empty_folder=refused)
+
+    def _setup(self, config: TrainConfig, data: str) -> None:
         self.manifest = load_manifest(data)
         self.num_classes = self.manifest.num_classes
         # What the run trains on: the classes and the training split's shards (the validation split may be
@@ -132,6 +152,7 @@ class Trainer:
         if self.world > 1 and self.runtime.kind != "xla":     # on XLA, SPMD reduces the gradients
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._check_shards_exist()
         self.data = RunData(config, self.manifest, self.runtime)
         self.steps_per_epoch = self.data.steps_per_epoch
         if config.verify_data:
@@ -195,10 +216,53 @@ class Trainer:
         if loaded.config.num_classes != expected.num_classes and not c.reinit_head:
             raise TrainError(f"--init {url} predicts {loaded.config.num_classes} classes but {self.data_url} has "
                              f"{expected.num_classes}; set reinit_head=true to start a new head (cross-dataset init)")
+        names = {"classes": extra.get("classes") or (extra.get("data") or {}).get("classes"),
+                 "heads": extra.get("heads") or (extra.get("data") or {}).get("heads")}
+        other_names = any(theirs is not None and self.manifest.data.get(field) is not None
+                          and theirs != self.manifest.data.get(field) for field, theirs in names.items())
+        if other_names and not c.reinit_head:
+            raise TrainError(f"--init {url} was trained on other class names than {self.data_url} has "
+                             f"(the same count, another order or other names); its head would predict the wrong "
+                             "classes: set reinit_head=true to start a new head")
         model = init_from(loaded, num_frames=c.num_frames, num_classes=expected.num_classes,
                           drop_path=expected.drop_path, dropout=expected.dropout, spatial_chunk=expected.spatial_chunk,
                           keep_temporal=c.temporal_init != "scratch")
+        if other_names:                 # reinit_head: the same count of classes, other names: a new head
+            with torch.no_grad():
+                model.head.weight.zero_()
+                model.head.bias.zero_()
         return model, {}, extra
+
+    def _check_shards_exist(self) -> None:
+        """Every shard the manifest lists for the splits this run reads is there, before the first step
+        (a missing one would otherwise surface at the end of an epoch). One listing per folder."""
+        c = self.config
+        splits = [s for s in dict.fromkeys([c.train_split, c.eval_split]) if s in self.manifest.data["splits"]]
+        urls = [u for s in splits for u in self.manifest.shard_urls(s)]
+        from sfa_vivit.storage import url_to_fs
+        listed: dict[str, set[str]] = {}
+        missing = []
+        for u in urls:
+            folder, name = u.rsplit("/", 1) if "/" in u else (".", u)
+            if folder not in listed:
+                fs, path = url_to_fs(folder)
+                try:
+                    listed[folder] = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+                except FileNotFoundError:
+                    listed[folder] = set()
+            if name not in listed[folder]:
+                missing.append(u)
+        rates = {s: (self.manifest.split(s).get("options") or self.manifest.data.get("options", {})).get("fps")
+                 for s in splits}
+        if len(set(rates.values())) > 1 and not c.mixed_prep:
+            raise TrainError(f"{self.data_url}: the splits this run reads were prepared at other frame rates "
+                             f"({', '.join(f'{s} {fps} fps' for s, fps in rates.items())}): training and validation "
+                             "would span other lengths of time. Prepare them with the same --fps, or set "
+                             "mixed_prep=true to accept it")
+        if missing:
+            raise TrainError(f"{len(missing)} of the {len(urls)} shards {self.data_url}/manifest.json lists for "
+                             f"{'/'.join(splits)} are missing (first: {missing[0]}); run `sfa data prep` again to "
+                             "write them, or `sfa data verify` to list every damaged or missing shard")
 
     def _check_init_mode(self, url: str, extra: dict[str, Any]) -> None:
         """Stage 2 starts from a stage-1 model: refuse another mode's checkpoint unless forced."""
@@ -228,7 +292,13 @@ class Trainer:
     def _prepare_cache(self) -> None:
         """Build (or reuse, or finish building) the frozen-feature cache; train from it from now on."""
         url = self.config.cache_dir or join(self.out, "feature_cache")
-        r = self.data.build_cache(self.model, url)
+        try:
+            r = self.data.build_cache(self.model, url, should_stop=lambda: bool(self._stop_signal))
+        except cache.BuildStopped as e:
+            self.tracker.finish("KILLED")
+            what = "interrupted (Ctrl-C)" if self._stop_signal == signal.SIGINT else "SIGTERM"
+            raise Preempted(f"{what} during the feature-cache build at {url}: {e}; run the same command again to "
+                            "finish it", 130 if self._stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE) from None
         if self.is_main:
             log.info("feature cache %s: %d clips x %d views, %.1f MB (%.1f KB per clip), built in %.1f s "
                      "(%d files now)", url, r.clips, r.train_views, r.size_bytes / 1e6, r.bytes_per_clip / 1e3,
@@ -311,6 +381,7 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            self.release()
 
     def _batches(self, loader: Any) -> Any:
         """The loader's batches; when a stop signal has arrived and the loader fails (its workers, signalled
@@ -587,7 +658,7 @@ def _as_today(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
 
 
 _RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision",
-                      "cache_dir", "compile", "verify_data", "mlflow_log_model"}
+                      "cache_dir", "compile", "verify_data", "mlflow_log_model", "mixed_prep"}
 
 # The modes an --init checkpoint of each mode may come from (others need --force-init).
 _INIT_FROM = {"stage2": ("stage1",)}
