@@ -315,6 +315,23 @@ def test_rejections_are_summarised_per_kind(tmp_path, caplog, raw):
     assert header
 
 
+def test_an_unlabelled_test_split_is_kept_and_evaluate_says_what_it_skipped(raw, tmp_path, capsys, no_mlflow_env):
+    rows = Path(raw["validation"]).read_text().splitlines()
+    header, body = rows[0], [r.split(",") for r in rows[1:]]
+    test_csv = _write(tmp_path / "kinetics_test.csv", "\n".join(
+        [header] + [",".join(["", *r[1:4], "test"]) for r in body]) + "\n")
+    out = tmp_path / "shards"
+    manifest = prepare("synthetic", [raw["train"], test_csv], raw["videos"], str(out),
+                       options=PrepOptions(fps=8, short_side=32, shard_size=4, workers=1), progress=False)
+    assert manifest["splits"]["test"]["num_samples"] == len(body)
+    run = tmp_path / "run"
+    Trainer(config("stage1", "epochs=1", "final_eval_views=1x1", "eval_split=train"), str(out), str(run)).fit()
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(out), "--split", "test", "--views", "1x1",
+                 "--workers", "0", "--out", str(tmp_path / "eval")]) == 0
+    said = capsys.readouterr().out
+    assert "no labelled clip to score" in said and f"{len(body)} unlabelled clips skipped" in said, said
+
+
 # ---------------------------------------------------------------------------------------------
 # A manifest describes its shards
 # ---------------------------------------------------------------------------------------------

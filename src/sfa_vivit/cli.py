@@ -346,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = evaluate(args.checkpoint, args.data, views=args.views, out=args.out, split=args.split,
                                batch_size=args.batch_size, workers=args.workers, device=args.device,
                                verify_data=args.verify_data)
-            top5 = metrics.get("top5")
-            print(f"sfa evaluate: top1 {metrics['top1']:.2f}" + (f", top5 {top5:.2f}" if top5 is not None else "")
+            top1, top5 = metrics.get("top1"), metrics.get("top5")
+            print("sfa evaluate: " + (f"top1 {top1:.2f}" if top1 is not None else "no labelled clip to score")
+                  + (f", top5 {top5:.2f}" if top5 is not None else "")
                   + f" on {metrics['num_examples']} clips ({args.views} views)"
                   + (f"; {metrics['skipped_unlabelled']} unlabelled clips skipped" if metrics.get("skipped_unlabelled")
                      else ""))
