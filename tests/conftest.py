@@ -1,3 +1,4 @@
+import os
 import socket
 import subprocess
 import sys
@@ -72,3 +73,14 @@ def gcs_emulator():
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tiny_data, tmp_path_factory):
+    """A tiny stage-1 run folder on `tiny_data` (1 epoch), trained once and only read by the tests that use it."""
+    from helpers import config
+    from sfa_vivit.train import Trainer
+    out = tmp_path_factory.mktemp("stage1")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    Trainer(config("stage1"), tiny_data, str(out)).fit()
+    return str(out)

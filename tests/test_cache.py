@@ -1,21 +1,12 @@
 """The stage-2 frozen-feature cache (sfa_vivit.train.cache): cached equals uncached, DDP ranks hold
 disjoint parts, an interrupted build resumes, a stale cache is refused, and training from it resumes exactly."""
 
-import os
 
 import pytest
 import torch
 
 from helpers import config, final_state
 from sfa_vivit.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def stage1_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    Trainer(config("stage1"), tiny_data, str(out)).fit()
-    return str(out)
 
 
 def test_cached_and_uncached_stage2_compute_the_same_logits(tiny_data, stage1_run, tmp_path, no_mlflow_env):

@@ -19,9 +19,9 @@ from sfa_vivit.data.prep import PrepOptions, prepare
 from sfa_vivit.train import NonFiniteLoss, Trainer, TrainError, resolve
 
 
-def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, tmp_path, no_mlflow_env, caplog):
-    s1 = tmp_path / "s1"
-    m1 = Trainer(config("stage1"), tiny_data, str(s1)).fit()
+def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, stage1_run, tmp_path, no_mlflow_env, caplog):
+    s1 = Path(stage1_run)
+    m1 = json.loads((s1 / "metrics.json").read_text())
     assert m1["mode"] == "stage1" and m1["trainable_parameters"] == m1["total_parameters"]
     # Stage 2 at the same frame count starts exactly at the stage-1 function (an image checkpoint
     # given as well is not used, and the log says so).
@@ -116,15 +116,14 @@ def test_nan_loss_stops_with_the_step_after_a_checkpoint(tiny_data, tmp_path, no
     assert any(checkpoints.is_committed(p) for p in (tmp_path / "nan" / "checkpoints").iterdir())
 
 
-def test_bad_input_is_rejected_before_training(tiny_data, tmp_path, no_mlflow_env):
+def test_bad_input_is_rejected_before_training(tiny_data, stage1_run, tmp_path, no_mlflow_env):
     with pytest.raises(ValueError, match="unknown recipe 'k700'"):
         resolve("stage1", "k700")
     with pytest.raises(ValueError, match="unknown key 'epoch'"):
         resolve("stage1", "synthetic", sets=["epoch=3"])
     with pytest.raises(TrainError, match="stage2 needs --init"):
         Trainer(config("stage2"), tiny_data, str(tmp_path / "x"))
-    s1 = tmp_path / "s1"
-    Trainer(config("stage1"), tiny_data, str(s1)).fit()
+    s1 = Path(stage1_run)
     with pytest.raises(TrainError, match=r"another architecture .*width: checkpoint 32, run 64"):
         Trainer(resolve("stage2", "synthetic", sets=[*TINY, "model.width=64", "epochs=1"]), tiny_data,
                 str(tmp_path / "y"), init=str(s1))

@@ -190,9 +190,8 @@ def test_a_bucket_that_does_not_exist_is_reported_before_any_video_is_decoded(ra
 # ---------------------------------------------------------------------------------------------
 
 def test_train_refuses_an_out_in_a_committed_checkpoint_and_evaluate_refuses_a_run_folder(
-        tiny_data, tmp_path, no_mlflow_env, capsys):
-    run = tmp_path / "stage1"
-    Trainer(config("stage1", "epochs=1"), tiny_data, str(run)).fit()
+        tiny_data, stage1_run, tmp_path, no_mlflow_env, capsys):
+    run = Path(stage1_run)
     before = {p: p.read_bytes() for p in (run / "model").iterdir()}
     for out in (run / "model", run / "model" / "nested"):
         with pytest.raises(TrainError, match="committed checkpoint"):
@@ -205,9 +204,8 @@ def test_train_refuses_an_out_in_a_committed_checkpoint_and_evaluate_refuses_a_r
     assert "at most 64 clips" in capsys.readouterr().err
 
 
-def test_stage2_from_a_model_of_other_class_names_is_refused(tiny_data, tmp_path, no_mlflow_env):
-    run = tmp_path / "stage1"
-    Trainer(config("stage1", "epochs=1"), tiny_data, str(run)).fit()
+def test_stage2_from_a_model_of_other_class_names_is_refused(tiny_data, stage1_run, tmp_path, no_mlflow_env):
+    run = stage1_run
     other = Path(shutil.copytree(tiny_data, tmp_path / "renamed"))
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["classes"] = manifest["classes"][1:] + manifest["classes"][:1]        # same count, other order
@@ -229,9 +227,9 @@ def test_a_missing_shard_is_found_before_the_first_step(tiny_data, tmp_path, no_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_sigterm_during_the_cache_build_keeps_what_is_built_and_stops_at_once(tiny_data, tmp_path, no_mlflow_env):
-    run = tmp_path / "stage1"
-    Trainer(config("stage1", "epochs=1"), tiny_data, str(run)).fit()
+def test_sigterm_during_the_cache_build_keeps_what_is_built_and_stops_at_once(tiny_data, stage1_run, tmp_path,
+                                                                              no_mlflow_env):
+    run = stage1_run
     trainer = Trainer(config("stage2", "cache_views=2"), tiny_data, str(tmp_path / "s2"), init=str(run))
     calls = []
 
