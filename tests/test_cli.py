@@ -46,10 +46,15 @@ def test_version_print_config_did_you_mean_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"sfa-vivit {__version__}"
-    assert main(["train", "--mode", "stage2", "--recipe", "synthetic", "--data", "unused", "--out", "unused",
-                 "--set", "cache_views=2", "--print-config"]) == 0
+    # A config can be seen before any data or run folder exists.
+    assert main(["train", "--mode", "stage2", "--recipe", "synthetic", "--set", "cache_views=2", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["mode"], printed["cache_views"], printed["freeze_spatial"]) == ("stage2", 2, True)
+    assert main(["train", "--mode", "stage1", "--data", "d"]) == 2
+    assert "--data and --out are required to train" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:        # a setting given as a flag: say how to give it
+        main(["train", "--mode", "stage1", "--data", "d", "--out", "o", "--epochs", "2"])
+    assert done.value.code == 2 and "settings go through --set: --set epochs=2" in capsys.readouterr().err
     assert main(["train", "--mode", "stage1", "--recipe", "synthetic", "--data", "d", "--out", "o",
                  "--set", "num_frame=4"]) == 2
     assert "(did you mean 'num_frames'?)" in capsys.readouterr().err

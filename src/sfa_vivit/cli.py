@@ -101,6 +101,25 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{_settings_hint(extras)}")
+        return parsed
+
+
+def _settings_hint(extras: list[str]) -> str:
+    """'--epochs 2' given to a command: a training setting, which goes through --set. Say how."""
+    from sfa_vivit.train.config import TrainConfig
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for i, item in enumerate(extras):
+        name, _, value = item.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        if item.startswith("--") and key in fields:
+            value = value or (extras[i + 1] if i + 1 < len(extras) and not extras[i + 1].startswith("-") else "...")
+            return f" (settings go through --set: --set {key}={value})"
+    return ""
+
 
 def _heads(text: str | None) -> dict[str, int] | None:
     """--heads noun=300,verb=97 → {'noun': 300, 'verb': 97}."""
@@ -175,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML",
                    help="a config file (every run writes its resolved one as config.yaml): its values override the "
                         "recipe and mode; --mode, --recipe and --set override it")
-    p.add_argument("--data", required=True, help="prepared dataset (folder or manifest.json, local or gs://)")
-    p.add_argument("--out", required=True, help="run folder (local or gs://): checkpoints, metrics.json, model/")
+    p.add_argument("--data", help="prepared dataset (folder or manifest.json, local or gs://); required to train")
+    p.add_argument("--out", help="run folder (local or gs://): checkpoints, metrics.json, model/; required to train")
     p.add_argument("--init", help="stage-1 run folder or checkpoint (stage 2, and temporal_init=stage1); its "
                                   "architecture (variant, model.*, image_size) is this run's unless --set changes it")
     p.add_argument("--recipe", choices=sorted(RECIPES),
@@ -304,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "data":
             return _data(args)
         elif args.command == "train":
+            if not args.print_config and not (args.data and args.out):
+                raise ValueError("--data and --out are required to train (--print-config shows a config without them)")
             # Stage 2 (and any --init) starts from the architecture of the run it continues; --set still wins.
             inherited = init_architecture(args.init) if args.init else {}
             saved = _config_file(args.config) if args.config else {}
@@ -424,8 +445,12 @@ def _config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def _recipe(recipe: str | None, data: str) -> str:
+def _recipe(recipe: str | None, data: str | None) -> str:
     """--recipe, or the recipe named after the prepared dataset; a recipe for another dataset is said aloud."""
+    if data is None:
+        if recipe is None:
+            raise ValueError("--recipe is needed to print a config without --data (the data names its recipe)")
+        return recipe
     try:
         dataset = load_manifest(data).dataset
     except (ValueError, OSError):
