@@ -174,6 +174,7 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
 @pytest.mark.e2e
 def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SFA_CACHE_DIR", str(tmp_path / "cache"))
     summary = runner.run_local(str(tmp_path / "runs"), "e2e", size="tiny")
     root = Path(summary["root"])
     page = Path(summary["report"]).read_text()
@@ -181,11 +182,14 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     assert summary["report"] == str(root / "report.html") and "against cumulative training time" in page
     assert (root / "data" / "manifest.json").exists()
     artifacts = root / "artifacts"
-    # Stage 1 and the baseline start from the run's image ViT, as the paper's runs from an image checkpoint.
-    assert (root / "image_vit" / "image_vit.json").exists()
+    # Stage 1 and the baseline start from the image ViT, as the paper's runs from an image checkpoint; it and the
+    # synthetic videos are made once, in the cache folder, under their options' fingerprint.
+    (vit_dir,) = (tmp_path / "cache").glob("image-vit-*")
+    (raw_dir,) = (tmp_path / "cache").glob("synth-*")
+    assert (vit_dir / "image_vit.json").exists() and (raw_dir / "paths.json").exists()
     for name in ("train-stage1", "train-baseline"):
         config = json.loads(next(artifacts.glob(f"*/{name}/model/config.json")).read_text())
-        assert config["image_checkpoint"] == str(root / "image_vit"), name
+        assert config["image_checkpoint"] == str(vit_dir), name
     for name in ("train-stage1", "train-stage2", "train-baseline", "evaluate", "memory-benchmark"):
         assert list(artifacts.glob(f"*/{name}*")), name
     assert list(artifacts.glob("*/train-stage2/model/model/COMMITTED"))
@@ -519,3 +523,25 @@ def test_the_reports_curves_put_stage2_after_stage1_on_one_time_axis():
     assert curves == {"SFA stage 1 (8 frames)": ([10.0, 30.0], [20.0, 40.0]),
                       "SFA stage 2 (32 frames)": ([55.0], [60.0]),        # after stage 1 (30 s) + cache (5 s) + 20 s
                       "baseline (32 frames)": ([45.0, 90.0], [30.0, 55.0])}
+
+
+def test_what_the_local_run_makes_once_is_never_half_made(tmp_path):
+    """The cache of the synthetic videos and image ViT: made under a temporary name and renamed into place, so a
+    run killed half-way leaves nothing a later run would trust; a second maker keeps the first one's."""
+    target = tmp_path / "synth-abc"
+
+    def dies(folder):
+        Path(folder, "half.mp4").parent.mkdir(parents=True)
+        Path(folder, "half.mp4").write_bytes(b"x")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        runner._made_once(target, dies)
+    assert not target.exists()
+
+    def makes(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, "train.csv").write_text("a")
+        return {"train": str(Path(folder, "train.csv"))}
+    assert runner._made_once(target, makes) == {"train": str(target / "train.csv")}
+    assert runner._made_once(target, makes) == {"train": str(target / "train.csv")}      # already there: kept
+    assert runner._fingerprint({"a": 1}, runner.__file__) != runner._fingerprint({"a": 2}, runner.__file__)

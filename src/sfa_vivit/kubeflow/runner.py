@@ -10,7 +10,9 @@ schedule  recurring runs of the pipeline, one per dataset
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -161,14 +163,27 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
     root = Path(runs).resolve() / run_id
     root.mkdir(parents=True, exist_ok=True)
     data_options, arguments = local_arguments(size)
-    log.info("run %s: synthetic data -> %s", run_id, root / "raw")
-    paths = synth.generate(str(root / "raw"), synth.SynthOptions(**data_options), progress=False)
+    # The synthetic videos and the image ViT depend only on their options and the code that makes them:
+    # made once per fingerprint in the cache folder, so a second run starts the pipeline at once.
+    cache = Path(os.environ.get("SFA_CACHE_DIR") or Path.home() / ".cache" / "sfa-vivit")
+    raw = cache / f"synth-{_fingerprint(data_options, synth.__file__)}"
+    if (raw / "paths.json").exists():
+        paths = json.loads((raw / "paths.json").read_text())
+        log.info("synthetic data: cached at %s (made by an earlier run with these options)", raw)
+    else:
+        log.info("synthetic data: %d + %d videos of %d frames -> %s (made once; later runs reuse it)",
+                 data_options["num_train"], data_options["num_val"], data_options["num_frames"], raw)
+        paths = _made_once(raw, lambda folder: synth.generate(folder, synth.SynthOptions(**data_options)))
     # The image checkpoint is an input of the pipeline, as a real dataset's ImageNet ViT would be.
-    vit = image_vit.pretrain(str(root / "image_vit"), image_vit.ImageViTOptions(**local_image_vit(size)),
-                             sets=arguments["sets"], progress=False)
-    log.info("image ViT -> %s (held-out accuracy %.1f%%, %.0f s)", root / "image_vit", vit["val_accuracy"],
-             vit["time_s"])
-    arguments["sets"] = [*arguments["sets"], f"image_checkpoint={root / 'image_vit'}"]
+    vit_options = image_vit.ImageViTOptions(**local_image_vit(size))
+    vit_key = _fingerprint([dataclasses.asdict(vit_options), arguments["sets"]], image_vit.__file__)
+    vit_dir = cache / f"image-vit-{vit_key}"
+    if not (vit_dir / image_vit.REPORT).exists():
+        log.info("pretraining the synthetic image ViT (the stand-in for the paper's ImageNet checkpoint): %d steps, "
+                 "about 4 min on 2 free cores; made once, later runs reuse it from %s", vit_options.steps, vit_dir)
+    vit = image_vit.pretrain(str(vit_dir), vit_options, sets=arguments["sets"], progress=True)
+    log.info("image ViT -> %s (held-out accuracy %.1f%%, %.0f s to train)", vit_dir, vit["val_accuracy"], vit["time_s"])
+    arguments["sets"] = [*arguments["sets"], f"image_checkpoint={vit_dir}"]
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     arguments.update(dataset="synthetic", annotations=f"{paths['train']},{paths['validation']}",
                      videos=paths["videos"], data_uri=str(root / "data"), recipe="synthetic",
@@ -189,6 +204,32 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
     summary.update(_report_summary(tracking_uri))
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _fingerprint(options: Any, *sources: str) -> str:
+    """A short hash of `options` and the source files of the code that turns them into files."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for source in sources:
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _made_once(folder: Path, make: Any) -> dict[str, str]:
+    """`make(tmp)` into a temporary sibling of `folder`, then renamed into place (a run killed half-way leaves
+    no half-made cache; two runs making it at once keep the first). Returns the paths `make` returned, rebased
+    onto `folder`, also saved as folder/paths.json."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    made = make(str(tmp))
+    paths = {k: str(folder / os.path.relpath(v, tmp)) for k, v in made.items()}
+    (tmp / "paths.json").write_text(json.dumps(paths))
+    try:
+        os.rename(tmp, folder)
+    except OSError:                  # another run made it meanwhile: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads((folder / "paths.json").read_text())
+    return paths
 
 
 def _report_summary(tracking_uri: str) -> dict[str, Any]:
