@@ -275,6 +275,7 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
             log.info("%s %3d frames, %d interleaved steps each: %s", variant, f, steps,
                      timed.get("error") or ", ".join(f"{r} {statistics.median(t):.3f} s"
                                                       for r, t in timed["wall_s"].items()))
+    rows.sort(key=lambda r: (regimes.index(r["regime"]), frames.index(r["frames"])))   # regime by regime, as before
     result: dict[str, Any] = {"variant": variant, "device": device, "image_size": image_size,
                               "batch_size": batch_size, "precision": precision, "rows": rows,
                               "steps": steps, "ratios": ratios(rows, timing),
