@@ -2,6 +2,7 @@
 made by its make_fixtures.py with jax/flax, every parameter perturbed) load here with Scenic's logits, go
 back out unchanged, and start stage 2 and evaluation."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from sfa_vivit.checkpoints import CheckpointError
 from sfa_vivit.cli import main
 from sfa_vivit.importers import load_scenic, read_flax_msgpack, save_scenic
+from sfa_vivit.models.vivit import ViViT
 
 DATA = Path(__file__).parent / "data" / "scenic"
 # name → the heads of the multi-head fixture, in Scenic's class_splits order
@@ -171,3 +173,44 @@ def test_stage2_starts_from_an_imported_scenic_checkpoint_and_evaluate_runs_on_i
     assert main(["scenic", "export", str(imported), str(tmp_path / "back")]) == 0
     assert main(["scenic", "export", str(run), str(tmp_path / "nope")]) == 2
     assert "SFA adapter" in capsys.readouterr().err
+
+
+def test_heads_are_matched_by_name_not_by_position(tmp_path):
+    """Scenic's EPIC model puts nouns first in its one output layer, our EPIC data verbs first: stage 2 started
+    from an import and an export back to Scenic both follow the heads by name."""
+    from sfa_vivit.models.vivit import init_from
+    scenic_order = load_scenic(DATA / "fe_token_multihead.msgpack", heads={"noun": 6, "verb": 4}).eval()
+    video, _, _ = _reference("fe_token_multihead")
+    ours = init_from(scenic_order, num_frames=8, num_classes={"verb": 4, "noun": 6}, drop_path=0.0, dropout=0.0,
+                     spatial_chunk=0).eval()
+    with torch.no_grad():
+        want, got = scenic_order(video), ours(video)
+    assert list(got) == ["verb", "noun"]
+    for head in want:                               # the same rows, multiplied in another order: to rounding
+        torch.testing.assert_close(got[head], want[head], rtol=0, atol=1e-6)
+    # Exported with verbs first here: written nouns first, as Scenic's EPIC split reads them (397 outputs).
+    epic = load_scenic(DATA / "fe_token_central.msgpack")
+    c = epic.config
+    epic_verbs_first = ViViT(dataclasses.replace(c, num_classes={"verb": 97, "noun": 300}))
+    state = {k: v for k, v in epic.state_dict().items() if not k.startswith("head.")}
+    epic_verbs_first.load_state_dict({**state, "head.weight": torch.randn(397, c.width), "head.bias": torch.randn(397)})
+    epic_verbs_first.eval()
+    save_scenic(epic_verbs_first, tmp_path / "epic")
+    back = load_scenic(tmp_path / "epic").eval()                  # 397 outputs: read as nouns, then verbs
+    assert list(back.config.num_classes) == ["noun", "verb"]
+    video = torch.randn(1, 8, 3, 32, 32)
+    with torch.no_grad():
+        a, b = epic_verbs_first(video), back(video)
+    for head in ("noun", "verb"):
+        torch.testing.assert_close(b[head], a[head], rtol=0, atol=1e-6)
+
+
+def test_flax_numpy_scalars_and_bfloat16_arrays_decode_without_ml_dtypes(tmp_path):
+    value = np.float32(3.5)
+    scalar = msgpack.ExtType(3, msgpack.packb(((), "float32", np.asarray(value).tobytes())))
+    bf16 = np.array([1.0, -2.5, 0.15625], dtype=np.float32)
+    bits = (bf16.view(np.uint32) >> 16).astype(np.uint16)
+    array = msgpack.ExtType(1, msgpack.packb(((3,), "bfloat16", bits.tobytes())))
+    (tmp_path / "state").write_bytes(msgpack.packb({"global_step": scalar, "x": array}))
+    tree = read_flax_msgpack(str(tmp_path / "state"))
+    assert tree["global_step"] == 3.5 and np.array_equal(tree["x"], bf16)

@@ -346,6 +346,12 @@ def test_reprepping_one_split_with_other_options_is_refused_and_changes_nothing(
         prepare("synthetic", [raw["train"]], raw["videos"], str(out), split="train",
                 options=PrepOptions(fps=4, short_side=48, shard_size=4, workers=1), progress=False)
     assert _snapshot(out) == before
+    # Shard size (or JPEG quality) may differ between splits: each split's options are in the manifest.
+    again = prepare("synthetic", [raw["train"]], raw["videos"], str(out), split="train",
+                    options=PrepOptions(fps=8, short_side=32, shard_size=2, workers=1), progress=False)
+    assert (again["splits"]["train"]["options"]["shard_size"], again["splits"]["validation"]["options"]["shard_size"]) \
+        == (2, 4)
+    manifest = again
     # A manifest whose splits say other frame rates (written by hand, or by an older prep) is refused by training.
     manifest["splits"]["validation"]["options"]["fps"] = 16
     (out / "manifest.json").write_text(json.dumps(manifest))

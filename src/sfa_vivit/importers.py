@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 
 from sfa_vivit.checkpoints import CheckpointError, check_shape
-from sfa_vivit.models.vivit import ViViT, ViViTConfig, inflate_patch_kernel, resample_positions_2d
+from sfa_vivit.models.vivit import ViViT, ViViTConfig, head_rows, inflate_patch_kernel, resample_positions_2d
 from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -432,16 +432,22 @@ EPIC_KITCHENS_HEADS = {"noun": 300, "verb": 97}
 
 def _flax_ext(code: int, data: bytes) -> Any:
     import msgpack
-    if code == _FLAX_NDARRAY:
+    if code in (_FLAX_NDARRAY, _FLAX_NPSCALAR):       # both hold (shape, dtype name, C-order bytes)
         shape, dtype, buffer = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
-    if code == _FLAX_NPSCALAR:
-        dtype, buffer = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype))[0]
+        array = _array(buffer, dtype).reshape(shape)
+        return array if code == _FLAX_NDARRAY else array[()]
     if code == _FLAX_COMPLEX:
         real, imag = msgpack.unpackb(data, raw=False)
         return complex(real, imag)
     return msgpack.ExtType(code, data)
+
+
+def _array(buffer: bytes, dtype: str) -> np.ndarray:
+    """Bytes of a Flax array → numpy; bfloat16 (which numpy cannot name without ml_dtypes) as float32: its
+    bits are the top half of a float32's."""
+    if dtype == "bfloat16":
+        return (np.frombuffer(buffer, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(buffer, dtype=np.dtype(dtype))
 
 
 def _unchunk(tree: Any) -> Any:
@@ -635,7 +641,13 @@ def save_scenic(model: ViViT, target: str | os.PathLike, *, step: int = 0, layou
         log.warning("the model uses activation=%s, layer_norm_eps=%g; Scenic's ViViT uses gelu_tanh and 1e-6, "
                     "so its outputs will differ slightly", model.config.activation, model.config.layer_norm_eps)
     params: dict[str, Any] = {}
-    for name, tensor in model.state_dict().items():
+    state = dict(model.state_dict())
+    classes = model.config.num_classes
+    if isinstance(classes, dict) and set(classes) == set(EPIC_KITCHENS_HEADS) and list(classes) != list(
+            EPIC_KITCHENS_HEADS):          # Scenic's EPIC model splits its one output layer nouns first
+        state["head.weight"] = head_rows(model, list(EPIC_KITCHENS_HEADS), "weight")
+        state["head.bias"] = head_rows(model, list(EPIC_KITCHENS_HEADS), "bias")
+    for name, tensor in state.items():
         array = _scenic_layout(name, model.config)[0](tensor.detach().float().cpu()).contiguous().numpy()
         node = params
         *path, leaf = scenic_name(name).split("/")

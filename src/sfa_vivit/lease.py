@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from sfa_vivit.storage import is_local, join, url_to_fs
+from sfa_vivit.storage import is_local, join, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +63,20 @@ class Lease:
     # -- the record -------------------------------------------------------------------------------
     def _record(self) -> bytes:
         return json.dumps({"command": self.command, "host": socket.gethostname(), "pid": os.getpid(),
-                           "token": self.token, "key": self.key, "started": self.started,
+                           "host_id": _host_id(), "token": self.token, "key": self.key, "started": self.started,
                            "heartbeat": time.time()}).encode()
 
     def _read(self) -> dict[str, Any] | None:
         fs, path = url_to_fs(self.url)
-        try:
-            return json.loads(fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-        except ValueError:          # torn or foreign bytes: treat as a holder of unknown age
-            return {"heartbeat": 0, "command": "?", "host": "?", "pid": -1, "key": "", "token": ""}
+        for attempt in range(3):
+            try:
+                return json.loads(fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+            except ValueError:
+                time.sleep(0.1)     # caught mid-write by a store without atomic replace: read again
+        # Foreign bytes: a holder of unknown age.
+        return {"heartbeat": 0, "command": "?", "host": "?", "pid": -1, "key": "", "token": "", "host_id": ""}
 
     def _create(self) -> bool:
         """Create the lease object if there is none. True when we hold it."""
@@ -116,7 +119,7 @@ class Lease:
             return "it was taken by an earlier attempt of this same step"
         if age > self.stale_s:
             return f"its heartbeat is {age:.0f} s old"
-        if holder.get("host") == socket.gethostname():
+        if holder.get("host_id") == _host_id():        # this machine and process namespace: its pids are ours
             pid = int(holder.get("pid", -1))
             if pid == os.getpid():
                 return "it was taken earlier in this same process, which is the writer"
@@ -194,7 +197,7 @@ class Lease:
                     log.error("%s: the lease %s was taken by another writer; this one stops renewing it",
                               self.out, self.url)
                     return
-                fs.pipe_file(path, self._record())
+                write_bytes_atomic(self.url, self._record())     # never a torn record for a reader
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lease goes stale only after STALE_S
                 log.warning("%s: could not renew the lease (%s: %s)", self.out, type(e).__name__, e)
 
@@ -240,6 +243,23 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def _host_id() -> str:
+    """This host and pid namespace: pids of a lease holder are ours to check only where this matches (containers
+    that share a host name do not share pids)."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            pass
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return "/".join(parts)
 
 
 def lease_key() -> str | None:

@@ -301,7 +301,7 @@ def randaugment_op(x: torch.Tensor, magnitude: float, generator: torch.Generator
         if op == "color":
             base = _gray(x)
         elif op == "contrast":
-            # TF's contrast: the mean of the gray image quantised to 8 bits (exact integer counts).
+            # Towards the mean of the gray image quantised to 8 bits (exact integer counts, any summation order).
             gray8 = _gray(x).mul(255).round_().clamp_(0, 255).to(torch.uint8)
             base = torch.tensor(uint8_means(gray8)[0], dtype=x.dtype)
         elif op == "brightness":

@@ -230,6 +230,9 @@ def _reason_kind(reason: str) -> str:
     return head or reason[:40]
 
 
+CLIP_OPTIONS = ("fps", "short_side")      # options that change what a clip is: the same in every split
+
+
 class SplitOptionsMismatch(ValueError):
     """A split kept from an earlier prep at `out` was made with other options than this run's."""
 
@@ -256,8 +259,13 @@ def _kept_splits(out: str, ann: Annotations, options: PrepOptions) -> tuple[dict
     touched = {r.split for r in ann.records}
     kept = {s: v for s, v in old.get("splits", {}).items() if same and s not in touched}
     for name, entry in kept.items():
-        theirs = entry.get("options") or {k: v for k, v in old.get("options", {}).items() if k in options.content()}
-        differ = {k: (theirs.get(k), v) for k, v in options.content().items() if theirs.get(k) != v}
+        # What a clip is made of (its frame rate and size) must agree between splits; shard size and JPEG quality
+        # may differ, since the manifest records each split's options.
+        if "options" not in entry:          # an older manifest: its one set of options describes this split
+            entry["options"] = {k: v for k, v in old.get("options", {}).items() if k in options.content()}
+        theirs = entry["options"]
+        differ = {k: (theirs.get(k), v) for k, v in options.content().items()
+                  if k in CLIP_OPTIONS and theirs.get(k) != v}
         if differ:
             said = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in differ.items())
             raise SplitOptionsMismatch(

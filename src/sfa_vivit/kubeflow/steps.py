@@ -140,7 +140,7 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
     from sfa_vivit.storage import join, write_bytes_atomic
     if parts_done:
         log.info("data prep fan-out: %d parts wrote %d samples", len(parts_done), sum(parts_done))
-    _lease_key(data_uri)
+    _lease_key(artifact_url(out))     # this run's task: a retry shares it, another run (same data_uri) does not
     manifest = prepare(dataset, _split_list(annotations), videos, data_uri, options=_prep_options(options))
     pointer = json.loads(json.dumps(manifest))
     for split in pointer["splits"].values():
@@ -157,10 +157,11 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
 MAX_UI_MATRIX_BYTES = 1_000_000
 
 
-def _lease_key(out: str) -> None:
-    """The key of this step's lease on `out` (sfa_vivit.lease): the same for every attempt of the step, so a
-    pod retried by Argo takes over the lease its failed attempt left, at once rather than when it goes stale."""
-    os.environ["SFA_LEASE_KEY"] = f"kfp-step:{out}"
+def _lease_key(artifact: str) -> None:
+    """The key of this step's leases (sfa_vivit.lease): the URI of one of its output artifacts, which names the
+    pipeline run and the task, so every attempt of this step shares it (a pod retried by Argo takes over the lease
+    its failed attempt left, at once) and no other run or step has it."""
+    os.environ["SFA_LEASE_KEY"] = f"kfp-step:{artifact}"
 
 
 def _split_list(text: str) -> list[str]:

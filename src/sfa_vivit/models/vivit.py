@@ -611,17 +611,30 @@ def init_from(source: ViViT, *, num_frames: int, num_classes: int | dict[str, in
     regularisation: the temporal positions are resized to `num_frames`; the head is kept when the
     classes are the same, else starts at zero; keep_temporal=False starts the temporal encoder and head
     afresh. An adapter in `source` is kept."""
-    same_classes = source.config.num_classes == num_classes
+    same_classes = source.config.num_classes == num_classes      # dicts: the same heads, in any order
     config = dataclasses.replace(source.config, num_classes=num_classes, drop_path=drop_path, dropout=dropout,
                                  spatial_chunk=spatial_chunk)
     model = ViViT(config)
     state = {k: v for k, v in source.state_dict().items() if same_classes or not k.startswith("head.")}
+    if same_classes and isinstance(num_classes, dict):
+        # One output layer holds the heads back to back in the config's order: follow the heads by name
+        # (Scenic's EPIC model puts nouns first, our EPIC data verbs first).
+        state["head.weight"] = head_rows(source, list(num_classes), "weight")
+        state["head.bias"] = head_rows(source, list(num_classes), "bias")
     model.load_state_dict(state, strict=same_classes)
     if config.num_frames != num_frames:
         model.resize_temporal(num_frames)
     if not keep_temporal:
         model.reset_temporal()
     return model
+
+
+def head_rows(model: ViViT, order: list[str], part: str = "weight") -> torch.Tensor:
+    """The output layer's `part` ('weight' or 'bias') with its heads' rows in `order` (head names)."""
+    classes = model.config.num_classes
+    tensor = getattr(model.head, part).detach()
+    chunks = dict(zip(classes, tensor.split(list(classes.values()), dim=0)))
+    return torch.cat([chunks[name] for name in order], dim=0)
 
 
 def set_training_switches(model: ViViT, *, adapter: bool, adapter_dim: int | None, freeze_spatial: bool,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from sfa_vivit import checkpoints, runtime
 from sfa_vivit.data.augment import mixup, one_hot
 from sfa_vivit.data.manifest import data_digest, load_manifest, verify_shards
-from sfa_vivit.lease import Lease, lease_key
+from sfa_vivit.lease import Lease, LeaseHeld, lease_key
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
 from sfa_vivit.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.train import cache
@@ -108,7 +108,19 @@ class Trainer:
             raise TrainError(f"--out {self.out} is {'a' if inside.rstrip('/') == self.out.rstrip('/') else 'inside a'} "
                              f"committed checkpoint ({inside}); a run writes a run folder of its own: use another "
                              "--out (and pass the checkpoint as --init to start from it)")
-        self.lease = Lease(self.out, f"sfa train ({config.mode})", key=lease_key()).acquire() if self.is_main else None
+        self.lease, failure = None, None
+        if self.is_main:
+            try:
+                self.lease = Lease(self.out, f"sfa train ({config.mode})", key=lease_key()).acquire()
+            except (LeaseHeld, OSError) as e:
+                failure = e
+        # Every rank learns whether rank 0 holds the output, so none goes on alone into a collective.
+        if self.world > 1 and not self.runtime.spmd_hosts:
+            held = self.runtime.all_reduce(torch.tensor([0.0 if failure else 1.0]), "min")
+            if not failure and not self.is_main and held.item() < 1:
+                raise TrainError(f"rank 0 could not take the lease on {self.out}; see its error")
+        if failure is not None:
+            raise failure
         try:
             self._setup(config, data)
         except BaseException:
