@@ -482,6 +482,14 @@ class _OursOnTerminal(logging.Filter):
         return record.name.startswith("sfa_vivit") or record.name == "__main__"
 
 
+class _LogFile(logging.FileHandler):
+    """The log file never disturbs the run: a record it cannot write (a full disk, a write re-entered from a
+    signal handler) is dropped there, silently; the terminal handler still shows ours."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def configure_logging() -> str | None:
     """Our log lines on stderr; every line, other libraries' included, in the log file `SFA_LOG_FILE` (default
     ~/.cache/sfa-vivit/sfa.log; `none`: no file, everything on stderr as before). Returns the file's path."""
@@ -499,7 +507,7 @@ def configure_logging() -> str | None:
     if path.lower() != "none":
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            file = logging.FileHandler(path, encoding="utf-8")
+            file = _LogFile(path, encoding="utf-8")
             file.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
             handlers.append(file)
             terminal.addFilter(_OursOnTerminal())

@@ -87,6 +87,7 @@ class Trainer:
         self.config, self.data_url, self.out, self.init = config, data, out.rstrip("/"), init
         self.tracking, self.force_init = tracking, force_init
         self._stop_signal: int | None = None
+        self._stop_said = False
         try:
             self.runtime = runtime.start(config.device, config.precision)
         except runtime.RuntimeSetupError as e:
@@ -590,13 +591,17 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM or Ctrl-C: finish this step, commit a checkpoint, stop. A second Ctrl-C stops at once."""
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        log.warning("%s: checkpointing at the end of this step, then stopping%s", name,
-                    " (Ctrl-C again to stop without it)" if signum == signal.SIGINT else "")
+        # No logging here: a handler runs between two bytecodes of the main thread, maybe inside a log handler's
+        # write, and a re-entered write fails. The step loop says it (_should_stop), at the end of this step.
         self._stop_signal = self._stop_signal or signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _should_stop(self) -> bool:
+        if self._stop_signal and not self._stop_said:
+            self._stop_said = True
+            log.warning("%s: checkpointing at the end of this step, then stopping%s",
+                        "Ctrl-C" if self._stop_signal == signal.SIGINT else "SIGTERM",
+                        " (Ctrl-C again to stop without it)" if self._stop_signal == signal.SIGINT else "")
         flag = torch.tensor([1.0 if self._stop_signal else 0.0])
         return bool(self.runtime.all_reduce(flag, "max").item())
 
