@@ -424,3 +424,23 @@ def test_library_noise_goes_to_the_log_file_not_the_terminal(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) <= 2 and "gs://unreachable-bucket/shards" in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.e2e
+def test_an_mlflow_outage_is_one_line_on_the_terminal(tiny_data, tmp_path):
+    """Training with the tracking server down: our one warning on the terminal, no other library's retries or
+    tracebacks (they go to the log file), and the run finishes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                                   # nothing listens there
+    log_file = tmp_path / "sfa.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "SFA_LOG_FILE": str(log_file),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    sets = [a for s in [*TINY, "epochs=1", "num_frames=4"] for a in ("--set", s)]
+    proc = subprocess.run([*SFA, "train", "--mode", "stage1", "--recipe", "synthetic", "--data", tiny_data, "--out",
+                           str(tmp_path / "run"), *sets], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    foreign = [line for line in proc.stderr.splitlines()
+               if line.strip() and not line.startswith(("INFO sfa_vivit", "WARNING sfa_vivit", "sfa "))]
+    assert not foreign and "Traceback" not in proc.stderr, foreign[:20]
+    assert sum("MLflow unavailable" in line for line in proc.stderr.splitlines()) >= 1
