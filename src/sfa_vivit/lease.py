@@ -15,6 +15,8 @@ takes over its own previous attempt's lease at once (Argo starts a retry only af
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -147,7 +149,10 @@ class Lease:
                     f"(a lease with no heartbeat for {self.stale_s:.0f} s is taken over)")
             log.warning("%s: taking over the lease of %s (pid %s on %s): %s", self.out, holder.get("command"),
                         holder.get("pid"), holder.get("host"), why)
-            self._remove_if(holder.get("token"))
+            with self._locked():                 # no heartbeat of the old holder lands between remove and create
+                self._remove_if(holder.get("token"))
+                if self._create():
+                    break
         else:
             raise LeaseHeld(f"{self.out}: could not take the lease {self.url} (other writers keep taking it)")
         self.held = True
@@ -178,6 +183,23 @@ class Lease:
                             "%.0f s old to take it over", self.out, current.get("command"), current.get("pid"),
                             current.get("host"), time.time() - float(seen or 0), self.stale_s)
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """On a local disk, hold an exclusive flock on the output folder while a heartbeat reads and rewrites
+        the record, and while a taker removes and recreates it: a holder being taken over cannot write its
+        record over its successor's. (An object store has no such lock; there the window is one read-to-write
+        of a holder that is alive while it is taken over, which a retry of the same step is not.)"""
+        fs, _ = url_to_fs(self.url)
+        if not is_local(fs):
+            yield
+            return
+        fd = os.open(url_to_fs(self.out)[1], os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                         # closing the descriptor releases the lock
+
     def _remove_if(self, token: str | None) -> None:
         """Remove the lease object if it still holds `token` (a stale holder's), not a newer one."""
         current = self._read()
@@ -192,12 +214,13 @@ class Lease:
         fs, path = url_to_fs(self.url)
         while not self._stop.wait(self.heartbeat_s):
             try:
-                current = self._read()
-                if current is None or current.get("token") != self.token:
-                    log.error("%s: the lease %s was taken by another writer; this one stops renewing it",
-                              self.out, self.url)
-                    return
-                write_bytes_atomic(self.url, self._record())     # never a torn record for a reader
+                with self._locked():
+                    current = self._read()
+                    if current is None or current.get("token") != self.token:
+                        log.error("%s: the lease %s was taken by another writer; this one stops renewing it",
+                                  self.out, self.url)
+                        return
+                    write_bytes_atomic(self.url, self._record())     # never a torn record for a reader
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lease goes stale only after STALE_S
                 log.warning("%s: could not renew the lease (%s: %s)", self.out, type(e).__name__, e)
 
