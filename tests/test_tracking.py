@@ -18,34 +18,85 @@ from sfa_vivit.train import Trainer
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    import urllib.request
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start")
-    yield uri, proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def _manifest_allowed_hosts() -> str:
+    root = Path(__file__).resolve().parents[1]
+    for doc in yaml_docs((root / "k8s" / "mlflow.yaml").read_text()):
+        if doc and doc.get("kind") == "Deployment":
+            args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+            return next(a.split("=", 1)[1] for a in args if a.startswith("--allowed-hosts="))
+    raise AssertionError("no mlflow Deployment in k8s/mlflow.yaml")
 
 
-def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_server, monkeypatch):
-    uri, proc = mlflow_server
+@pytest.fixture(scope="module")
+def mlflow_servers(tmp_path_factory):
+    """`live()` -> (uri, process, port) of a real `mlflow server` started as k8s/mlflow.yaml starts it (its
+    --allowed-hosts), shared by this module's tests (a start costs 8-10 s); a test that kills it gets a
+    fresh one on the next `live()`."""
+    servers = []
+
+    def start():
+        folder, port = tmp_path_factory.mktemp("mlflow"), _free_port()
+        exe = Path(sys.executable).with_name("mlflow")
+        proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
+                                 "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1", f"--allowed-hosts={_manifest_allowed_hosts()}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        servers.append((f"http://127.0.0.1:{port}", proc, port))
+        deadline = time.time() + 90
+        import urllib.request
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                return servers[-1]
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.25)
+
+    def live():
+        return servers[-1] if servers and servers[-1][1].poll() is None else start()
+    yield live
+    for _, proc, _ in servers:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_in_cluster_clients_reach_the_server_as_the_manifest_starts_it(mlflow_servers, monkeypatch):
+    """A real `mlflow server` with the manifest's --allowed-hosts, reached at the in-cluster Service name
+    (resolved to loopback here, as cluster DNS would resolve it to the Service), records a pipeline step's
+    parent and child runs; a Host outside the list is refused, so the check is live."""
+    import http.client
+    import socket as socket_module
+
+    from mlflow.tracking import MlflowClient
+
+    from sfa_vivit.kubeflow import steps
+    _, _, port = mlflow_servers()
+
+    def status(host: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+        return conn.getresponse().status
+    assert status("evil.example.com") == 403
+    assert status(f"mlflow.sfa-vivit.svc.cluster.local:{port}") == 200
+
+    service = "mlflow.sfa-vivit.svc.cluster.local"
+    real = socket_module.getaddrinfo
+    monkeypatch.setattr(socket_module, "getaddrinfo",
+                        lambda host, *a, **k: real("127.0.0.1" if host == service else host, *a, **k))
+    uri = f"http://{service}:{port}"
+    parent = steps.start_tracking("run-1", "sfa", uri, dataset="ssv2", require=True)
+    assert parent
+    steps._child_run("evaluate", uri, parent, {"top1": 12.5}, {"sfa.step": "evaluate"})
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+    exp = client.get_experiment_by_name(steps.EXPERIMENT)
+    (child,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert child.data.metrics["top1"] == 12.5 and child.data.tags["sfa.step"] == "evaluate"
+
+
+def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_servers, monkeypatch):
+    uri, proc, _ = mlflow_servers()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     from mlflow.tracking import MlflowClient
     metrics = Trainer(config("stage1", epochs=2), tiny_data, str(tmp_path / "ok")).fit()
@@ -73,67 +124,6 @@ def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_se
     assert any(item["kind"] == "metrics" and item["step"] == 3 for item in report["unlogged"])
     spool = (tmp_path / "outage" / "mlflow_unlogged.jsonl").read_text().splitlines()
     assert any(json.loads(line).get("step") == 3 for line in spool)
-
-
-def _manifest_allowed_hosts() -> str:
-    root = Path(__file__).resolve().parents[1]
-    for doc in yaml_docs((root / "k8s" / "mlflow.yaml").read_text()):
-        if doc and doc.get("kind") == "Deployment":
-            args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
-            return next(a.split("=", 1)[1] for a in args if a.startswith("--allowed-hosts="))
-    raise AssertionError("no mlflow Deployment in k8s/mlflow.yaml")
-
-
-def test_in_cluster_clients_reach_the_server_as_the_manifest_starts_it(tmp_path, monkeypatch):
-    """A real `mlflow server` with the manifest's --allowed-hosts, reached at the in-cluster Service name
-    (resolved to loopback here, as cluster DNS would resolve it to the Service), records a pipeline step's
-    parent and child runs; a Host outside the list is refused, so the check is live."""
-    import http.client
-    import socket as socket_module
-
-    from mlflow.tracking import MlflowClient
-
-    from sfa_vivit.kubeflow import steps
-    port = _free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", f"--allowed-hosts={_manifest_allowed_hosts()}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        import urllib.request
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("mlflow server did not start")
-                time.sleep(0.5)
-
-        def status(host: str) -> int:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
-            return conn.getresponse().status
-        assert status("evil.example.com") == 403
-        assert status(f"mlflow.sfa-vivit.svc.cluster.local:{port}") == 200
-
-        service = "mlflow.sfa-vivit.svc.cluster.local"
-        real = socket_module.getaddrinfo
-        monkeypatch.setattr(socket_module, "getaddrinfo",
-                            lambda host, *a, **k: real("127.0.0.1" if host == service else host, *a, **k))
-        uri = f"http://{service}:{port}"
-        parent = steps.start_tracking("run-1", "sfa", uri, dataset="ssv2", require=True)
-        assert parent
-        steps._child_run("evaluate", uri, parent, {"top1": 12.5}, {"sfa.step": "evaluate"})
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        exp = client.get_experiment_by_name(steps.EXPERIMENT)
-        (child,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-        assert child.data.metrics["top1"] == 12.5 and child.data.tags["sfa.step"] == "evaluate"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_an_unreachable_server_is_loud_or_fatal(tmp_path, caplog):
