@@ -91,8 +91,8 @@ def test_k8s_manifests_pass_strict_validation():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kinds = {d["kind"] for f in files for d in yaml_docs(Path(f).read_text())}
     assert kinds >= {"Namespace", "ServiceAccount", "Deployment", "Service", "ConfigMap"}
-    sa = yaml_doc((ROOT / "k8s" / "service-account.yaml").read_text())
-    assert "iam.gke.io/gcp-service-account" in sa["metadata"]["annotations"]
+    accounts = yaml_docs((ROOT / "k8s" / "service-account.yaml").read_text())
+    assert all("iam.gke.io/gcp-service-account" in sa["metadata"]["annotations"] for sa in accounts)
 
 
 def test_dockerfiles_copy_existing_files_pin_digests_and_run_as_non_root():

@@ -43,7 +43,7 @@ def test_a_multi_node_profile_gives_a_trainjob_the_trainer_api_accepts():
     spec = node_spec(profiles.get("gpu-a100-x4"))
     assert (spec.nodes, spec.procs_per_node) == (4, 8)
     body = train_job(job_name("stage1", "gs://b/out"), "kubeflow", spec, image="reg/sfa-vivit:1-cuda",
-                     spec_json=SPEC_JSON, service_account="sfa-vivit")
+                     spec_json=SPEC_JSON, owner={"name": "sfa-abc12", "uid": "6f1c-..."})
     trainer = body["spec"]["trainer"]
     assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8 and trainer["command"] == ["torchrun"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
@@ -53,7 +53,15 @@ def test_a_multi_node_profile_gives_a_trainjob_the_trainer_api_accepts():
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = node["template"]["spec"]["template"]["spec"]
     assert node["name"] == "node" and pod["containers"][0]["name"] == "node"
-    assert pod["serviceAccountName"] == "sfa-vivit"
+    # The training pods run as an account without Kubernetes rights (the launcher's `sfa-vivit` creates jobs),
+    # get 300 s between SIGTERM and SIGKILL to commit a checkpoint, and no Istio sidecar (multi-user Kubeflow
+    # injects one in profile namespaces; a Job pod with a sidecar never completes). Trainer v2.3.0 takes pod
+    # metadata in a runtime patch (pkg/apis/trainer/v1alpha1/trainjob_types.go at 658725b).
+    assert pod["serviceAccountName"] == "sfa-vivit-train" and pod["terminationGracePeriodSeconds"] == 300
+    assert node["template"]["spec"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    # Owned by the run's Argo Workflow: deleting the run deletes the job.
+    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+                                                    "name": "sfa-abc12", "uid": "6f1c-..."}]
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
@@ -69,13 +77,14 @@ def test_a_multi_node_profile_gives_a_trainjob_the_trainer_api_accepts():
 
 def test_the_v1_pytorchjob_is_a_setting_away_and_its_pods_pass_the_kubernetes_schema():
     spec = node_spec(profiles.get("gpu-h100-x4"), engine="pytorchjob")
-    body = pytorch_job("sfa-stage1-x", "kubeflow", spec, image="reg/sfa-vivit:1-cuda", spec_json=SPEC_JSON,
-                       service_account="sfa-vivit")
+    body = pytorch_job("sfa-stage1-x", "kubeflow", spec, image="reg/sfa-vivit:1-cuda", spec_json=SPEC_JSON)
     replicas = body["spec"]["pytorchReplicaSpecs"]
     assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
     container = replicas["Master"]["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch" and "--node_rank=$(RANK)" in container["args"]
     assert "--nnodes=4" in container["args"] and "--nproc_per_node=8" in container["args"]
+    assert replicas["Worker"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert replicas["Worker"]["template"]["spec"]["serviceAccountName"] == "sfa-vivit-train"
     template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                 "template": replicas["Worker"]["template"]}
     kubernetes_validate.validate(template, "1.30", strict=True)
@@ -156,8 +165,9 @@ def test_on_vertex_the_multi_node_step_is_a_custom_job_with_worker_pools(tmp_pat
 class _Objects:
     """A CustomObjectsApi that answers with the given job objects in turn (the last one repeats)."""
 
-    def __init__(self, states, exists=False):
+    def __init__(self, states, exists=False, workflow=None):
         self.states, self.exists, self.calls, self.deleted = list(states), exists, [], False
+        self.workflow = workflow        # the run's Argo Workflow as the API returns it (None: 404)
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.calls.append(("create", plural, body["metadata"]["name"]))
@@ -168,6 +178,10 @@ class _Objects:
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         self.calls.append(("get", plural, name))
+        if plural == "workflows":
+            if self.workflow is None:
+                raise ApiException(status=404, reason="NotFound")
+            return self.workflow
         if self.deleted:
             raise ApiException(status=404, reason="NotFound")
         return self.states.pop(0) if len(self.states) > 1 else self.states[0]
@@ -177,10 +191,10 @@ class _Objects:
         self.deleted = True
 
 
-def _launch(states, *, exists=False, engine="trainjob", core=None, on_sleep=None):
-    objects, lines = _Objects(states, exists), []
+def _launch(states, *, exists=False, engine="trainjob", core=None, on_sleep=None, workflow=None):
+    objects, lines = _Objects(states, exists, workflow), []
     launcher = Launcher(objects, "kubeflow", engine, core=core, poll_s=0, report=lines.append,
-                        sleep=on_sleep or (lambda s: None))
+                        sleep=on_sleep or (lambda s: None), workflow="sfa-abc12")
     body = {"metadata": {"name": "sfa-stage1-x"}, "spec": {}}
     return launcher, objects, lines, body
 
@@ -210,7 +224,7 @@ def test_the_launcher_fails_with_the_jobs_reason_and_waits_through_a_suspension(
         launcher.run(body)
 
 
-def test_a_retried_step_attaches_to_its_job_and_a_cancelled_run_deletes_it():
+def test_a_retried_step_attaches_to_its_job_or_replaces_a_failed_one():
     launcher, objects, lines, body = _launch([_job([("Complete", "JobsCompleted", "")])], exists=True)
     launcher.run(body)
     assert "exists (a retried step); following it" in lines[0]
@@ -224,12 +238,37 @@ def test_a_retried_step_attaches_to_its_job_and_a_cancelled_run_deletes_it():
     assert "failed before (FailedJobs: node-1 preempted); replacing it" in lines[0] and "created again" in lines[1]
     assert lines[-1].endswith("succeeded (JobsCompleted)")
 
-    def cancel(_):
-        launcher._on_sigterm(15, None)
-    launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0))], on_sleep=cancel)
-    with pytest.raises(JobFailed, match="cancelled: TrainJob kubeflow/sfa-stage1-x deleted"):
+def test_a_cancelled_run_deletes_its_job_and_a_drained_launcher_leaves_it_training():
+    """SIGTERM reaches the launcher both when the run is cancelled and when only its pod goes (a node drain,
+    a GKE upgrade, a spot preemption of the 1-CPU launcher): the run's Workflow, as the API returns it, tells
+    which. KFP 2.17.0 terminates a run with a merge patch {"spec": {"activeDeadlineSeconds": 0}} on the
+    Workflow (backend/src/common/util/execution_spec.go GetTerminatePatch, commit 4a3592c); deleting a run
+    deletes its Workflow; `argo stop|terminate` sets spec.shutdown."""
+    running = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+               "metadata": {"name": "sfa-abc12", "uid": "6f1c"}, "spec": {"entrypoint": "entrypoint"},
+               "status": {"phase": "Running"}}
+    terminated = {**running, "spec": {**running["spec"], "activeDeadlineSeconds": 0}}
+    stopped = {**running, "spec": {**running["spec"], "shutdown": "Stop"}}
+    for workflow, why in ((terminated, "terminated: activeDeadlineSeconds 0"), (None, "its Workflow is gone"),
+                          (stopped, "shutdown: Stop")):
+        def cancel(_):
+            launcher._on_sigterm(15, None)
+        launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0))], on_sleep=cancel, workflow=workflow)
+        with pytest.raises(JobFailed, match=f"cancelled \\({why}\\): TrainJob kubeflow/sfa-stage1-x deleted"):
+            launcher.run(body)
+        assert objects.calls[-1] == ("delete", "trainjobs", "sfa-stage1-x")
+    launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0))], on_sleep=cancel, workflow=running)
+    with pytest.raises(JobFailed, match="keeps training, and the step's retry follows it"):
         launcher.run(body)
-    assert objects.calls[-1] == ("delete", "trainjobs", "sfa-stage1-x")
+    assert ("delete", "trainjobs", "sfa-stage1-x") not in objects.calls
+    # The retry of that step attaches to the job that kept training.
+    launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0)), _job([("Complete", "JobsCompleted", "")])],
+                                             exists=True, workflow=running)
+    launcher.run(body)
+    assert "exists (a retried step); following it" in lines[0] and lines[-1].endswith("succeeded (JobsCompleted)")
+
+
+def test_the_launcher_follows_a_v1_pytorchjob():
     launcher, objects, lines, body = _launch([{"status": {"conditions": [
         {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded", "message": "done"}]}}],
         engine="pytorchjob")

@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator", default="trainjob", choices=["trainjob", "pytorchjob"],
                    help="with --name and a multi-node profile (gpu-a100-x4, ...): Kubeflow Trainer v2 TrainJob, or "
                         "the v1 Training Operator's PyTorchJob")
+    p.add_argument("--prep-parallelism", type=int, default=None,
+                   help="with --name: data-prep pieces that run at once, 8 CPUs each (default 8)")
     p = pipe.add_parser("run", help="run the sfa pipeline here (kfp.local) on synthetic data")
     p.add_argument("--runs", default="runs", help="artifacts go to RUNS/<run-id>/")
     p.add_argument("--run-id")
@@ -573,7 +575,8 @@ def _pipeline(args: argparse.Namespace) -> int:
             if args.name:
                 out = args.out or f"{args.name}-{args.profile}.yaml"
                 print(runner.compile_pipeline(args.name, args.profile, out, args.target, image=args.image,
-                                              registry=args.registry, operator=args.operator))
+                                              registry=args.registry, operator=args.operator,
+                                              prep_parallelism=args.prep_parallelism))
             else:
                 print("\n".join(runner.compile_all(args.root)))
         elif args.pipeline_command == "run":

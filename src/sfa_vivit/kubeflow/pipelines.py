@@ -27,7 +27,9 @@ REPRODUCE_DATASETS = ("kinetics400", "kinetics600", "mit", "epic-kitchens-100", 
 
 
 def _light(task: Any, cpu: str = "2", memory: str = "8G") -> Any:
-    return task.set_cpu_request(cpu).set_memory_request(memory)
+    """A step off the accelerator pool, with limits equal to its requests: a profile namespace's ResourceQuota
+    on limits refuses a pod without them."""
+    return task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
 
 
 # A step that reads data from outside the pipeline, trains or measures is never answered from another run's
@@ -39,16 +41,28 @@ def _fresh(task: Any) -> Any:
 
 # Preemption and transient failures: the step runs again, later each time; data prep skips finished shards
 # and training resumes from its last committed checkpoint, so a retry repeats little work.
-RETRY = dict(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
+# backoff_max_duration becomes Argo's retryStrategy.backoff.maxDuration (KFP 2.17.0 argocompiler/container.go),
+# which Argo counts from the start of the step's FIRST attempt and also sets as every attempt's execution
+# deadline (argo-workflows v4.0.5 workflow/controller/operator.go): KFP's default of 3600 s kills a training
+# step, and its retries, one hour after it first started. The window is 30 days, past any of our runs.
+RETRY_WINDOW_S = 30 * 24 * 3600
+RETRY = dict(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration=f"{RETRY_WINDOW_S}s")
+# Data-prep pieces that run at once (Argo's loop parallelism); each asks for 8 CPUs. Settable at compile time
+# (`sfa pipeline compile --prep-parallelism`); `reproduce` multiplies it by the datasets it runs.
+PREP_PARALLELISM = 8
 
 
 def _retried(task: Any) -> Any:
     return _fresh(task).set_retry(**RETRY)
 
 
-def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "trainjob") -> Callable:
+def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "trainjob",
+              prep_parallelism: int = PREP_PARALLELISM) -> Callable:
     """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES). operator: what runs a multi-node
-    profile's training on Kubeflow, 'trainjob' (Kubeflow Trainer v2) or 'pytorchjob' (Training Operator v1)."""
+    profile's training on Kubeflow, 'trainjob' (Kubeflow Trainer v2) or 'pytorchjob' (Training Operator v1).
+    prep_parallelism: data-prep pieces that run at once."""
+    if prep_parallelism < 1:
+        raise ValueError(f"--prep-parallelism={prep_parallelism} must be >= 1")
     prof = profiles.get(profile)
     if target == "vertex" and not prof.vertex:
         raise ValueError(f"profile {profile} has no Vertex AI equivalent (Vertex AI training offers TPU v2, v3 "
@@ -137,7 +151,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                          workers=prep_workers)
         parts = _light(c.shard_parts(parts=prep_parts, dataset=dataset, annotations=annotations, videos=videos,
                                      data_uri=data_uri, recipe=recipe), "1", "1G")
-        with dsl.ParallelFor(parts.output) as part:
+        with dsl.ParallelFor(parts.output, parallelism=prep_parallelism) as part:
             piece = _retried(_light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G"))
         data = _retried(_light(c.prepare_data(max_reject_fraction=max_reject_fraction,
                                               parts_done=dsl.Collected(piece.output), **prep_args), "8", "32G")).output
@@ -192,10 +206,11 @@ def dataset_sets(variant: str, image_checkpoint: str, sets: List[str]) -> List[s
     return [f"variant={variant}"] + ([f"image_checkpoint={image_checkpoint}"] if image_checkpoint else []) + list(sets)
 
 
-def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operator: str = "trainjob") -> Callable:
+def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operator: str = "trainjob",
+                    prep_parallelism: int = PREP_PARALLELISM) -> Callable:
     """The `reproduce` pipeline: the `sfa` pipeline once per dataset of the paper, with that
     dataset's recipe; a dataset whose `videos` parameter is empty is skipped."""
-    inner = build_sfa(profile, target, operator)
+    inner = build_sfa(profile, target, operator, prep_parallelism)
     params = []
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")

@@ -47,6 +47,7 @@ class Profile:
     vertex_tpu_topology: str | None = None  # Vertex AI TPU v5e: the slice's topology (MachineSpec.tpuTopology)
     vertex: bool = True                     # Vertex AI can run it (its training offers TPU v2, v3 and v5e)
     single_host: str | None = None          # multi-host TPU: the profile evaluation and the benchmark run on
+    machine_type: str | None = None         # the GKE node machine type its requests are sized for (docs/cluster.md)
 
     @property
     def vertex_custom_job(self) -> bool:
@@ -79,48 +80,50 @@ _GPU_TAINT = (("nvidia.com/gpu", "Exists", "NoSchedule"),)
 _TPU_TAINT = (("google.com/tpu", "Exists", "NoSchedule"),)
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
-    Profile("cpu", cpu="8", memory="32G", shm_size="4Gi"),
-    Profile("gpu-t4", cpu="8", memory="48G", accelerator="nvidia.com/gpu", accelerator_count=1,
-            vertex_accelerator="NVIDIA_TESLA_T4", device="cuda", tolerations=_GPU_TAINT,
+    Profile("cpu", cpu="8", memory="32G", shm_size="4Gi", machine_type="e2-standard-16"),
+    # An 8-vCPU T4 node (n1-highmem-8) leaves about 7.2 CPUs and 45 GiB once GKE's reservation and system
+    # pods are taken: a request of 8 CPUs would never be scheduled.
+    Profile("gpu-t4", cpu="7", memory="42G", accelerator="nvidia.com/gpu", accelerator_count=1,
+            vertex_accelerator="NVIDIA_TESLA_T4", device="cuda", tolerations=_GPU_TAINT, machine_type="n1-highmem-8",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-t4"),)),
     Profile("gpu-a100", cpu="88", memory="640G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_TESLA_A100", device="cuda", tolerations=_GPU_TAINT, shm_size="64Gi",
-            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),)),
+            machine_type="a2-highgpu-8g", node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),)),
     Profile("gpu-a100-80gb", cpu="88", memory="1200G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_A100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
-            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-a100-80gb"),)),
+            machine_type="a2-ultragpu-8g", node_selector=(("cloud.google.com/gke-accelerator", "nvidia-a100-80gb"),)),
     Profile("gpu-h100", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
-            node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
+            machine_type="a3-highgpu-8g", node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
     # Four whole nodes (a2-highgpu-8g, a3-highgpu-8g): the training steps' TrainJob asks each for the node's
     # GPUs and most of its CPU and memory (what GKE leaves allocatable).
     Profile("gpu-a100-x4", cpu="88", memory="640G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_TESLA_A100", device="cuda", tolerations=_GPU_TAINT, shm_size="64Gi",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-tesla-a100"),), nodes=4,
-            vertex_machine_type="a2-highgpu-8g"),
+            vertex_machine_type="a2-highgpu-8g", machine_type="a2-highgpu-8g"),
     Profile("gpu-h100-x4", cpu="200", memory="1600G", accelerator="nvidia.com/gpu", accelerator_count=8,
             vertex_accelerator="NVIDIA_H100_80GB", device="cuda", tolerations=_GPU_TAINT, shm_size="128Gi",
             node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),), nodes=4,
-            vertex_machine_type="a3-highgpu-8g"),
+            vertex_machine_type="a3-highgpu-8g", machine_type="a3-highgpu-8g"),
     # GKE TPU VMs (the two-VM "TPU Node" resource cloud-tpus.google.com/v3 is retired): a v3-8 is one
     # ct3-hightpu-4t host, 4 chips (8 TensorCores), accelerator tpu-v3-device, topology 2x2
     # (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus). Vertex counts v3 in cores.
     Profile("tpu-v3-8", cpu="16", memory="96G", accelerator="google.com/tpu", accelerator_count=4,
             vertex_accelerator="TPU_V3", vertex_accelerator_count=8, device="xla", tolerations=_TPU_TAINT,
-            node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v3-device"),
+            machine_type="ct3-hightpu-4t", node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v3-device"),
                            ("cloud.google.com/gke-tpu-topology", "2x2"))),
     # Vertex AI training offers TPU v2, v3 and v5e VMs, not v4
     # (https://cloud.google.com/vertex-ai/docs/training/training-with-tpu-vm): v4 runs on GKE only.
     Profile("tpu-v4-8", cpu="200", memory="400G", accelerator="google.com/tpu", accelerator_count=4,
             vertex_accelerator="TPU_V4_POD", device="xla", tolerations=_TPU_TAINT, vertex=False,
-            node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v4-podslice"),
+            machine_type="ct4p-hightpu-4t", node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v4-podslice"),
                            ("cloud.google.com/gke-tpu-topology", "2x2x1"))),
     # A multi-host slice (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus): TPU v3 pod slices
     # are tpu-v3-slice with 4 chips per host; 4x8 is 32 chips (64 TensorCores) on 8 hosts. Each host is one node
     # of a TrainJob; GKE gives each TPU_WORKER_ID and TPU_WORKER_HOSTNAMES (runtime.hosts_env).
     Profile("tpu-v3-64", cpu="16", memory="96G", accelerator="google.com/tpu", accelerator_count=4,
             vertex_accelerator="TPU_V3", device="xla", tolerations=_TPU_TAINT, nodes=8, vertex=False,
-            single_host="tpu-v3-8",
+            single_host="tpu-v3-8", machine_type="ct3p-hightpu-4t",
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v3-slice"),
                            ("cloud.google.com/gke-tpu-topology", "4x8"))),
     # On Vertex AI a v5e host is the machine ct5lp-hightpu-8t with MachineSpec.tpuTopology, which the SDK calls
@@ -128,7 +131,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     # on one host are the topology 2x4 (https://cloud.google.com/tpu/docs/supported-tpu-configurations).
     Profile("tpu-v5e-8", cpu="200", memory="180G", accelerator="google.com/tpu", accelerator_count=8,
             vertex_accelerator="TPU_V5_LITEPOD", device="xla", tolerations=_TPU_TAINT,
-            vertex_machine_type="ct5lp-hightpu-8t", vertex_tpu_topology="2x4",
+            vertex_machine_type="ct5lp-hightpu-8t", vertex_tpu_topology="2x4", machine_type="ct5lp-hightpu-8t",
             node_selector=(("cloud.google.com/gke-tpu-accelerator", "tpu-v5-lite-podslice"),
                            ("cloud.google.com/gke-tpu-topology", "2x4"))),
 )}

@@ -46,15 +46,18 @@ def _builder(name: str):
 
 
 def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow", *, image: str | None = None,
-                     registry: str | None = None, operator: str = "trainjob") -> str:
+                     registry: str | None = None, operator: str = "trainjob",
+                     prep_parallelism: int | None = None) -> str:
     """Compile pipeline `name` for `profile` into `out`. Every executor runs `image` when given, else the
     profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's). operator: what runs a
-    multi-node profile's training on Kubeflow ('trainjob': Kubeflow Trainer v2; 'pytorchjob': v1)."""
+    multi-node profile's training on Kubeflow ('trainjob': Kubeflow Trainer v2; 'pytorchjob': v1).
+    prep_parallelism: data-prep pieces that run at once (default pipelines.PREP_PARALLELISM)."""
     from kfp import compiler
 
-    from sfa_vivit.kubeflow import profiles
+    from sfa_vivit.kubeflow import pipelines, profiles
     from sfa_vivit.kubeflow.components import REGISTRY, image_for
-    compiler.Compiler().compile(_builder(name)(profile, target, operator), out)
+    parallelism = pipelines.PREP_PARALLELISM if prep_parallelism is None else prep_parallelism
+    compiler.Compiler().compile(_builder(name)(profile, target, operator, parallelism), out)
     set_image(out, image or image_for(profiles.get(profile).image_flavour, registry or REGISTRY))
     return out
 

@@ -15,11 +15,13 @@ custom job with worker pools (profiles.vertex_custom_job) and each machine runs 
   and N-1 Workers; the operator sets MASTER_ADDR, MASTER_PORT and RANK (the replica's node rank),
   which the command hands to torchrun.
 
-The step's pod acts as the launcher: it takes the image and the service account of its own pod (so
-the job runs exactly what the step runs, with its Cloud Storage identity), creates the job (or finds
+The step's pod acts as the launcher: it takes the image of its own pod (so
+the job runs exactly what the step runs), creates the job owned by the run's Argo Workflow (or finds
 the one a retried step created before), reports each change of the job's state and the chief's log
 lines into the step log, fails with the job's reason, deletes the job when the run is cancelled
-(SIGTERM), and reads the metrics rank 0 committed at the step's output URI.
+(SIGTERM with the Workflow terminated or gone; a SIGTERM of the launcher's pod alone, a drain or a
+preemption, leaves the job training for the step's retry), and reads the metrics rank 0 committed at
+the step's output URI. The job's pods run as `sfa-vivit-train`, which has no Kubernetes rights.
 
 Never run against a real cluster here: the objects are held to the API models and the launcher's state
 handling is tested with job objects shaped as the API returns them (README, "Running on a cluster").
@@ -45,6 +47,18 @@ TRAINJOB_RUNTIME = "torch-distributed"
 NODE = "node"                 # the torch-distributed runtime's replicated job and container name
 MANAGER = "sfa-vivit.kubeflow.org/launcher"
 LAUNCHERS = ("torchrun", "python")
+# The training pods' own Kubernetes service account (k8s/rbac.yaml): Workload Identity for the buckets and no
+# Kubernetes rights, so no training process can create or delete jobs; only the launcher (the step's pod,
+# running as the run's account `sfa-vivit`) can.
+TRAIN_SERVICE_ACCOUNT = "sfa-vivit-train"
+# Seconds a training pod gets between SIGTERM (a drain, a spot preemption, a deleted job) and SIGKILL: the
+# trainer checkpoints the current step on SIGTERM, and a ViViT-L checkpoint with its optimizer state is about
+# 3 GB to write to Cloud Storage (Kubernetes' default of 30 s can cut it off).
+GRACE_S = 300
+# Pods of a profile namespace in multi-user Kubeflow get an Istio sidecar by default: a Job's pod with a
+# sidecar never completes, and torchrun's rendezvous would go through Envoy.
+POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
+WORKFLOW = ("argoproj.io", "v1alpha1", "workflows", "Workflow")
 
 
 class JobFailed(RuntimeError):
@@ -62,6 +76,7 @@ class NodeSpec:
     shm_size: str = "16Gi"
     engine: str = "trainjob"
     launcher: str = "torchrun"          # torchrun (procs_per_node ranks), or python (one process per node: XLA)
+    service_account: str = TRAIN_SERVICE_ACCOUNT   # the training pods' (not the launcher's) account
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -112,29 +127,41 @@ def job_name(mode: str, out: str) -> str:
     return f"sfa-{mode}-{hashlib.sha256(out.encode()).hexdigest()[:10]}"
 
 
-def _pod_patch(spec: NodeSpec, service_account: str | None, container: str) -> dict[str, Any]:
+def _pod_patch(spec: NodeSpec, container: str) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
         "containers": [{"name": container, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+        "terminationGracePeriodSeconds": GRACE_S,
     }
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod["tolerations"] = [dict(t) for t in spec.tolerations]
-    if service_account:
-        pod["serviceAccountName"] = service_account
+    if spec.service_account:
+        pod["serviceAccountName"] = spec.service_account
     return pod
 
 
+def _metadata(name: str, namespace: str, labels: dict[str, str] | None,
+              owner: dict[str, str] | None) -> dict[str, Any]:
+    """A job's metadata; `owner` ({'name', 'uid'} of the run's Argo Workflow) makes the job go with its run."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace,
+                            "labels": {"app.kubernetes.io/part-of": "sfa-vivit", **(labels or {})}}
+    if owner:
+        group, version, _, kind = WORKFLOW
+        meta["ownerReferences"] = [{"apiVersion": f"{group}/{version}", "kind": kind, "name": owner["name"],
+                                    "uid": owner["uid"]}]
+    return meta
+
+
 def train_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_json: str,
-              service_account: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+              labels: dict[str, str] | None = None, owner: dict[str, str] | None = None) -> dict[str, Any]:
     """The Kubeflow Trainer v2 TrainJob of a multi-node run, checked against the Trainer API models."""
     command, args = _command(spec, spec_json)
     body = {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "sfa-vivit",
-                                                                      **(labels or {})}},
+        "metadata": _metadata(name, namespace, labels, owner),
         "spec": {
             "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                            "name": TRAINJOB_RUNTIME},
@@ -151,7 +178,8 @@ def train_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_jso
                 "manager": MANAGER,
                 "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
                     "name": NODE,
-                    "template": {"spec": {"template": {"spec": _pod_patch(spec, service_account, NODE)}}},
+                    "template": {"spec": {"template": {"metadata": {"annotations": dict(POD_ANNOTATIONS)},
+                                                       "spec": _pod_patch(spec, NODE)}}},
                 }]}}},
             }],
         },
@@ -190,11 +218,11 @@ def _lost_fields(sent: Any, kept: Any, path: str = "") -> list[str]:
 
 
 def pytorch_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_json: str,
-                service_account: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+                labels: dict[str, str] | None = None, owner: dict[str, str] | None = None) -> dict[str, Any]:
     """The v1 Training Operator's PyTorchJob of the same run: Master + (nodes - 1) Workers. The operator
     sets MASTER_ADDR, MASTER_PORT and RANK (the node's rank) in each pod; Kubernetes expands $(VAR) in
     the arguments."""
-    pod = _pod_patch(spec, service_account, "pytorch")
+    pod = _pod_patch(spec, "pytorch")
     command, args = _command(spec, spec_json, [f"--nnodes={spec.nodes}", f"--nproc_per_node={spec.procs_per_node}",
                                                "--node_rank=$(RANK)", "--master_addr=$(MASTER_ADDR)",
                                                "--master_port=$(MASTER_PORT)"])
@@ -205,12 +233,11 @@ def pytorch_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_j
         "resources": spec.resources,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
     })
-    template = {"spec": pod}
+    template = {"metadata": {"annotations": dict(POD_ANNOTATIONS)}, "spec": pod}
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "sfa-vivit",
-                                                                      **(labels or {})}},
+        "metadata": _metadata(name, namespace, labels, owner),
         "spec": {
             "runPolicy": {"backoffLimit": 3, "cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": {
@@ -261,6 +288,7 @@ class Launcher:
     poll_s: float = 15.0
     report: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
+    workflow: str | None = None         # the run's Argo Workflow: read on SIGTERM to tell a cancel from a drain
     _cancelled: bool = False
     _last_log: str = ""
 
@@ -314,8 +342,13 @@ class Launcher:
         seen = None
         while True:
             if self._cancelled:
+                why = self.run_cancelled()
+                if why is None:
+                    raise JobFailed(f"this launcher pod was stopped (SIGTERM) while its run goes on (a node drain, "
+                                    f"an upgrade or a preemption of the launcher's node): {kind} {self.namespace}/"
+                                    f"{name} keeps training, and the step's retry follows it")
                 self.objects.delete_namespaced_custom_object(group, version, self.namespace, plural, name)
-                raise JobFailed(f"the run was cancelled: {kind} {self.namespace}/{name} deleted")
+                raise JobFailed(f"the run was cancelled ({why}): {kind} {self.namespace}/{name} deleted")
             job = self.objects.get_namespaced_custom_object(group, version, self.namespace, plural, name)
             state, detail = outcome(job)
             if (state, detail) != seen:
@@ -354,6 +387,29 @@ class Launcher:
     def _on_sigterm(self, signum, frame) -> None:
         self._cancelled = True
 
+    def run_cancelled(self) -> str | None:
+        """Why the run this launcher serves is over (cancelled, deleted), or None while it goes on. KFP
+        terminates a run by patching its Workflow's `spec.activeDeadlineSeconds` to 0 (KFP 2.17.0,
+        backend/src/common/util/execution_spec.go GetTerminatePatch), `argo stop|terminate` sets
+        `spec.shutdown`, and deleting a run deletes its Workflow. A Workflow that cannot be read (no
+        Workflow named, no right to read it) counts as cancelled: a job nobody follows is the costlier mistake."""
+        if not self.workflow:
+            return "no Workflow to ask"
+        from kubernetes.client.exceptions import ApiException
+        group, version, plural, _ = WORKFLOW
+        try:
+            workflow = self.objects.get_namespaced_custom_object(group, version, self.namespace, plural, self.workflow)
+        except ApiException as e:
+            return "its Workflow is gone" if e.status == 404 else f"its Workflow cannot be read: HTTP {e.status}"
+        spec = workflow.get("spec") or {}
+        if spec.get("activeDeadlineSeconds") == 0:
+            return "terminated: activeDeadlineSeconds 0"
+        if spec.get("shutdown"):
+            return f"shutdown: {spec['shutdown']}"
+        if (workflow.get("metadata") or {}).get("deletionTimestamp"):
+            return "its Workflow is being deleted"
+        return None
+
 
 def _main_thread() -> bool:
     import threading
@@ -367,8 +423,12 @@ def _main_thread() -> bool:
 _SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
+# Argo labels every pod of a Workflow with the Workflow's name.
+WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
+
+
 def own_pod() -> tuple[str, str, str | None]:
-    """(namespace, image, service account) of the pod this step runs in (in-cluster API)."""
+    """(namespace, image, name of the run's Argo Workflow) of the pod this step runs in (in-cluster API)."""
     import os
 
     from kubernetes import client, config
@@ -377,7 +437,21 @@ def own_pod() -> tuple[str, str, str | None]:
         namespace = f.read().strip()
     pod = client.CoreV1Api().read_namespaced_pod(os.environ["HOSTNAME"], namespace)
     main = next((c for c in pod.spec.containers if c.name == "main"), pod.spec.containers[0])
-    return namespace, main.image, pod.spec.service_account_name
+    return namespace, main.image, (pod.metadata.labels or {}).get(WORKFLOW_LABEL)
+
+
+def workflow_owner(objects: Any, namespace: str, workflow: str | None) -> dict[str, str] | None:
+    """{'name', 'uid'} of the run's Workflow, to own the job (it is deleted with the run); None when unknown."""
+    if not workflow:
+        return None
+    group, version, plural, _ = WORKFLOW
+    try:
+        body = objects.get_namespaced_custom_object(group, version, namespace, plural, workflow)
+    except Exception as e:  # noqa: BLE001 - the job then has no owner; said, not fatal
+        log.warning("cannot read Workflow %s/%s (%s): the training job will not be deleted with its run",
+                    namespace, workflow, e)
+        return None
+    return {"name": workflow, "uid": body["metadata"]["uid"]}
 
 
 def train_this_node(spec: NodeSpec, spec_json: str, out: str) -> dict[str, Any]:
@@ -406,9 +480,10 @@ def train_on_nodes(mode: str, spec: NodeSpec, spec_json: str, out: str) -> dict[
     from kubernetes import client
 
     from sfa_vivit.storage import join, open_url
-    namespace, image, service_account = own_pod()
+    namespace, image, workflow = own_pod()
+    objects = client.CustomObjectsApi()
     body = build(spec.engine, job_name(mode, out), namespace, spec, image=image, spec_json=spec_json,
-                 service_account=service_account, labels={"sfa-vivit/mode": mode})
-    Launcher(client.CustomObjectsApi(), namespace, spec.engine, core=client.CoreV1Api()).run(body)
+                 labels={"sfa-vivit/mode": mode}, owner=workflow_owner(objects, namespace, workflow))
+    Launcher(objects, namespace, spec.engine, core=client.CoreV1Api(), workflow=workflow).run(body)
     with open_url(join(out, "metrics.json"), "rb") as f:
         return json.load(f)

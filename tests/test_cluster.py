@@ -1,0 +1,153 @@
+"""What the cluster does with what we emit, held offline to the behaviour of the real systems (their source
+at the versions we support, kept as test data with path and commit): the run's RBAC against every call
+KFP's pods and our launcher make, the retry window as Argo counts it, and the limits and fan-out a profile
+namespace's quota sees. No cluster runs here (docs/cluster.md says what has never run on one)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import yaml_docs
+from sfa_vivit.kubeflow import pipelines
+from sfa_vivit.kubeflow.trainjob import TRAIN_SERVICE_ACCOUNT
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDS = yaml.safe_load((ROOT / "tests" / "data" / "kfp" / "needs.yaml").read_text())
+
+
+def rules_of(account: str, docs: list[dict]) -> list[dict]:
+    """The rules every Role or ClusterRole bound to ServiceAccount `account` grants (as the API server's RBAC
+    authorizer unions them)."""
+    roles = {(d["kind"], d["metadata"]["name"]): d.get("rules") or [] for d in docs
+             if d and d.get("kind") in ("Role", "ClusterRole")}
+    rules = []
+    for binding in (d for d in docs if d and d.get("kind") in ("RoleBinding", "ClusterRoleBinding")):
+        if any(s.get("kind") == "ServiceAccount" and s.get("name") == account for s in binding.get("subjects") or []):
+            rules += roles.get((binding["roleRef"]["kind"], binding["roleRef"]["name"]), [])
+    return rules
+
+
+def grants(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any((group in r.get("apiGroups", []) or "*" in r.get("apiGroups", []))
+               and (resource in r.get("resources", []) or "*" in r.get("resources", []))
+               and (verb in r.get("verbs", []) or "*" in r.get("verbs", [])) for r in rules)
+
+
+def missing_rights(account: str, docs: list[dict]) -> list[str]:
+    rules = rules_of(account, docs)
+    return [f"{n['apiGroup'] or 'core'}/{n['resource']} {verb} ({n['by']})" for n in NEEDS["needs"]
+            for verb in n["verbs"] if not grants(rules, n["apiGroup"], n["resource"], verb)]
+
+
+def _manifests() -> list[dict]:
+    return [d for path in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml_docs(path.read_text()) if d]
+
+
+def test_the_runs_account_may_do_what_kfp_argo_and_our_launcher_call_and_the_training_pods_nothing():
+    docs = _manifests()
+    assert not missing_rights("sfa-vivit", docs)
+    # The training job's pods run as an account with Workload Identity and no binding at all.
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert TRAIN_SERVICE_ACCOUNT in accounts and "iam.gke.io/gcp-service-account" in \
+        accounts[TRAIN_SERVICE_ACCOUNT]["metadata"]["annotations"]
+    assert rules_of(TRAIN_SERVICE_ACCOUNT, docs) == []
+    # The check is live: a bare account (what the docs submitted with before) misses the driver's ConfigMap read.
+    bare = [d for d in docs if d["kind"] not in ("RoleBinding", "ClusterRoleBinding")]
+    assert any(m.startswith("core/configmaps get") for m in missing_rights("sfa-vivit", bare))
+
+
+def _retry_policies(spec: dict) -> list[tuple[str, dict]]:
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec.get("components", {}).values() if "dag" in c]
+    return [(name, task["retryPolicy"]) for dag in dags for name, task in dag["tasks"].items() if "retryPolicy" in task]
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", duration)
+    assert match, f"{duration!r} is not a protobuf Duration in seconds"
+    return float(match.group(1))
+
+
+# The longest a retried step may take from its first start (a ViViT-L/H run on Kinetics, with preemptions).
+LONGEST_STEP_S = 14 * 24 * 3600
+
+
+@pytest.mark.parametrize("package", sorted(p.name for p in (ROOT / "pipelines").glob("*.yaml")))
+def test_a_retried_step_may_run_for_days_as_argo_counts_the_window(package):
+    """KFP 2.17.0's Argo compiler turns a task's retryPolicy into retryStrategy {limit, backoff {duration,
+    factor, maxDuration}} on the executor template (backend/src/v2/compiler/argocompiler/container.go L577-
+    588, L599-685), durations as whole seconds. Argo v4.0.5 (workflow/controller/operator.go) fails the step
+    once now > start of its FIRST attempt + maxDuration, refuses a backoff that would end past it, and sets
+    that instant as every attempt's execution deadline: maxDuration bounds the whole step, retries included.
+    It parses the factor as an integer."""
+    spec, _ = yaml_docs((ROOT / "pipelines" / package).read_text())
+    policies = _retry_policies(spec)
+    assert policies, f"{package}: no step retries"
+    for name, policy in policies:
+        window = _seconds(policy["backoffMaxDuration"])
+        deadline = 0 + window                    # the first attempt starts at 0
+        assert deadline >= LONGEST_STEP_S, f"{package}/{name}: killed {window / 3600:.0f} h after its first start"
+        factor = float(policy["backoffFactor"])
+        assert factor == int(factor) and factor >= 1, f"{package}/{name}: factor {factor}"
+        waits = [_seconds(policy["backoffDuration"]) * factor ** k for k in range(int(policy["maxRetryCount"]))]
+        assert sum(waits) < window
+
+
+def test_light_steps_have_limits_and_the_prep_fan_out_is_bounded(tmp_path):
+    """A profile namespace's ResourceQuota on limits refuses pods without them; the prep fan-out is bounded by
+    Argo's loop parallelism (KFP 2.17.0 argocompiler/dag.go L382-384: iteratorPolicy.parallelismLimit)."""
+    from sfa_vivit.kubeflow import runner
+    spec, _ = yaml_docs((ROOT / "pipelines" / "sfa-gpu-a100.yaml").read_text())
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        assert resources.get("cpuLimit") and resources.get("memoryLimit"), f"{name} has no limits: {resources}"
+        assert resources["cpuLimit"] == resources["cpuRequest"], name
+    loops = [task for c in spec["components"].values() if "dag" in c for task in c["dag"]["tasks"].values()
+             if "parameterIterator" in task]
+    loops += [task for task in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in task]
+    assert loops and all(t["iteratorPolicy"]["parallelismLimit"] == pipelines.PREP_PARALLELISM for t in loops)
+    out = runner.compile_pipeline("sfa", "cpu", str(tmp_path / "p.yaml"), prep_parallelism=3)
+    spec, _ = yaml_docs(Path(out).read_text())
+    assert "parallelismLimit: 3" in Path(out).read_text()
+    with pytest.raises(ValueError, match="--prep-parallelism=0 must be >= 1"):
+        runner.compile_pipeline("sfa", "cpu", str(tmp_path / "p.yaml"), prep_parallelism=0)
+
+
+GKE = yaml.safe_load((ROOT / "tests" / "data" / "gke" / "machines.yaml").read_text())
+
+
+def _tiered(amount: float, tiers: list) -> float:
+    return sum(max(0.0, min(amount, float(hi)) - lo) * fraction for lo, hi, fraction in tiers)
+
+
+def allocatable(machine: str, kind: str) -> tuple[float, float]:
+    """(CPUs, GiB) a pod can request on an empty node of `machine`: the VM's, less the kernel's share, GKE's
+    reservation (tests/data/gke/machines.yaml), the eviction threshold and the system DaemonSets of `kind`."""
+    m, pods = GKE["machines"][machine], GKE["system_pods"][kind]
+    memory = m["memory_gb"] * (1 - GKE["kernel_fraction"])
+    memory -= _tiered(m["memory_gb"], GKE["memory_tiers"]) + GKE["eviction_mib"] / 1024 + pods["memory_mib"] / 1024
+    cpu = m["vcpu"] - _tiered(m["vcpu"], GKE["cpu_tiers"]) - pods["millicores"] / 1000
+    return cpu, memory
+
+
+def _gib(quantity: str) -> float:
+    units = {"G": 1e9 / 2**30, "Gi": 1.0, "M": 1e6 / 2**30, "Mi": 1 / 1024}
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([GM]i?)", quantity).groups()
+    return float(number) * units[unit]
+
+
+def test_every_profile_fits_on_one_node_of_its_machine_type():
+    """A request above a node's allocatable is never scheduled (the pod stays Pending). gpu-t4 asked for 8
+    CPUs, which no 8-vCPU node has left after GKE's reservation; now every profile is held to the node it names."""
+    from sfa_vivit.kubeflow import profiles
+    for name, p in profiles.PROFILES.items():
+        assert p.machine_type in GKE["machines"], f"{name}: no machine type to size it for"
+        kind = "tpu" if p.device == "xla" else "gpu" if p.accelerator else "cpu"
+        cpu, memory = allocatable(p.machine_type, kind)
+        assert float(p.cpu) <= cpu and _gib(p.memory) <= memory, \
+            f"{name} asks {p.cpu} CPU / {p.memory}; an {p.machine_type} node leaves {cpu:.2f} CPU / {memory:.1f} GiB"
+    # The arithmetic against nodes GKE reported (n1-standard-8: 7910m and 25.88 GiB allocatable).
+    cpu, memory = allocatable("n1-standard-8", "cpu")
+    assert abs(cpu + 0.5 - 7.91) < 1e-9 and 25.88 - 0.5 < memory + 1 < 25.88       # ours is the lower
+    assert 8 > allocatable("n1-highmem-8", "gpu")[0]
