@@ -151,3 +151,49 @@ def test_every_profile_fits_on_one_node_of_its_machine_type():
     cpu, memory = allocatable("n1-standard-8", "cpu")
     assert abs(cpu + 0.5 - 7.91) < 1e-9 and 25.88 - 0.5 < memory + 1 < 25.88       # ours is the lower
     assert 8 > allocatable("n1-highmem-8", "gpu")[0]
+
+
+def test_manifests_are_filled_in_one_step_and_a_placeholder_is_never_applied(tmp_path):
+    """`sfa pipeline manifests` fills PROJECT_ID, BUCKET, the image registry, MLflow's database password and the
+    runs' namespace; what it writes passes strict validation and keeps no placeholder outside comments."""
+    import subprocess
+    import sys
+
+    from sfa_vivit.cli import main
+    from sfa_vivit.kubeflow import manifests
+    out = tmp_path / "k8s-my-proj"
+    assert main(["pipeline", "manifests", "--project", "my-proj-123", "--bucket", "gs://my-bucket/",
+                 "--registry", "europe-docker.pkg.dev/my-proj-123/sfa/sfa-vivit", "--namespace", "team-a",
+                 "--root", str(ROOT), "--out", str(out)]) == 0
+    files = sorted(out.glob("*.yaml"))
+    assert [f.name for f in files] == sorted(p.name for p in (ROOT / "k8s").glob("*.yaml"))
+    done = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", *map(str, files)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    docs = {(d["kind"], d["metadata"]["name"]): d for f in files for d in yaml_docs(f.read_text()) if d}
+    for text in (f.read_text() for f in files):
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        assert not re.search(r"\b(PROJECT_ID|BUCKET|CHANGE_ME_DB_PASSWORD)\b", code)
+        assert "ghcr.io/sfa-vivit" not in code
+    server = docs["Deployment", "mlflow"]["spec"]["template"]["spec"]
+    assert server["serviceAccountName"] == "mlflow" and docs["ServiceAccount", "mlflow"]["metadata"]["namespace"] == \
+        "sfa-vivit"
+    args = server["containers"][0]["args"]
+    assert "--artifacts-destination=gs://my-bucket/mlflow-artifacts" in args
+    assert "--backend-store-uri=postgresql://mlflow:$(DB_PASSWORD)@mlflow-db:5432/mlflow" in args
+    assert server["containers"][0]["image"] == "europe-docker.pkg.dev/my-proj-123/sfa/sfa-vivit:" + \
+        docs["Deployment", "mlflow"]["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
+    password = docs["Secret", "mlflow-db"]["stringData"]["password"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", password)          # safe inside the database URL
+    assert docs["RoleBinding", "sfa-vivit-run"]["subjects"][0]["namespace"] == "team-a"
+    for account in ("sfa-vivit", "sfa-vivit-train", "mlflow"):
+        assert docs["ServiceAccount", account]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == \
+            "sfa-vivit@my-proj-123.iam.gserviceaccount.com"
+    assert any("[sfa-vivit/mlflow]" in line for line in manifests.bindings("my-proj-123"))
+    for kwargs, needle in ((dict(project="PROJECT_ID", bucket="b1x"), "--project"),
+                           (dict(project="my-proj-123", bucket="BUCKET"), "--bucket"),
+                           (dict(project="my-proj-123", bucket="b", registry=None), "--bucket"),
+                           (dict(project="my-proj-123", bucket="my-bucket", registry="r.io/x:1"), "--registry"),
+                           (dict(project="my-proj-123", bucket="my-bucket", namespace="Team_A"), "--namespace")):
+        with pytest.raises(manifests.ManifestError, match=needle):
+            manifests.render(ROOT, **kwargs)

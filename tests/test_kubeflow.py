@@ -168,7 +168,8 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
         port = s.getsockname()[1]          # closed again: nothing listens there
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "sfa_vivit.cli", "pipeline", "submit",
-                           str(ROOT / "pipelines" / "sfa-cpu.yaml"), "--host", f"http://127.0.0.1:{port}"],
+                           str(ROOT / "pipelines" / "sfa-cpu.yaml"), "--host", f"http://127.0.0.1:{port}",
+                           "--param", 'tracking_uri="none"'],
                           capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 30
     assert proc.returncode == 2
@@ -247,6 +248,34 @@ def test_staggered_schedules():
         runner.staggered_crons("0 0 22 * * 0", 6, 60)
 
 
+MLFLOW = "http://mlflow.sfa-vivit.svc.cluster.local:5000"
+
+
+def test_a_run_says_where_it_is_tracked_and_vertex_is_not_given_an_in_cluster_name():
+    """Left empty, each step's MLflow fell back to a SQLite file inside its pod: tracking silently absent."""
+    package = str(ROOT / "pipelines" / "sfa-cpu.yaml")
+    with pytest.raises(runner.PipelineError, match="tracking_uri is not set"):
+        runner.check_tracking(package, {})
+    runner.check_tracking(package, {"tracking_uri": "none"})
+    runner.check_tracking(package, {"tracking_uri": MLFLOW})
+    for uri in (MLFLOW, "http://mlflow:5000", "http://mlflow.sfa-vivit.svc:5000"):
+        with pytest.raises(runner.PipelineError, match="outside your cluster"):
+            runner.check_tracking(package, {"tracking_uri": uri}, vertex=True)
+    runner.check_tracking(package, {"tracking_uri": "http://10.128.0.7:5000"}, vertex=True)
+    runner.check_tracking(package, {"tracking_uri": "https://mlflow.example.com"}, vertex=True)
+    with pytest.raises(runner.PipelineError, match="tracking_uri is not set"):
+        runner.schedule(package, host="http://127.0.0.1:9", datasets={"ssv2": {"videos": "gs://b/ssv2"}})
+
+
+def test_tracking_none_is_untracked_by_choice(caplog):
+    from sfa_vivit.kubeflow import steps
+    with caplog.at_level("INFO"):
+        assert steps.start_tracking("run-1", "sfa", "none") == ""
+    assert "not tracked, by choice" in caplog.text and "cannot be reached" not in caplog.text
+    with pytest.raises(steps.TrackingUnavailable, match="tracking_uri=none"):
+        steps.start_tracking("run-1", "sfa", "none", require=True)
+
+
 def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
     """One recurring run per dataset, staggered, with the pipeline root and service account, every call bound
     against the installed kfp.Client's own signatures (a loopback server answers the health check)."""
@@ -286,7 +315,8 @@ def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
     monkeypatch.setattr(kfp, "Client", Recording)
     try:
         ids = runner.schedule(str(ROOT / "pipelines" / "sfa-cpu.yaml"), host=f"http://127.0.0.1:{server.server_port}",
-                              datasets={"kinetics400": {"videos": "gs://b/k400"}, "ssv2": {"videos": "gs://b/ssv2"}},
+                              datasets={"kinetics400": {"videos": "gs://b/k400", "tracking_uri": MLFLOW},
+                                        "ssv2": {"videos": "gs://b/ssv2", "tracking_uri": MLFLOW}},
                               cron="0 0 3 * * 0", stagger_minutes=90, service_account="sfa-runner")
     finally:
         server.shutdown()
@@ -551,3 +581,19 @@ def test_what_the_local_run_makes_once_is_never_half_made(tmp_path):
     assert runner._made_once(target, makes) == {"train": str(target / "train.csv")}
     assert runner._made_once(target, makes) == {"train": str(target / "train.csv")}      # already there: kept
     assert runner._fingerprint({"a": 1}, runner.__file__) != runner._fingerprint({"a": 2}, runner.__file__)
+
+
+def test_vertex_custom_jobs_run_as_the_runs_service_account_on_its_network(tmp_path):
+    """Google Cloud Pipeline Components' custom job runs as the Vertex AI Custom Code Service Agent unless its
+    `service_account` input is set (create_custom_training_job_from_component), and reaches no private address
+    without `network`: submit --vertex gives them the run's."""
+    package = runner.compile_pipeline("sfa", "gpu-a100-x4", str(tmp_path / "v.yaml"), target="vertex")
+    out = runner.set_custom_job_identity(package, "sfa-vivit@p.iam.gserviceaccount.com",
+                                         "projects/123/global/networks/default", out=str(tmp_path / "w.yaml"))
+    spec, = [d for d in yaml_docs(Path(out).read_text())][:1]
+    jobs = {name: c["inputDefinitions"]["parameters"] for name, c in spec["components"].items()
+            if "worker_pool_specs" in c.get("inputDefinitions", {}).get("parameters", {})}
+    assert set(jobs) == {"comp-train-stage1", "comp-train-stage2", "comp-train-baseline"}
+    for params in jobs.values():
+        assert params["service_account"]["defaultValue"] == "sfa-vivit@p.iam.gserviceaccount.com"
+        assert params["network"]["defaultValue"] == "projects/123/global/networks/default"

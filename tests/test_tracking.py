@@ -136,3 +136,14 @@ def test_an_unreachable_server_is_loud_or_fatal(tmp_path, caplog):
     with pytest.raises(steps.TrackingUnavailable, match="require_tracking"):
         steps.start_tracking("run-1", "sfa", uri, require=True)
     assert "NOT tracked" in UNTRACKED
+
+
+def test_a_run_with_tracking_none_writes_no_store(tiny_data, tmp_path, monkeypatch):
+    """`tracking_uri=none` (a pipeline's explicit choice) turns tracking off: no SQLite store appears beside
+    the run, as it would where the URI is only left empty."""
+    from sfa_vivit.train.tracking import TrackingTarget
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    metrics = Trainer(config("stage1", epochs=1), tiny_data, str(tmp_path / "run"),
+                      tracking=TrackingTarget("none")).fit()
+    assert metrics["epochs"] == 1 and not (tmp_path / "mlflow.db").exists()
+    assert not (metrics.get("mlflow") or {}).get("run_id")

@@ -276,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the v1 Training Operator's PyTorchJob")
     p.add_argument("--prep-parallelism", type=int, default=None,
                    help="with --name: data-prep pieces that run at once, 8 CPUs each (default 8)")
+    p = pipe.add_parser("manifests", help="fill k8s/*.yaml for your project (service accounts, RBAC, MLflow) "
+                                          "into a folder to kubectl apply; refuses to leave a placeholder")
+    p.add_argument("--project", required=True, help="Google Cloud project ID (Workload Identity's service account)")
+    p.add_argument("--bucket", required=True, help="bucket for MLflow's artifacts (BUCKET or gs://BUCKET)")
+    p.add_argument("--registry", help="REGISTRY/NAME of your images (default: the project's ghcr.io images)")
+    p.add_argument("--namespace", default="kubeflow",
+                   help="namespace the runs' pods run in (standalone KFP: kubeflow; multi-user: your profile's)")
+    p.add_argument("--root", default=".", help="repository root holding k8s/")
+    p.add_argument("--out", help="folder to write (default: k8s-PROJECT)")
     p = pipe.add_parser("run", help="run the sfa pipeline here (kfp.local) on synthetic data")
     p.add_argument("--runs", default="runs", help="artifacts go to RUNS/<run-id>/")
     p.add_argument("--run-id")
@@ -288,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
     p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="a pipeline parameter")
     p.add_argument("--experiment", default="sfa-vivit")
-    p.add_argument("--service-account", help="Kubernetes (KFP) or Google (Vertex) service account of the run's pods")
+    p.add_argument("--service-account", help="Kubernetes (KFP) or Google (Vertex) service account of the run's pods "
+                                              "(on Vertex its custom jobs run as it too)")
+    p.add_argument("--network", help="Vertex: the VPC network of the run and its custom jobs "
+                                     "(projects/NUMBER/global/networks/NAME), to reach a private MLflow")
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
     p.add_argument("--image", help="run every step in this image instead of the one compiled in")
     p = pipe.add_parser("schedule", help="recurring reproduction runs, one per dataset")
@@ -579,6 +591,13 @@ def _pipeline(args: argparse.Namespace) -> int:
                                               prep_parallelism=args.prep_parallelism))
             else:
                 print("\n".join(runner.compile_all(args.root)))
+        elif args.pipeline_command == "manifests":
+            from sfa_vivit.kubeflow import manifests
+            files = manifests.render(args.root, args.project, args.bucket, registry=args.registry,
+                                     namespace=args.namespace)
+            print("\n".join(manifests.write(files, args.out or f"k8s-{args.project}")))
+            print("then bind the accounts to the Google service account (once):\n  "
+                  + "\n  ".join(manifests.bindings(args.project, args.namespace)))
         elif args.pipeline_command == "run":
             s = runner.run_local(args.runs, args.run_id, args.size, run_baseline=not args.no_baseline)
             figures = s.get("figures", {})
@@ -598,7 +617,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             params = _params(args.param)
             ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
                                 params=params, experiment=args.experiment, service_account=args.service_account,
-                                namespace=args.namespace, image=args.image)
+                                namespace=args.namespace, image=args.image, network=args.network)
             print(f"sfa pipeline submit: {ref}")
         elif args.pipeline_command == "schedule":
             try:
@@ -611,6 +630,12 @@ def _pipeline(args: argparse.Namespace) -> int:
                                   namespace=args.namespace, stagger_minutes=args.stagger_minutes)
             print(f"sfa pipeline schedule: {len(ids)} recurring runs: {', '.join(ids)}")
     except runner.PipelineError as e:
+        print(f"sfa pipeline {args.pipeline_command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        from sfa_vivit.kubeflow.manifests import ManifestError
+        if not isinstance(e, ManifestError):
+            raise
         print(f"sfa pipeline {args.pipeline_command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

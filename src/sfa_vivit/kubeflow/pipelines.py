@@ -138,7 +138,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
             membench_batch_size: batch of the memory benchmark.
             membench_budget_gib: with > 0, the largest frame count whose step fits in this many GiB.
             membench_model_sizes: ViViTConfig overrides of the memory benchmark's model.
-            tracking_uri: the MLflow server (empty: MLFLOW_TRACKING_URI of the pods, else untracked files).
+            tracking_uri: the MLflow server, or none to run untracked (`sfa pipeline submit` refuses it empty).
             require_tracking: fail at the first step when MLflow cannot be reached (else go on, untracked, and
                 say so in the logs and the report).
         """
@@ -253,7 +253,8 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operato
                                      "or .npz; gs:// on a cluster); empty: random init.",
                  "prep_parts": "how many data-prep pieces run in parallel per dataset.",
                  "run_baseline": "also train the conventional recipe, for comparison.",
-                 "tracking_uri": "the MLflow server (empty: MLFLOW_TRACKING_URI of the pods)."}
+                 "tracking_uri": "the MLflow server, or none to run untracked (`sfa pipeline submit` refuses it "
+                                 "empty)."}
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")
         described.update({f"{key}_annotations": f"{name}: comma-separated annotation files as released.",

@@ -71,6 +71,28 @@ def _yaml_loader():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def set_custom_job_identity(package: str, service_account: str | None, network: str | None,
+                            out: str | None = None) -> str:
+    """Write `package` (a Vertex compile) to `out` with every custom job (the steps with worker pools) running
+    as `service_account` on VPC `network` (projects/NUMBER/global/networks/NAME). Without them a custom job runs
+    as the Vertex AI Custom Code Service Agent, not the run's service account, and reaches no private address
+    (an internal MLflow). Returns the path written."""
+    import yaml
+    with open(package) as f:
+        docs = list(yaml.load_all(f, Loader=_yaml_loader()))
+    for component in docs[0].get("components", {}).values():
+        params = component.get("inputDefinitions", {}).get("parameters", {})
+        if "worker_pool_specs" not in params:
+            continue
+        for key, value in (("service_account", service_account), ("network", network)):
+            if value and key in params:
+                params[key]["defaultValue"] = value
+    out = out or package
+    with open(out, "w") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=True)
+    return out
+
+
 def set_image(package: str, image: str, out: str | None = None) -> str:
     """Write `package` (compiled pipeline YAML) to `out` (default: in place) with every step running `image`
     (a Vertex custom job's machines too; its launcher keeps its own image). Returns the path written."""
@@ -311,17 +333,46 @@ def check_parameters(package: str, params: dict[str, Any]) -> None:
         raise PipelineError(f"{package} has no parameter(s) {unknown}; it takes {sorted(known)}")
 
 
+def check_tracking(package: str, params: dict[str, Any], *, vertex: bool = False) -> None:
+    """Raise PipelineError unless the run says where it is tracked: a compiled pipeline with a `tracking_uri`
+    input needs it set (here or compiled in), to a server or to `none`. Left empty, steps would fall back to a
+    SQLite file inside each pod, which vanishes with it: tracking silently absent. On Vertex AI the steps run
+    outside any Kubernetes cluster, so an in-cluster Service name cannot resolve there."""
+    from sfa_vivit.train.tracking import UNTRACKED
+    known = pipeline_inputs(package)
+    if "tracking_uri" not in known:
+        return
+    uri = str(params.get("tracking_uri", known["tracking_uri"]) or "")
+    if not uri:
+        raise PipelineError("tracking_uri is not set: give the MLflow server (--param tracking_uri="
+                            "http://mlflow.sfa-vivit.svc.cluster.local:5000 for k8s/mlflow.yaml) or tracking_uri=none "
+                            "to run untracked; left empty, each step would track into a file inside its pod")
+    if uri == UNTRACKED:
+        return
+    from urllib.parse import urlparse
+    host = urlparse(uri).hostname or ""
+    if vertex and (host.endswith((".svc", ".cluster.local")) or ".svc." in host or (host and "." not in host
+                                                                                   and host != "localhost")):
+        raise PipelineError(f"tracking_uri={uri}: Vertex AI runs its steps outside your cluster, where the Service "
+                            f"name {host} does not resolve; give an address reachable from the VPC network you pass "
+                            "with --network (an internal load balancer in front of MLflow), or tracking_uri=none")
+
+
 def submit(package: str, *, host: str | None = None, vertex: str | None = None, pipeline_root: str | None = None,
            params: dict[str, Any] | None = None, run_name: str | None = None, experiment: str = "sfa-vivit",
-           service_account: str | None = None, namespace: str | None = None, image: str | None = None) -> str:
+           service_account: str | None = None, namespace: str | None = None, image: str | None = None,
+           network: str | None = None) -> str:
     """Submit a compiled pipeline; returns the run's id (KFP) or resource name (Vertex). Every parameter is
     checked against the compiled pipeline's inputs before any request; `image` replaces every step's image
-    (in a copy of the package)."""
+    (in a copy of the package). On Vertex, the custom jobs run as `service_account` on `network` too."""
     check_parameters(package, params or {})
+    check_tracking(package, params or {}, vertex=bool(vertex))
+    import tempfile
+    copy = os.path.join(tempfile.mkdtemp(prefix="sfa-submit-"), os.path.basename(package))
     if image:
-        import tempfile
-        copy = os.path.join(tempfile.mkdtemp(prefix="sfa-submit-"), os.path.basename(package))
         package = set_image(package, image, out=copy)
+    if vertex and (service_account or network):
+        package = set_custom_job_identity(package, service_account, network, out=copy)
     if bool(host) == bool(vertex):
         raise PipelineError("give exactly one of --host (a KFP endpoint) and --vertex PROJECT/REGION")
     run_name = run_name or f"{Path(package).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -341,7 +392,7 @@ def submit(package: str, *, host: str | None = None, vertex: str | None = None, 
         job = aiplatform.PipelineJob(display_name=run_name, template_path=package, pipeline_root=pipeline_root,
                                      parameter_values=params or {})
         try:
-            job.submit(service_account=service_account, experiment=experiment)
+            job.submit(service_account=service_account, network=network, experiment=experiment)
         except Exception as e:  # noqa: BLE001 - the API's own message, in one line
             raise PipelineError(f"Vertex AI refused or half-took the run {run_name} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -387,6 +438,7 @@ def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cr
     runs = {name: {"dataset": name, "recipe": name, **values} for name, values in datasets.items()}
     for params in runs.values():
         check_parameters(package, params)
+        check_tracking(package, params)
     crons = staggered_crons(cron, len(runs), stagger_minutes)
     _check_endpoint(host)
     _check_bucket(pipeline_root)

@@ -39,7 +39,12 @@ def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", exper
     when MLflow cannot be reached: the pipeline then goes on untracked, with a warning here and on its
     report, or, with `require`, fails here (TrackingUnavailable) before any other step."""
     key = f"{kfp_run_id}/{dataset}" if dataset else kfp_run_id
-    from sfa_vivit.train.tracking import Tracker, default_tracking_uri
+    from sfa_vivit.train.tracking import UNTRACKED, Tracker, default_tracking_uri
+    if tracking_uri == UNTRACKED:
+        if require:
+            raise TrackingUnavailable("tracking_uri=none turns tracking off, and require_tracking is on")
+        log.info("tracking_uri=none: this pipeline run is not tracked, by choice")
+        return ""
     uri = tracking_uri or default_tracking_uri(os.getcwd())
     try:
         from mlflow.tracking import MlflowClient
@@ -77,6 +82,8 @@ def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[s
 
     from sfa_vivit.train.tracking import Tracker, TrackingTarget
     target = TrackingTarget(tracking_uri or None, parent_run_id or None)
+    if not target.enabled:
+        return
     tracker = Tracker(target.resolve_uri(os.getcwd()), EXPERIMENT, name, parent_run_id=target.parent_run_id, tags=tags)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,13 +26,21 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 @dataclasses.dataclass(frozen=True)
 class TrackingTarget:
-    """Where a run is tracked: the MLflow URI (None: `default_tracking_uri` of the run's outputs) and
-    the parent run it belongs to (a pipeline run's), if any."""
+    """Where a run is tracked: the MLflow URI (None: `default_tracking_uri` of the run's outputs; `none`:
+    not tracked, by choice) and the parent run it belongs to (a pipeline run's), if any."""
     uri: str | None = None
     parent_run_id: str | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return self.uri != UNTRACKED
+
     def resolve_uri(self, out: str) -> str:
         return self.uri or default_tracking_uri(out)
+
+
+# The tracking URI that turns tracking off, said explicitly (a pipeline's `tracking_uri=none`).
+UNTRACKED = "none"
 
 
 def default_tracking_uri(out: str) -> str:

@@ -559,9 +559,9 @@ class Trainer:
             tags["sfa.stage1_run_id"] = self.init_extra["mlflow_run_id"]
         spool = join(self.out, "mlflow_unlogged.jsonl") if "://" not in self.out else None
         tracker = Tracker(self.tracking.resolve_uri(self.out), c.mlflow_experiment, f"{c.mode}-{c.num_frames}f",
-                          enabled=self.is_main, run_id=p.mlflow_run_id, parent_run_id=self.tracking.parent_run_id,
-                          tags=tags, spool=spool)
-        if self.is_main and p.mlflow_run_id is None:
+                          enabled=self.is_main and self.tracking.enabled, run_id=p.mlflow_run_id,
+                          parent_run_id=self.tracking.parent_run_id, tags=tags, spool=spool)
+        if tracker.enabled and p.mlflow_run_id is None:
             tracker.log_params({**c.to_dict(), "lr": learning_rate(c), "steps_per_epoch": self.steps_per_epoch,
                                 "world_size": self.world, "data": self.data_url, "init": self.init})
         p.mlflow_run_id = tracker.run_id
