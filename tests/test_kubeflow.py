@@ -169,7 +169,8 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "sfa_vivit.cli", "pipeline", "submit",
                            str(ROOT / "pipelines" / "sfa-cpu.yaml"), "--host", f"http://127.0.0.1:{port}",
-                           "--param", 'tracking_uri="none"'],
+                           "--param", 'tracking_uri="none"', "--pipeline-root", "gs://sfa-test/root",
+                           "--image", "registry.example/sfa-vivit:1-cpu"],
                           capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 30
     assert proc.returncode == 2
@@ -265,6 +266,9 @@ def test_a_run_says_where_it_is_tracked_and_vertex_is_not_given_an_in_cluster_na
     runner.check_tracking(package, {"tracking_uri": "https://mlflow.example.com"}, vertex=True)
     with pytest.raises(runner.PipelineError, match="tracking_uri is not set"):
         runner.schedule(package, host="http://127.0.0.1:9", datasets={"ssv2": {"videos": "gs://b/ssv2"}})
+    # Without a gs:// pipeline root, checkpoints would be written where a retried pod cannot find them.
+    with pytest.raises(runner.PipelineError, match="--pipeline-root gs://BUCKET/PATH is required"):
+        runner.submit(package, host="http://127.0.0.1:9", params={"tracking_uri": "none"}, image="reg.example/s:1")
 
 
 def test_tracking_none_is_untracked_by_choice(caplog):
@@ -276,7 +280,7 @@ def test_tracking_none_is_untracked_by_choice(caplog):
         steps.start_tracking("run-1", "sfa", "none", require=True)
 
 
-def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
+def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch, gcs_emulator, tmp_path):
     """One recurring run per dataset, staggered, with the pipeline root and service account, every call bound
     against the installed kfp.Client's own signatures (a loopback server answers the health check)."""
     import http.server
@@ -313,8 +317,17 @@ def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
             return type("Run", (), {"recurring_run_id": f"r{len(calls)}"})
 
     monkeypatch.setattr(kfp, "Client", Recording)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    from sfa_vivit.storage import url_to_fs
+    url_to_fs("gs://sfa-sched")[0].mkdir("sfa-sched")
     try:
-        ids = runner.schedule(str(ROOT / "pipelines" / "sfa-cpu.yaml"), host=f"http://127.0.0.1:{server.server_port}",
+        # The checked-in package runs the project's default registry, which publishes no image: refused.
+        with pytest.raises(runner.PipelineError, match="default registry, where no image is published"):
+            runner.schedule(str(ROOT / "pipelines" / "sfa-cpu.yaml"), host="http://127.0.0.1:9",
+                            datasets={"ssv2": {"videos": "gs://b/ssv2", "tracking_uri": "none"}})
+        package = runner.compile_pipeline("sfa", "cpu", str(tmp_path / "sfa-cpu.yaml"), registry="reg.example/sfa")
+        ids = runner.schedule(package, host=f"http://127.0.0.1:{server.server_port}",
+                              pipeline_root="gs://sfa-sched/root",
                               datasets={"kinetics400": {"videos": "gs://b/k400", "tracking_uri": MLFLOW},
                                         "ssv2": {"videos": "gs://b/ssv2", "tracking_uri": MLFLOW}},
                               cron="0 0 3 * * 0", stagger_minutes=90, service_account="sfa-runner")
@@ -322,6 +335,7 @@ def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch):
         server.shutdown()
     assert ids == ["r1", "r2"]
     assert [c["cron_expression"] for c in calls] == ["0 0 3 * * 0", "0 30 4 * * 0"]
+    assert {c["pipeline_root"] for c in calls} == {"gs://sfa-sched/root"}
     assert [(c["params"]["dataset"], c["params"]["recipe"]) for c in calls] == [("kinetics400",) * 2, ("ssv2",) * 2]
     assert all(c["service_account"] == "sfa-runner" for c in calls)
 
@@ -597,3 +611,20 @@ def test_vertex_custom_jobs_run_as_the_runs_service_account_on_its_network(tmp_p
     for params in jobs.values():
         assert params["service_account"]["defaultValue"] == "sfa-vivit@p.iam.gserviceaccount.com"
         assert params["network"]["defaultValue"] == "projects/123/global/networks/default"
+
+
+def test_every_step_has_a_name_that_says_which_and_every_helper_input_is_described():
+    """The run graph shows `sets-stage2`, `evaluate-baseline`, `sfa-ssv2`, not `join-sets-2`, `evaluate-2`,
+    `sfa-3` (KFP numbers repeated components); and the inputs of the small helper components are described too."""
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        spec = next(yaml_docs(path.read_text()))
+        names = [task["taskInfo"]["name"] for _, task in _tasks(spec["root"]["dag"], spec["components"])
+                 if "dag" not in spec["components"][task["componentRef"]["name"]]
+                 or task["taskInfo"]["name"].startswith("sfa")]
+        from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS
+        numbered = [n for n in names if re.search(r"-\d+$", n) and not n.endswith(REPRODUCE_DATASETS)]
+        assert not numbered, f"{path.name}: {numbered}"
+        for name, component in spec["components"].items():
+            if name.startswith(("comp-join-sets", "comp-dataset-sets")):
+                params = component["inputDefinitions"]["parameters"]
+                assert all(p.get("description") for p in params.values()), f"{path.name} {name}"

@@ -155,15 +155,16 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
             piece = _retried(_light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G"))
         data = _retried(_light(c.prepare_data(max_reject_fraction=max_reject_fraction,
                                               parts_done=dsl.Collected(piece.output), **prep_args), "8", "32G")).output
-        stage1 = trainer(train_components["stage1"](data=data, recipe=recipe, sets=_concat(sets, stage1_sets, prof),
-                                        tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc,
-                                        cluster=cluster))
+        stage1 = trainer(train_components["stage1"](data=data, recipe=recipe,
+                                                    sets=_concat(sets, stage1_sets, prof, "stage1"),
+                                                    tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc,
+                                                    cluster=cluster))
         stage2 = trainer(train_components["stage2"](data=data, stage1=stage1.outputs["model"], recipe=recipe,
-                                        sets=_concat(sets, stage2_sets, prof), tracking_uri=tracking_uri,
+                                        sets=_concat(sets, stage2_sets, prof, "stage2"), tracking_uri=tracking_uri,
                                         parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
         evaluation = accelerated(evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
                                             name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent),
-                                 one_pod)
+                                 one_pod).set_display_name("evaluate-sfa")
         membench = accelerated(memory_benchmark(
             variant=membench_variant, frames=membench_frames, regimes=BENCH.regimes,
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
@@ -174,35 +175,48 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                            tracking_uri=tracking_uri, parent_run_id=parent)
         with dsl.If(run_baseline == True, "baseline"):  # noqa: E712 - a pipeline condition, not a Python test
             baseline = trainer(train_components["baseline"](
-                data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof), tracking_uri=tracking_uri,
-                parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
+                data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof, "baseline"),
+                tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
             baseline_eval = accelerated(evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
-                                                   parent_run_id=parent), one_pod)
+                                                   parent_run_id=parent), one_pod).set_display_name("evaluate-baseline")
             _fresh(_light(c.report(baseline=baseline.outputs["model"],
-                                   baseline_evaluation=baseline_eval.outputs["results"], **report_args)))
+                                   baseline_evaluation=baseline_eval.outputs["results"], **report_args))
+                   ).set_display_name("report")
         with dsl.Else("no-baseline"):
-            _fresh(_light(c.report(**report_args)))
+            _fresh(_light(c.report(**report_args))).set_display_name("report")
 
     return sfa
 
 
-def _concat(a: Any, b: Any, prof: profiles.Profile) -> Any:
-    """Concatenation of two pipeline list parameters (resolved at run time by a tiny step), then the
-    profile's device where it must be explicit (TPU)."""
+def _concat(a: Any, b: Any, prof: profiles.Profile, step: str) -> Any:
+    """Concatenation of two pipeline list parameters (resolved at run time by a tiny step, shown as
+    `sets-STEP`), then the profile's device where it must be explicit (TPU)."""
     fixed = [f"device={prof.device}"] if prof.device == "xla" else []
-    return _light(join_sets(a=a, b=b, fixed=fixed), "1", "1G").output
+    return _light(join_sets(a=a, b=b, fixed=fixed), "1", "1G").set_display_name(f"sets-{step}").output
 
 
 @dsl.component(base_image=c.IMAGE)
 def join_sets(a: List[str], b: List[str], fixed: List[str]) -> List[str]:
-    """Overrides for every step, then one step's, then the profile's (later wins)."""
+    """Overrides for every step, then one step's, then the profile's (later wins).
+
+    Args:
+        a: `key=value` overrides of every training step (the pipeline's `sets`).
+        b: this step's own overrides (`stage1_sets`, `stage2_sets` or `baseline_sets`).
+        fixed: what the accelerator profile requires (TPU: device=xla).
+    """
     return list(a) + list(b) + list(fixed)
 
 
 @dsl.component(base_image=c.IMAGE)
 def dataset_sets(variant: str, image_checkpoint: str, sets: List[str]) -> List[str]:
-    """One dataset's settings in `reproduce`: the variant, the image checkpoint (when given), then its own sets."""
+    """One dataset's settings in `reproduce`: the variant, the image checkpoint (when given), then its own sets.
+
+    Args:
+        variant: ViViT variant of the dataset's runs.
+        image_checkpoint: the image ViT its spatial encoders start from (empty: random init).
+        sets: the dataset's own `key=value` overrides (later wins).
+    """
     return [f"variant={variant}"] + ([f"image_checkpoint={image_checkpoint}"] if image_checkpoint else []) + list(sets)
 
 
@@ -242,7 +256,7 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operato
                 inner(dataset=name, annotations=kw[f"{key}_annotations"],
                       videos=kw[f"{key}_videos"], data_uri=kw[f"{key}_data_uri"], prep_parts=kw["prep_parts"],
                       recipe=name, sets=settings.output, run_baseline=kw["run_baseline"],
-                      tracking_uri=kw["tracking_uri"])
+                      tracking_uri=kw["tracking_uri"]).set_display_name(f"sfa-{name}")
 
     reproduce.__signature__ = inspect.Signature(params)
     reproduce.__annotations__ = {p.name: p.annotation for p in params}

@@ -297,11 +297,18 @@ def _check_endpoint(host: str, timeout: float = 5.0) -> None:
                             "pipeline API's own URL, or sign in and pass a token)")
 
 
-def _check_bucket(root: str | None) -> None:
+def _require_root(root: str | None) -> None:
     if not root:
-        return
+        # KFP's default root (MinIO in standalone KFP) hands a step local paths it uploads only when the step
+        # ends: checkpoints written there die with a preempted pod, and its retry starts from step 0.
+        raise PipelineError("--pipeline-root gs://BUCKET/PATH is required: training writes its checkpoints to its "
+                            "output's URI as it goes, so that a retried step resumes from the last one")
     if not root.startswith("gs://"):
         raise PipelineError(f"pipeline root {root} must be a gs:// URL on a cluster")
+
+
+def _check_bucket(root: str | None) -> None:
+    _require_root(root)
     from sfa_vivit.storage import url_to_fs
     bucket = root[len("gs://"):].split("/", 1)[0]
     try:
@@ -358,6 +365,27 @@ def check_tracking(package: str, params: dict[str, Any], *, vertex: bool = False
                             "with --network (an internal load balancer in front of MLflow), or tracking_uri=none")
 
 
+def check_images(package: str) -> None:
+    """Raise PipelineError when a step would pull an image of the project's default registry, which
+    publishes none: every pod would stop in ImagePullBackOff. Images come from `--registry` at compile time or
+    `--image` at submission, after building and pushing them (containers/README.md)."""
+    import yaml
+
+    from sfa_vivit.kubeflow.components import REGISTRY
+    with open(package) as f:
+        spec = next(yaml.load_all(f, Loader=_yaml_loader()))
+    images = {e["container"]["image"] for e in spec.get("deploymentSpec", {}).get("executors", {}).values()
+              if "container" in e}
+    images |= {pool["container_spec"]["image_uri"] for c in spec.get("components", {}).values()
+               for pool in c.get("inputDefinitions", {}).get("parameters", {}).get("worker_pool_specs", {})
+               .get("defaultValue") or []}
+    default = sorted(i for i in images if i.startswith(f"{REGISTRY}:"))
+    if default:
+        raise PipelineError(f"{package} runs {default[0]}, from the project's default registry, where no image is "
+                            "published: build and push the images (containers/README.md), then compile with "
+                            "--registry REGISTRY/NAME or submit with --image IMAGE")
+
+
 def submit(package: str, *, host: str | None = None, vertex: str | None = None, pipeline_root: str | None = None,
            params: dict[str, Any] | None = None, run_name: str | None = None, experiment: str = "sfa-vivit",
            service_account: str | None = None, namespace: str | None = None, image: str | None = None,
@@ -371,6 +399,7 @@ def submit(package: str, *, host: str | None = None, vertex: str | None = None, 
     copy = os.path.join(tempfile.mkdtemp(prefix="sfa-submit-"), os.path.basename(package))
     if image:
         package = set_image(package, image, out=copy)
+    check_images(package)
     if vertex and (service_account or network):
         package = set_custom_job_identity(package, service_account, network, out=copy)
     if bool(host) == bool(vertex):
@@ -397,6 +426,7 @@ def submit(package: str, *, host: str | None = None, vertex: str | None = None, 
             raise PipelineError(f"Vertex AI refused or half-took the run {run_name} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         return job.resource_name
+    _require_root(pipeline_root)
     _check_endpoint(host)
     _check_bucket(pipeline_root)
     import kfp
@@ -439,7 +469,9 @@ def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cr
     for params in runs.values():
         check_parameters(package, params)
         check_tracking(package, params)
+    check_images(package)
     crons = staggered_crons(cron, len(runs), stagger_minutes)
+    _require_root(pipeline_root)
     _check_endpoint(host)
     _check_bucket(pipeline_root)
     import kfp
