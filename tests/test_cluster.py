@@ -197,3 +197,22 @@ def test_manifests_are_filled_in_one_step_and_a_placeholder_is_never_applied(tmp
                            (dict(project="my-proj-123", bucket="my-bucket", namespace="Team_A"), "--namespace")):
         with pytest.raises(manifests.ManifestError, match=needle):
             manifests.render(ROOT, **kwargs)
+
+
+def test_training_on_a_cluster_commits_a_checkpoint_every_30_minutes_unless_told_otherwise():
+    """Checkpoints at epoch ends only lose up to an epoch of a spot TPU/GPU run to a preemption: every training
+    step of a compiled pipeline starts from the profile's `checkpoint_every_minutes=30`, which the pipeline's
+    own sets override (they come later)."""
+    from sfa_vivit.kubeflow.pipelines import join_sets
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        spec, _ = yaml_docs(path.read_text())
+        tasks = [t for c in [spec["root"]] + list(spec["components"].values()) if "dag" in c
+                 for t in c["dag"]["tasks"].values() if t["taskInfo"]["name"].startswith("sets-")]
+        assert len(tasks) >= 3, path.name
+        for task in tasks:
+            defaults = task["inputs"]["parameters"]["defaults"]["runtimeValue"]["constant"]
+            assert defaults == ["checkpoint_every_minutes=30"], (path.name, task["taskInfo"]["name"])
+    joined = join_sets.python_func(defaults=["checkpoint_every_minutes=30"], a=["checkpoint_every_minutes=5"], b=[],
+                                   fixed=[])
+    from sfa_vivit.train import resolve
+    assert resolve("stage1", "kinetics400", sets=joined).checkpoint_every_minutes == 5

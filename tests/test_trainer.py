@@ -202,3 +202,24 @@ def test_a_run_from_before_the_recipe_rename_and_the_decay_switch_resumes(tiny_d
     with pytest.raises(TrainError, match="exempt_from_decay"):
         Trainer(decayed, tiny_data, str(tmp_path / "decayed"))
     Trainer(dataclasses.replace(decayed, exempt_from_decay="none"), tiny_data, str(tmp_path / "decayed")).fit()
+
+
+def test_a_checkpoint_every_few_minutes_is_committed_mid_epoch_and_changes_no_weight(tiny_data, tmp_path,
+                                                                                     no_mlflow_env):
+    """checkpoint_every_minutes (on by default on cluster profiles: a preemption loses minutes, not an epoch):
+    with a period shorter than a step, every step commits one; the weights are those of a run without."""
+    from sfa_vivit import checkpoints
+    from sfa_vivit.train import Trainer
+    plain = tmp_path / "plain"
+    Trainer(config("stage1", epochs=1), tiny_data, str(plain)).fit()
+    timed = tmp_path / "timed"
+    trainer = Trainer(config("stage1", "checkpoint_every_minutes=1e-6", "keep_checkpoints=100", epochs=1), tiny_data,
+                      str(timed))
+    trainer.fit()
+    steps = [int(u.rsplit("-", 1)[1]) for u in checkpoints.committed_steps(str(timed))]
+    assert steps == list(range(1, trainer.steps_per_epoch + 1)), steps
+    assert not checkpoints.committed_steps(str(plain))[:-1]                 # the epoch end's only
+    a, b = final_state(plain), final_state(timed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="checkpoint_every_minutes=-1.0 must be a finite number >= 0"):
+        config("stage1", "checkpoint_every_minutes=-1")

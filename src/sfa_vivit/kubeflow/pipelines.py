@@ -190,22 +190,27 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
 
 
 def _concat(a: Any, b: Any, prof: profiles.Profile, step: str) -> Any:
-    """Concatenation of two pipeline list parameters (resolved at run time by a tiny step, shown as
-    `sets-STEP`), then the profile's device where it must be explicit (TPU)."""
+    """The profile's defaults (a checkpoint every `checkpoint_minutes`, so a preempted pod loses minutes, not
+    an epoch), then two pipeline list parameters (resolved at run time by a tiny step, shown as `sets-STEP`),
+    then the profile's device where it must be explicit (TPU)."""
+    defaults = [f"checkpoint_every_minutes={prof.checkpoint_minutes}"] if prof.checkpoint_minutes else []
     fixed = [f"device={prof.device}"] if prof.device == "xla" else []
-    return _light(join_sets(a=a, b=b, fixed=fixed), "1", "1G").set_display_name(f"sets-{step}").output
+    return _light(join_sets(defaults=defaults, a=a, b=b, fixed=fixed), "1", "1G").set_display_name(
+        f"sets-{step}").output
 
 
 @dsl.component(base_image=c.IMAGE)
-def join_sets(a: List[str], b: List[str], fixed: List[str]) -> List[str]:
-    """Overrides for every step, then one step's, then the profile's (later wins).
+def join_sets(defaults: List[str], a: List[str], b: List[str], fixed: List[str]) -> List[str]:
+    """The profile's defaults, then overrides for every step, then one step's, then what the profile requires
+    (later wins).
 
     Args:
+        defaults: the accelerator profile's defaults (a checkpoint every N minutes), overridable.
         a: `key=value` overrides of every training step (the pipeline's `sets`).
         b: this step's own overrides (`stage1_sets`, `stage2_sets` or `baseline_sets`).
         fixed: what the accelerator profile requires (TPU: device=xla).
     """
-    return list(a) + list(b) + list(fixed)
+    return list(defaults) + list(a) + list(b) + list(fixed)
 
 
 @dsl.component(base_image=c.IMAGE)

@@ -48,6 +48,7 @@ class Profile:
     vertex: bool = True                     # Vertex AI can run it (its training offers TPU v2, v3 and v5e)
     single_host: str | None = None          # multi-host TPU: the profile evaluation and the benchmark run on
     machine_type: str | None = None         # the GKE node machine type its requests are sized for (docs/cluster.md)
+    checkpoint_minutes: int = 30            # training commits a checkpoint at least this often (0: epoch ends only)
 
     @property
     def vertex_custom_job(self) -> bool:

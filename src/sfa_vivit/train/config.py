@@ -112,6 +112,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"                  # auto: bf16 autocast on CUDA/TPU, fp32 on CPU
     checkpoint_every: int = 0                # steps between checkpoints (0: epoch ends only)
+    checkpoint_every_minutes: float = 0.0    # also commit one when this many minutes passed since the last (0: off)
     keep_checkpoints: int = 2
     log_every: int = 20                      # steps between progress lines
     steps_per_epoch: int | None = None       # default: train samples // batch_size
@@ -289,6 +290,8 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an integer >= 0")
+    if not (math.isfinite(c.checkpoint_every_minutes) and c.checkpoint_every_minutes >= 0):
+        raise ValueError(f"checkpoint_every_minutes={c.checkpoint_every_minutes!r} must be a finite number >= 0")
     for name in ("base_lr", "warmup_epochs", "momentum", "weight_decay", "grad_clip", "mixup_alpha"):
         if getattr(c, name) < 0:
             raise ValueError(f"{name}={getattr(c, name)!r} must be >= 0")

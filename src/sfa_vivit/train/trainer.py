@@ -88,6 +88,7 @@ class Trainer:
         self.tracking, self.force_init = tracking, force_init
         self._stop_signal: int | None = None
         self._stop_said = False
+        self._committed_at = time.monotonic()   # the last checkpoint commit (or the start)
         try:
             self.runtime = runtime.start(config.device, config.precision)
         except runtime.RuntimeSetupError as e:
@@ -342,6 +343,7 @@ class Trainer:
             checkpoints.save(self.model, url, extra=extra, state=state)
             checkpoints.prune_steps(self.out, self.config.keep_checkpoints)
         self.runtime.barrier()
+        self._committed_at = time.monotonic()
         return url
 
     # ------------------------------------------------------------------------------------------
@@ -378,13 +380,14 @@ class Trainer:
                             log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g", p.epoch + 1, c.epochs,
                                      p.step_in_epoch, self.steps_per_epoch, loss, lr)
                             self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
-                    if self._should_stop():
+                    stop, due = self._step_flags()
+                    if stop:
                         self._stop()
                     if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                         if checkpoint_on_stop:
                             self._save_checkpoint()
                         return {"status": "stopped", "step": p.step}
-                    if (c.checkpoint_every and p.step % c.checkpoint_every == 0
+                    if ((due or (c.checkpoint_every and p.step % c.checkpoint_every == 0))
                             and p.step_in_epoch < self.steps_per_epoch):
                         self._save_checkpoint()
                 self.runtime.synchronize()
@@ -579,7 +582,8 @@ class Trainer:
             f"steps per epoch of {c.batch_size} clips, {c.epochs} epochs",
             f"  compute    {self.runtime.describe()}, {'bf16 autocast' if bf16 else 'fp32'}",
             f"  outputs    {self.out} (checkpoints every "
-            f"{f'{c.checkpoint_every} steps' if c.checkpoint_every else 'epoch'}; "
+            f"{f'{c.checkpoint_every} steps' if c.checkpoint_every else 'epoch'}"
+            f"{f' and {c.checkpoint_every_minutes:g} min' if c.checkpoint_every_minutes else ''}; "
             f"{f'resuming at step {p.step}' if p.step else 'a new run'})",
             f"  tracking   MLflow {self.tracker.uri} (experiment {c.mlflow_experiment})",
         ]
@@ -596,14 +600,19 @@ class Trainer:
         self._stop_signal = self._stop_signal or signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _should_stop(self) -> bool:
+    def _step_flags(self) -> tuple[bool, bool]:
+        """(stop, checkpoint due) at the end of a step, the same on every rank (one collective for both): stop
+        when any rank got a signal; a checkpoint is due when `checkpoint_every_minutes` have passed on any
+        rank since the last commit (a preemption then loses minutes, not an epoch)."""
         if self._stop_signal and not self._stop_said:
             self._stop_said = True
             log.warning("%s: checkpointing at the end of this step, then stopping%s",
                         "Ctrl-C" if self._stop_signal == signal.SIGINT else "SIGTERM",
                         " (Ctrl-C again to stop without it)" if self._stop_signal == signal.SIGINT else "")
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
-        return bool(self.runtime.all_reduce(flag, "max").item())
+        minutes = self.config.checkpoint_every_minutes
+        due = bool(minutes) and time.monotonic() - self._committed_at >= minutes * 60
+        flags = self.runtime.all_reduce(torch.tensor([1.0 if self._stop_signal else 0.0, 1.0 if due else 0.0]), "max")
+        return bool(flags[0].item()), bool(flags[1].item())
 
 
 @dataclasses.dataclass
@@ -674,7 +683,8 @@ def _as_today(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     return today
 
 
-_RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "keep_checkpoints", "precision",
+_RESUMABLE_CHANGES = {"workers", "device", "log_every", "checkpoint_every", "checkpoint_every_minutes",
+                      "keep_checkpoints", "precision",
                       "cache_dir", "compile", "verify_data", "mlflow_log_model", "mixed_prep"}
 
 # The modes an --init checkpoint of each mode may come from (others need --force-init).
