@@ -216,3 +216,51 @@ def test_training_on_a_cluster_commits_a_checkpoint_every_30_minutes_unless_told
                                    fixed=[])
     from sfa_vivit.train import resolve
     assert resolve("stage1", "kinetics400", sets=joined).checkpoint_every_minutes == 5
+
+
+def test_evaluation_uses_every_gpu_of_its_pod_and_the_benchmark_asks_for_one():
+    """Evaluation and the benchmark held a whole 8-GPU node and used cuda:0: evaluation now runs one process
+    per GPU (torchrun; each reads its share of the shards and the counts are summed) with loader workers, and
+    the memory benchmark, which measures one device, asks for one GPU and that share of the node."""
+    from sfa_vivit.kubeflow import profiles
+    for path in sorted((ROOT / "pipelines").glob("sfa-*.yaml")):
+        spec, _ = yaml_docs(path.read_text())
+        profile = profiles.get(path.stem.removeprefix("sfa-"))
+        one_pod = profiles.get(profile.single_host) if profile.single_host else profile
+        evals = [t for c in [spec["root"]] + list(spec["components"].values()) if "dag" in c
+                 for t in c["dag"]["tasks"].values() if t["taskInfo"]["name"].startswith("evaluate")]
+        assert len(evals) == 2, path.name
+        for task in evals:
+            given = {k: int(task["inputs"]["parameters"][k]["runtimeValue"]["constant"]) for k in ("nproc", "workers")}
+            assert given["nproc"] == one_pod.nproc and given["workers"] == profiles.loader_workers(one_pod)
+        bench = spec["deploymentSpec"]["executors"]["exec-memory-benchmark"]["container"]["resources"]
+        if one_pod.accelerator == "nvidia.com/gpu":
+            assert bench["accelerator"]["resourceCount"] == "1", path.name
+            assert float(bench["cpuRequest"]) <= float(one_pod.cpu) / one_pod.accelerator_count
+    a100 = profiles.get("gpu-a100")
+    assert (a100.nproc, profiles.loader_workers(a100)) == (8, 8) and profiles.loader_workers(profiles.get("cpu")) == 0
+
+
+@pytest.mark.integration
+def test_the_evaluation_step_over_two_processes_gives_the_counts_of_one(tiny_data, stage1_run, tmp_path,
+                                                                        no_mlflow_env):
+    """The step as a GPU node runs it, on CPU: torchrun with two processes (gloo), loader workers, the same
+    metrics.json as one process."""
+    from kfp import dsl
+
+    from sfa_vivit.kubeflow import steps
+
+    def artifact(kind, uri):
+        made = kind(uri=uri)
+        made.path = uri                 # what KFP's launcher gives a step: a local path per artifact
+        return made
+    runs = {}
+    for nproc in (1, 2):
+        runs[nproc] = steps.evaluate(
+            artifact(dsl.Model, stage1_run), artifact(dsl.Dataset, tiny_data), views="2x1",
+            metrics=artifact(dsl.Metrics, str(tmp_path / f"metrics{nproc}")),
+            classification=artifact(dsl.ClassificationMetrics, str(tmp_path / f"confusion{nproc}")),
+            results=artifact(dsl.Artifact, str(tmp_path / f"results{nproc}")), tracking_uri="none", nproc=nproc,
+            workers=1)
+    for key in ("num_examples", "top1", "top5", "confusion"):
+        assert runs[2][key] == runs[1][key], key

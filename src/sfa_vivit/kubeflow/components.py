@@ -52,7 +52,7 @@ ARGUMENTS = {
     "stage2": "the SFA stage-2 model.",
     "recipe": "the training recipe (supplementary Table 1), named after its dataset.",
     "sets": "key=value overrides of the recipe (e.g. variant=L, image_checkpoint=gs://..., epochs=30).",
-    "nproc": "training processes on the node (one per GPU; torchrun when > 1).",
+    "nproc": "processes on the node (one per GPU; torchrun when > 1).",
     "cluster": "a multi-node job (JSON, from a profile with nodes > 1): this step then submits a Kubeflow "
                "Trainer TrainJob with it and follows it; empty: train in this step's pod.",
     "model": "the trained model (or, as an input, the model to evaluate).",
@@ -179,12 +179,12 @@ def train_baseline(data: Input[Dataset], recipe: str, sets: List[str], tracking_
 @described
 def evaluate(data: Input[Dataset], model: Input[Model], views: str, name: str, tracking_uri: str,
              parent_run_id: str, metrics: Output[Metrics], classification: Output[ClassificationMetrics],
-             results: Output[Artifact]):
+             results: Output[Artifact], nproc: int = 1, workers: int = 2):
     """Multi-view evaluation (views CLIPSxCROPS): top-1/top-5, the confusion matrix, and metrics.json
-    with per-class accuracy (EPIC: verb, noun, action)."""
+    with per-class accuracy (EPIC: verb, noun, action); one process per GPU of the node."""
     from sfa_vivit.kubeflow import steps
     steps.evaluate(model, data, views=views, metrics=metrics, classification=classification, results=results,
-                   tracking_uri=tracking_uri, parent_run_id=parent_run_id, name=name)
+                   tracking_uri=tracking_uri, parent_run_id=parent_run_id, name=name, nproc=nproc, workers=workers)
 
 
 @dsl.component(base_image=IMAGE)

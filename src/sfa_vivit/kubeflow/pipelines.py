@@ -76,6 +76,9 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
     # Evaluation and the benchmark run in one pod: on a multi-host TPU slice, whose hosts only run together,
     # that pod goes to a single-host slice of the same TPU instead.
     one_pod = profiles.get(prof.single_host) if prof.single_host else prof
+    # Evaluation uses every GPU of its pod (one process each under torchrun, counts summed) with loader workers;
+    # on TPU one process drives the host's chips. A Vertex custom job's steps keep the library's defaults.
+    eval_procs = {} if custom_jobs else dict(nproc=one_pod.nproc, workers=profiles.loader_workers(one_pod))
 
     cluster = ""
     train_components = {"stage1": c.train_stage1, "stage2": c.train_stage2, "baseline": c.train_baseline}
@@ -163,13 +166,13 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                                         sets=_concat(sets, stage2_sets, prof, "stage2"), tracking_uri=tracking_uri,
                                         parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
         evaluation = accelerated(evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
-                                            name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent),
-                                 one_pod).set_display_name("evaluate-sfa")
+                                            name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent,
+                                            **eval_procs), one_pod).set_display_name("evaluate-sfa")
         membench = accelerated(memory_benchmark(
             variant=membench_variant, frames=membench_frames, regimes=BENCH.regimes,
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
             model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent),
-            one_pod).after(evaluation)
+            profiles.one_accelerator(one_pod)).after(evaluation)
         report_args = dict(stage1=stage1.outputs["model"], stage2=stage2.outputs["model"],
                            evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
                            tracking_uri=tracking_uri, parent_run_id=parent)
@@ -179,7 +182,8 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                 tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
             baseline_eval = accelerated(evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
-                                                   parent_run_id=parent), one_pod).set_display_name("evaluate-baseline")
+                                                   parent_run_id=parent, **eval_procs),
+                                        one_pod).set_display_name("evaluate-baseline")
             _fresh(_light(c.report(baseline=baseline.outputs["model"],
                                    baseline_evaluation=baseline_eval.outputs["results"], **report_args))
                    ).set_display_name("report")

@@ -138,6 +138,27 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 )}
 
 
+def one_accelerator(profile: Profile) -> Profile:
+    """`profile` asking for one of its node's GPUs (and that share of its CPU, memory and /dev/shm): what a
+    step that uses one device (the memory benchmark) asks for, leaving the node's other GPUs to other pods.
+    A TPU host's chips are one pod's (GKE gives a TPU VM's chips to one container): TPU profiles stay whole."""
+    if profile.accelerator != "nvidia.com/gpu" or profile.accelerator_count <= 1:
+        return profile
+    count = profile.accelerator_count
+    shm = int(profile.shm_size.removesuffix("Gi"))
+    return dataclasses.replace(profile, name=f"{profile.name}-1", cpu=str(max(1, int(profile.cpu) // count)),
+                               memory=f"{max(1, int(profile.memory.rstrip('G')) // count)}G", accelerator_count=1,
+                               vertex_accelerator_count=None, shm_size=f"{max(1, shm // count)}Gi", nodes=1)
+
+
+def loader_workers(profile: Profile) -> int:
+    """DataLoader workers per process for evaluation: the pod's CPUs, less one per process, shared (at most 8);
+    none without an accelerator, where decoding in the process leaves the model every core."""
+    if not profile.accelerator:
+        return 0
+    return max(1, min(8, int(profile.cpu) // max(1, profile.nproc) - 1))
+
+
 def get(name: str) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")

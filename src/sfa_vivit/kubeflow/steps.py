@@ -216,12 +216,25 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
 
 
 def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification: Any, results: Any,
-             tracking_uri: str = "", parent_run_id: str = "", name: str = "evaluate") -> dict[str, Any]:
+             tracking_uri: str = "", parent_run_id: str = "", name: str = "evaluate", nproc: int = 1,
+             workers: int = 2) -> dict[str, Any]:
     """Multi-view evaluation of the Model artifact: Metrics, ClassificationMetrics (confusion
-    matrix) and the full metrics.json in `results`."""
+    matrix) and the full metrics.json in `results`. nproc > 1: that many processes under torchrun (one per
+    GPU; each reads its share of the shards, the counts are summed), each with `workers` loader processes."""
     from sfa_vivit.evaluate import evaluate as evaluate_checkpoint
-    result = evaluate_checkpoint(artifact_url(model), artifact_url(data), views=views, out=artifact_url(results),
-                                 workers=0)
+    if nproc > 1:
+        import subprocess
+        import sys
+
+        from sfa_vivit.storage import join, open_url
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",
+                        "sfa_vivit.cli", "evaluate", "--checkpoint", artifact_url(model), "--data", artifact_url(data),
+                        "--views", views, "--out", artifact_url(results), "--workers", str(workers)], check=True)
+        with open_url(join(artifact_url(results), "metrics.json"), "rb") as f:
+            result = json.load(f)
+    else:
+        result = evaluate_checkpoint(artifact_url(model), artifact_url(data), views=views, out=artifact_url(results),
+                                     workers=workers)
     for key in ("top1", "top5", "num_examples"):
         if result.get(key) is not None:
             metrics.log_metric(key, result[key])
