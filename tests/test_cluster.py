@@ -264,3 +264,63 @@ def test_the_evaluation_step_over_two_processes_gives_the_counts_of_one(tiny_dat
             workers=1)
     for key in ("num_examples", "top1", "top5", "confusion"):
         assert runs[2][key] == runs[1][key], key
+
+
+# What each consumer may take of a training step (KFP's launcher downloads every input artifact before a step
+# starts, backend/src/v2/component/launcher_v2.go at 2.17.0): the final model where it is needed (stage 2's
+# init, evaluation), the run's figures for the report; never the run folder with its checkpoints and cache.
+SMALL_OUTPUTS = {"train-stage2": {"model"}, "evaluate": {"model"}, "report": {"run_metrics"}}
+
+
+def _artifact_sources(spec: dict) -> list[tuple[str, str, str, str]]:
+    """(consuming container component, input, producer task's component, output key) of every artifact input
+    of a container step, through the channels (`pipelinechannel--TASK-KEY`) of the DAGs around it."""
+    dags = [spec["root"]] + [c for c in spec["components"].values() if "dag" in c]
+    task_component = {name: task["componentRef"]["name"] for c in dags for name, task in c["dag"]["tasks"].items()}
+    found = []
+    for c in dags:
+        for task in c["dag"]["tasks"].values():
+            consumer = task["componentRef"]["name"]
+            if "executorLabel" not in spec["components"][consumer]:
+                continue
+            for name, source in task.get("inputs", {}).get("artifacts", {}).items():
+                if "taskOutputArtifact" in source:
+                    producer, key = source["taskOutputArtifact"]["producerTask"], \
+                        source["taskOutputArtifact"]["outputArtifactKey"]
+                else:
+                    channel = source.get("componentInputArtifact", "")
+                    if not channel.startswith("pipelinechannel--"):
+                        continue
+                    producer, _, key = channel.removeprefix("pipelinechannel--").rpartition("-")
+                found.append((consumer, name, task_component.get(producer, producer), key))
+    return found
+
+
+def test_no_step_downloads_a_training_run_only_its_final_model_or_its_figures():
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        spec, _ = yaml_docs(path.read_text())
+        outputs = {name: set(c.get("outputDefinitions", {}).get("artifacts", {})) for name, c in
+                   spec["components"].items() if name.startswith("comp-train-")}
+        assert outputs and all(keys == {"model", "metrics", "run_metrics"} for keys in outputs.values()), outputs
+        sources = [s for s in _artifact_sources(spec) if s[2].startswith("comp-train-")]
+        assert {next((k for k in SMALL_OUTPUTS if s[0].startswith(f"comp-{k}")), s[0]) for s in sources} == \
+            set(SMALL_OUTPUTS), path.name                  # every kind of consumer was seen
+        for consumer, name, producer, key in sources:
+            kind = next((k for k in SMALL_OUTPUTS if consumer.startswith(f"comp-{k}")), None)
+            assert kind and key in SMALL_OUTPUTS[kind], (path.name, consumer, name, producer, key)
+
+
+def test_a_final_model_is_copied_whole_marker_last(tmp_path, stage1_run):
+    """The Model artifact is the run's final model, copied file by file and committed by its marker last, so
+    a copy cut short is no checkpoint and a retried step's copy completes it."""
+    from sfa_vivit import checkpoints
+    dst = tmp_path / "model"
+    checkpoints.copy_committed(stage1_run, str(dst))
+    final = checkpoints.resolve_model(stage1_run)
+    a, b = checkpoints.load(str(dst)).model.state_dict(), checkpoints.load(final).model.state_dict()
+    assert all((a[k] == b[k]).all() for k in a)
+    assert not (dst / "checkpoints").exists() and not list(dst.glob("state*"))
+    (dst / checkpoints.MARKER_FILE).unlink()                 # cut short before the marker
+    assert not checkpoints.is_committed(str(dst))
+    checkpoints.copy_committed(stage1_run, str(dst))
+    assert checkpoints.is_committed(str(dst))

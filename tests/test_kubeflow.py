@@ -196,12 +196,19 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
     (raw_dir,) = (tmp_path / "cache").glob("synth-*")
     assert (vit_dir / "image_vit.json").exists() and (raw_dir / "paths.json").exists()
     for name in ("train-stage1", "train-baseline"):
-        config = json.loads(next(artifacts.glob(f"*/{name}/model/config.json")).read_text())
+        config = json.loads(next(artifacts.glob(f"*/{name}/run/config.json")).read_text())
         assert config["image_checkpoint"] == str(vit_dir), name
     for name in ("train-stage1", "train-stage2", "train-baseline", "evaluate", "memory-benchmark"):
         assert list(artifacts.glob(f"*/{name}*")), name
-    assert list(artifacts.glob("*/train-stage2/model/model/COMMITTED"))
-    assert list(artifacts.glob("*/train-stage2/model/feature_cache/cache.json"))
+    # A training step's Model artifact is its final model alone (what KFP's launcher downloads for the steps
+    # that take it); its checkpoints, optimizer state and feature cache stay in its run folder beside it.
+    for name in ("train-stage1", "train-stage2", "train-baseline"):
+        (model_dir,) = artifacts.glob(f"*/{name}/model")
+        assert {p.name.split(".")[0] for p in model_dir.iterdir()} == {"COMMITTED", "model", "config"}, name
+        assert list(artifacts.glob(f"*/{name}/run/checkpoints/step-*")), name
+        (figures,) = artifacts.glob(f"*/{name}/run_metrics/metrics.json")
+        assert json.loads(figures.read_text())["train_time_s"] > 0
+    assert list(artifacts.glob("*/train-stage2/run/feature_cache/cache.json"))
     db = sqlite3.connect(str(root / "mlflow.db"))
     runs = dict(db.execute("select name, run_uuid from runs"))
     parent = [name for name in runs if name.startswith("sfa ")]

@@ -270,6 +270,26 @@ def prune_steps(run: str, keep: int) -> None:
         fs.rm(path, recursive=True)
 
 
+def copy_committed(src: str, dst: str) -> str:
+    """Copy the committed checkpoint at `src` (or the final model of the run folder `src`) to the folder
+    `dst`, its COMMITTED marker last: a copy cut off midway is not a checkpoint, and copying again completes
+    it. Within one object store the copies are server-side. Returns `dst`."""
+    src = resolve_model(src)
+    sfs, spath = url_to_fs(src)
+    dfs, dpath = url_to_fs(dst)
+    marker = _marker(sfs, spath)
+    if marker is None:
+        raise CheckpointError(f"{src}: no COMMITTED marker")
+    dfs.makedirs(dpath, exist_ok=True)
+    for name in marker:
+        if type(sfs) is type(dfs):
+            sfs.copy(join(spath, name), join(dpath, name))
+        else:
+            dfs.pipe_file(join(dpath, name), sfs.cat_file(join(spath, name)))
+    write_bytes_atomic(join(dst, MARKER_FILE), sfs.cat_file(join(spath, MARKER_FILE)))
+    return dst
+
+
 def resolve_model(url: str) -> str:
     """A committed checkpoint at `url`, or the final model of the run folder `url` (what `--init` and
     `sfa evaluate` accept). Raises CheckpointError when neither is there."""

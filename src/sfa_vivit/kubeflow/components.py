@@ -48,8 +48,10 @@ ARGUMENTS = {
     "workers": "decoding processes.",
     "max_reject_fraction": "fail, publishing nothing, past this fraction of rejected videos.",
     "data": "the prepared dataset (shards + manifest.json).",
-    "stage1": "the SFA stage-1 model.",
-    "stage2": "the SFA stage-2 model.",
+    "stage1": "the SFA stage-1 model (for the report: its run's metrics.json).",
+    "stage2": "the SFA stage-2 model (for the report: its run's metrics.json).",
+    "run_metrics": "the run's metrics.json (figures per epoch); its checkpoints stay at its run URI, beside the "
+                   "model, and are not an artifact.",
     "recipe": "the training recipe (supplementary Table 1), named after its dataset.",
     "sets": "key=value overrides of the recipe (e.g. variant=L, image_checkpoint=gs://..., epochs=30).",
     "nproc": "processes on the node (one per GPU; torchrun when > 1).",
@@ -72,7 +74,7 @@ ARGUMENTS = {
     "plot": "peak memory against frames.",
     "evaluation": "SFA's evaluation results.",
     "membench": "the memory benchmark's results.",
-    "baseline": "the conventional recipe's model (optional).",
+    "baseline": "the conventional recipe's run's metrics.json (optional).",
     "baseline_evaluation": "the conventional recipe's evaluation results (optional).",
     "page": "the HTML report.",
     "tracking_uri": "the MLflow server (empty: MLFLOW_TRACKING_URI of the pod).",
@@ -147,32 +149,35 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, fps
 @dsl.component(base_image=IMAGE)
 @described
 def train_stage1(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
-                 nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics]):
+                 nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics],
+                 run_metrics: Output[Artifact]):
     """SFA stage 1: the full ViViT-FE at few frames (8 by default). Resumes from its own checkpoints
     when the pod is retried."""
     from sfa_vivit.kubeflow import steps
     steps.train("stage1", data, model, metrics, recipe=recipe, sets=sets, tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster)
+                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster, run_metrics=run_metrics)
 
 
 @dsl.component(base_image=IMAGE)
 @described
 def train_stage2(data: Input[Dataset], stage1: Input[Model], recipe: str, sets: List[str], tracking_uri: str,
-                 parent_run_id: str, nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics]):
+                 parent_run_id: str, nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics],
+                 run_metrics: Output[Artifact]):
     """SFA stage 2: spatial encoder frozen, adapter on, temporal encoder from stage 1, many frames."""
     from sfa_vivit.kubeflow import steps
     steps.train("stage2", data, model, metrics, recipe=recipe, sets=sets, init=stage1, tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster)
+                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster, run_metrics=run_metrics)
 
 
 @dsl.component(base_image=IMAGE)
 @described
 def train_baseline(data: Input[Dataset], recipe: str, sets: List[str], tracking_uri: str, parent_run_id: str,
-                   nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics]):
+                   nproc: int, cluster: str, model: Output[Model], metrics: Output[Metrics],
+                 run_metrics: Output[Artifact]):
     """The conventional recipe: the full ViViT-FE trained at the final frame count."""
     from sfa_vivit.kubeflow import steps
     steps.train("baseline", data, model, metrics, recipe=recipe, sets=sets, tracking_uri=tracking_uri,
-                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster)
+                parent_run_id=parent_run_id, nproc=nproc, cluster=cluster, run_metrics=run_metrics)
 
 
 @dsl.component(base_image=IMAGE)
@@ -202,8 +207,8 @@ def memory_benchmark(variant: str, frames: str, regimes: str, image_size: int, b
 
 @dsl.component(base_image=IMAGE)
 @described
-def report(stage1: Input[Model], stage2: Input[Model], evaluation: Input[Artifact], membench: Input[Artifact],
-           tracking_uri: str, parent_run_id: str, page: Output[HTML], baseline: Input[Model] = None,
+def report(stage1: Input[Artifact], stage2: Input[Artifact], evaluation: Input[Artifact], membench: Input[Artifact],
+           tracking_uri: str, parent_run_id: str, page: Output[HTML], baseline: Input[Artifact] = None,
            baseline_evaluation: Input[Artifact] = None):
     """One HTML page: accuracy and training time of SFA vs the baseline, curves, memory vs frames."""
     from sfa_vivit.kubeflow import steps

@@ -173,7 +173,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
             image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
             model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent),
             profiles.one_accelerator(one_pod)).after(evaluation)
-        report_args = dict(stage1=stage1.outputs["model"], stage2=stage2.outputs["model"],
+        report_args = dict(stage1=stage1.outputs["run_metrics"], stage2=stage2.outputs["run_metrics"],
                            evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
                            tracking_uri=tracking_uri, parent_run_id=parent)
         with dsl.If(run_baseline == True, "baseline"):  # noqa: E712 - a pipeline condition, not a Python test
@@ -184,7 +184,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
                                                    name="evaluate-baseline", tracking_uri=tracking_uri,
                                                    parent_run_id=parent, **eval_procs),
                                         one_pod).set_display_name("evaluate-baseline")
-            _fresh(_light(c.report(baseline=baseline.outputs["model"],
+            _fresh(_light(c.report(baseline=baseline.outputs["run_metrics"],
                                    baseline_evaluation=baseline_eval.outputs["results"], **report_args))
                    ).set_display_name("report")
         with dsl.Else("no-baseline"):

@@ -179,11 +179,37 @@ def _split_list(text: str) -> list[str]:
 # Training, evaluation, memory benchmark
 # ----------------------------------------------------------------------------------------------
 
+def run_folder(model: Any) -> str:
+    """Where a training step's run lives (checkpoints with optimizer state, the feature cache, metrics.json):
+    beside its Model artifact, under the same task of the pipeline root, not an artifact itself. KFP's launcher
+    downloads every input artifact before a step starts; consumers get the final model and the run's figures
+    as small artifacts, and whoever needs the rest (a retried step) reads it at this URI."""
+    url = artifact_url(model).rstrip("/")
+    return url.rsplit("/", 1)[0] + "/run" if "/" in url else "run"
+
+
+def _publishes() -> bool:
+    """Whether this machine publishes the step's outputs: every step but the other nodes of a Vertex AI custom
+    job (CLUSTER_SPEC task type workerpool1), which run the same step beside the chief."""
+    text = os.environ.get("CLUSTER_SPEC")
+    if not text:
+        return True
+    try:
+        return json.loads(text)["task"]["type"] == "workerpool0"
+    except (ValueError, KeyError, TypeError):
+        return True
+
+
 def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: list[str], init: Any = None,
-          tracking_uri: str = "", parent_run_id: str = "", nproc: int = 1, cluster: str = "") -> dict[str, Any]:
-    """Train `mode` on the Dataset artifact into the Model artifact; log the figures to the Metrics
-    artifact and to an MLflow child run. nproc > 1: torchrun with that many processes (GPUs). cluster (a
-    trainjob.NodeSpec as JSON): submit a multi-node Kubeflow Trainer job instead and follow it."""
+          tracking_uri: str = "", parent_run_id: str = "", nproc: int = 1, cluster: str = "",
+          run_metrics: Any = None) -> dict[str, Any]:
+    """Train `mode` on the Dataset artifact in the step's run folder (`run_folder`), then publish the final
+    model (weights, config, card) as the Model artifact and the run's metrics.json as `run_metrics`; log the
+    figures to the Metrics artifact and to an MLflow child run. nproc > 1: torchrun with that many processes
+    (GPUs). cluster (a trainjob.NodeSpec as JSON): submit a multi-node Kubeflow Trainer job instead and
+    follow it."""
+    from sfa_vivit import checkpoints
+    from sfa_vivit.storage import join, open_url
     from sfa_vivit.train import resolve
     from sfa_vivit.train.launch import run, spec_of
     from sfa_vivit.train.tracking import TrackingTarget
@@ -193,16 +219,25 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
     config = resolve(mode, recipe, overrides=inherited, sets=list(sets))   # bad settings fail here, before any work
     tracking = TrackingTarget(tracking_uri or None, parent_run_id or None)
     _lease_key(artifact_url(model))
+    out = run_folder(model)
     if cluster:
         from sfa_vivit.kubeflow import trainjob
         spec = trainjob.NodeSpec.from_json(cluster)
-        spec_json = spec_of(config, artifact_url(data), artifact_url(model), init_url, tracking=tracking)
+        spec_json = spec_of(config, artifact_url(data), out, init_url, tracking=tracking)
         if os.environ.get("CLUSTER_SPEC"):     # one machine of a Vertex AI custom job: this node of the job
-            result = trainjob.train_this_node(spec, spec_json, artifact_url(model))
+            result = trainjob.train_this_node(spec, spec_json, out)
         else:                                   # Kubeflow: submit the TrainJob from this (launcher) pod
-            result = trainjob.train_on_nodes(mode, spec, spec_json, artifact_url(model))
+            result = trainjob.train_on_nodes(mode, spec, spec_json, out)
     else:
-        result = run(config, artifact_url(data), artifact_url(model), init=init_url, tracking=tracking, nproc=nproc)
+        result = run(config, artifact_url(data), out, init=init_url, tracking=tracking, nproc=nproc)
+    if _publishes():
+        checkpoints.copy_committed(out, artifact_url(model))
+    if run_metrics is not None:
+        with open_url(join(out, "metrics.json"), "rb") as f:
+            figures_json = f.read()
+        os.makedirs(run_metrics.path, exist_ok=True)
+        with open(os.path.join(run_metrics.path, "metrics.json"), "wb") as f:
+            f.write(figures_json)
     final = result.get("final", {})
     figures = {"train_time_s": result["train_time_s"], "top1": final.get("top1"), "top5": final.get("top5"),
                "num_frames": result["num_frames"], "epochs": result["epochs"],
@@ -211,7 +246,8 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
         if value is not None:
             metrics.log_metric(key, value)
     model.metadata.update({"mode": mode, "recipe": recipe, "num_frames": result["num_frames"],
-                           "framework": "pytorch", "mlflow_run_id": (result.get("mlflow") or {}).get("run_id")})
+                           "framework": "pytorch", "mlflow_run_id": (result.get("mlflow") or {}).get("run_id"),
+                           "run": out})
     return result
 
 
