@@ -635,3 +635,81 @@ def test_every_step_has_a_name_that_says_which_and_every_helper_input_is_describ
             if name.startswith(("comp-join-sets", "comp-dataset-sets")):
                 params = component["inputDefinitions"]["parameters"]
                 assert all(p.get("description") for p in params.values()), f"{path.name} {name}"
+
+
+def test_an_authenticated_kfp_is_reached_with_a_token_or_cookies_in_the_check_and_the_client(monkeypatch, tmp_path,
+                                                                                           gcs_emulator):
+    """A KFP behind Dex, oauth2-proxy or IAP answers 401/403 without credentials. The health check and
+    kfp.Client get the same ones: a bearer token (--token or KF_PIPELINES_SA_TOKEN_PATH's file) or the session
+    cookies of a signed-in browser (kfp.Client's `existing_token` and `cookies`)."""
+    import http.server
+    import threading
+
+    import kfp
+    seen = []
+
+    class Guarded(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == "Bearer s3cret" or \
+                "authservice_session=abc" in (self.headers.get("Cookie") or "")
+            seen.append(ok)
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"{}" if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clients = []
+    real = kfp.Client
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            clients.append(dict(inspect.signature(real.__init__).bind(self, *args, **kwargs).arguments))
+
+        def create_experiment(self, *args, **kwargs):
+            return type("Experiment", (), {"experiment_id": "e1"})
+
+        def create_recurring_run(self, *args, **kwargs):
+            return type("Run", (), {"recurring_run_id": "r1"})
+
+    monkeypatch.setattr(kfp, "Client", Recording)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    from sfa_vivit.storage import url_to_fs
+    url_to_fs("gs://sfa-auth")[0].mkdir("sfa-auth")
+    package = runner.compile_pipeline("sfa", "cpu", str(tmp_path / "sfa-cpu.yaml"), registry="reg.example/sfa")
+    kwargs = dict(host=f"http://127.0.0.1:{server.server_port}", pipeline_root="gs://sfa-auth/root",
+                  datasets={"ssv2": {"videos": "gs://b/ssv2", "tracking_uri": "none"}})
+    try:
+        with pytest.raises(runner.PipelineError, match="refused the request without credentials.*--token"):
+            runner.schedule(package, **kwargs)
+        token = tmp_path / "token"
+        token.write_text("s3cret\n")
+        monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+        assert runner.schedule(package, **kwargs) == ["r1"]
+        monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH")
+        assert runner.schedule(package, **kwargs, auth=runner.KfpAuth(cookies="authservice_session=abc")) == ["r1"]
+        with pytest.raises(runner.PipelineError, match="with the credentials given"):
+            runner.schedule(package, **kwargs, auth=runner.KfpAuth(token="wrong"))
+    finally:
+        server.shutdown()
+    assert seen == [False, True, True, False]
+    assert clients[0]["existing_token"] == "s3cret" and clients[1]["cookies"] == "authservice_session=abc"
+
+
+def test_the_build_context_leaves_out_environments_and_keeps_what_the_dockerfiles_copy():
+    """Without .dockerignore, `docker build .` sent .venv-xla (about 7 GB) and every run's artifacts."""
+    import fnmatch
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert {".git", ".venv", ".venv-*", "runs", "data"} <= set(ignored)
+    assert fnmatch.fnmatch(".venv-xla", ".venv-*")
+    for dockerfile in (ROOT / "containers").glob("Dockerfile.*"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (ROOT / source).exists(), (dockerfile.name, source)
+                    assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), (dockerfile.name, source)

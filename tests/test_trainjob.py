@@ -305,3 +305,23 @@ def test_the_chiefs_log_streams_into_the_step_log_once():
                                  "jobset.sigs.k8s.io/replicatedjob-name=node,"
                                  "batch.kubernetes.io/job-completion-index=0")
     assert outcome({}) == ("running", "waiting for pods")
+
+
+def test_multi_node_jobs_can_be_admitted_whole_and_a_tpu_slices_hosts_share_one_pool():
+    """Gang scheduling: with `--queue`, the job carries Kueue's queue label, so Kueue admits all its nodes or
+    none (two jobs never each hold part of the nodes). A TPU slice's JobSet asks for exclusive placement per
+    node pool (Trainer v2.3.0 takes JobSet metadata in a runtime patch: trainjob_types.go at 658725b)."""
+    spec = node_spec(profiles.get("tpu-v3-64"), queue="tpu-slices")
+    body = train_job("sfa-stage1-x", "kubeflow", spec, image="reg/sfa-vivit:1-tpu", spec_json=SPEC_JSON)
+    assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "tpu-slices"
+    template = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+    assert template["metadata"]["annotations"] == {"alpha.jobset.sigs.k8s.io/exclusive-topology":
+                                                   "cloud.google.com/gke-nodepool"}
+    check_train_job(body)                                  # the API models keep both
+    gpu = train_job("sfa-stage1-x", "kubeflow", node_spec(profiles.get("gpu-a100-x4")), image="r/s:1-cuda",
+                    spec_json=SPEC_JSON)
+    assert "kueue.x-k8s.io/queue-name" not in gpu["metadata"]["labels"]           # opt-in
+    assert "metadata" not in gpu["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+    pt = pytorch_job("sfa-stage1-x", "kubeflow", node_spec(profiles.get("gpu-a100-x4"), "pytorchjob", queue="q"),
+                     image="r/s:1-cuda", spec_json=SPEC_JSON)
+    assert pt["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"

@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the v1 Training Operator's PyTorchJob")
     p.add_argument("--prep-parallelism", type=int, default=None,
                    help="with --name: data-prep pieces that run at once, 8 CPUs each (default 8)")
+    p.add_argument("--queue", default="", help="with --name and a multi-node profile: the Kueue LocalQueue its jobs "
+                                               "go to, admitted whole (gang scheduling); default none")
     p = pipe.add_parser("manifests", help="fill k8s/*.yaml for your project (service accounts, RBAC, MLflow) "
                                           "into a folder to kubectl apply; refuses to leave a placeholder")
     p.add_argument("--project", required=True, help="Google Cloud project ID (Workload Identity's service account)")
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(projects/NUMBER/global/networks/NAME), to reach a private MLflow")
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
     p.add_argument("--image", help="run every step in this image instead of the one compiled in")
+    _add_kfp_auth(p)
     p = pipe.add_parser("schedule", help="recurring reproduction runs, one per dataset")
     p.add_argument("package", help="compiled sfa pipeline YAML")
     p.add_argument("--host", required=True)
@@ -312,8 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
     p.add_argument("--service-account", help="Kubernetes service account of the runs' pods")
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
+    _add_kfp_auth(p)
 
     return parser
+
+
+def _add_kfp_auth(p: argparse.ArgumentParser) -> None:
+    """A KFP API behind authentication: what kfp.Client accepts, used by the health check too."""
+    p.add_argument("--token", help="bearer token for the KFP API (default: the file KF_PIPELINES_SA_TOKEN_PATH names)")
+    p.add_argument("--cookies", help="session cookies of a signed-in browser ('name=value; ...'; Dex, oauth2-proxy)")
+    p.add_argument("--iap-client-id", help="OAuth client ID of an Identity-Aware Proxy in front of KFP (a Google ID "
+                                           "token from your gcloud credentials)")
+
+
+def _kfp_auth(args: argparse.Namespace) -> Any:
+    from sfa_vivit.kubeflow.runner import KfpAuth
+    return KfpAuth(token=args.token, cookies=args.cookies, iap_client_id=args.iap_client_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -588,7 +605,7 @@ def _pipeline(args: argparse.Namespace) -> int:
                 out = args.out or f"{args.name}-{args.profile}.yaml"
                 print(runner.compile_pipeline(args.name, args.profile, out, args.target, image=args.image,
                                               registry=args.registry, operator=args.operator,
-                                              prep_parallelism=args.prep_parallelism))
+                                              prep_parallelism=args.prep_parallelism, queue=args.queue))
             else:
                 print("\n".join(runner.compile_all(args.root)))
         elif args.pipeline_command == "manifests":
@@ -617,7 +634,8 @@ def _pipeline(args: argparse.Namespace) -> int:
             params = _params(args.param)
             ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
                                 params=params, experiment=args.experiment, service_account=args.service_account,
-                                namespace=args.namespace, image=args.image, network=args.network)
+                                namespace=args.namespace, image=args.image, network=args.network,
+                                auth=_kfp_auth(args))
             print(f"sfa pipeline submit: {ref}")
         elif args.pipeline_command == "schedule":
             try:
@@ -627,7 +645,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                 raise ValueError(f"--datasets {args.datasets} is not valid JSON ({e})") from None
             ids = runner.schedule(args.package, host=args.host, datasets=datasets, cron=args.cron,
                                   pipeline_root=args.pipeline_root, service_account=args.service_account,
-                                  namespace=args.namespace, stagger_minutes=args.stagger_minutes)
+                                  namespace=args.namespace, stagger_minutes=args.stagger_minutes,
+                                  auth=_kfp_auth(args))
             print(f"sfa pipeline schedule: {len(ids)} recurring runs: {', '.join(ids)}")
     except runner.PipelineError as e:
         print(f"sfa pipeline {args.pipeline_command}: error: {one_line(e)}", file=sys.stderr)

@@ -57,10 +57,10 @@ def _retried(task: Any) -> Any:
 
 
 def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "trainjob",
-              prep_parallelism: int = PREP_PARALLELISM) -> Callable:
+              prep_parallelism: int = PREP_PARALLELISM, queue: str = "") -> Callable:
     """The `sfa` pipeline for an accelerator profile (see profiles.PROFILES). operator: what runs a multi-node
     profile's training on Kubeflow, 'trainjob' (Kubeflow Trainer v2) or 'pytorchjob' (Training Operator v1).
-    prep_parallelism: data-prep pieces that run at once."""
+    prep_parallelism: data-prep pieces that run at once. queue: the Kueue LocalQueue of multi-node jobs."""
     if prep_parallelism < 1:
         raise ValueError(f"--prep-parallelism={prep_parallelism} must be >= 1")
     prof = profiles.get(profile)
@@ -85,7 +85,7 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
     evaluate, memory_benchmark = c.evaluate, c.memory_benchmark
     if prof.nodes > 1:
         from sfa_vivit.kubeflow.trainjob import node_spec
-        cluster = node_spec(prof, engine=operator).to_json()
+        cluster = node_spec(prof, engine=operator, queue=queue).to_json()
     if target == "vertex" and prof.vertex_custom_job:
         train_components = {mode: profiles.vertex_custom_job(component, prof)
                             for mode, component in train_components.items()}
@@ -230,10 +230,10 @@ def dataset_sets(variant: str, image_checkpoint: str, sets: List[str]) -> List[s
 
 
 def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operator: str = "trainjob",
-                    prep_parallelism: int = PREP_PARALLELISM) -> Callable:
+                    prep_parallelism: int = PREP_PARALLELISM, queue: str = "") -> Callable:
     """The `reproduce` pipeline: the `sfa` pipeline once per dataset of the paper, with that
     dataset's recipe; a dataset whose `videos` parameter is empty is skipped."""
-    inner = build_sfa(profile, target, operator, prep_parallelism)
+    inner = build_sfa(profile, target, operator, prep_parallelism, queue)
     params = []
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")

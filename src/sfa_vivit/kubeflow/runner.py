@@ -47,17 +47,18 @@ def _builder(name: str):
 
 def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow", *, image: str | None = None,
                      registry: str | None = None, operator: str = "trainjob",
-                     prep_parallelism: int | None = None) -> str:
+                     prep_parallelism: int | None = None, queue: str = "") -> str:
     """Compile pipeline `name` for `profile` into `out`. Every executor runs `image` when given, else the
     profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's). operator: what runs a
     multi-node profile's training on Kubeflow ('trainjob': Kubeflow Trainer v2; 'pytorchjob': v1).
-    prep_parallelism: data-prep pieces that run at once (default pipelines.PREP_PARALLELISM)."""
+    prep_parallelism: data-prep pieces that run at once (default pipelines.PREP_PARALLELISM). queue: the Kueue
+    LocalQueue a multi-node profile's jobs go to (gang scheduling), none by default."""
     from kfp import compiler
 
     from sfa_vivit.kubeflow import pipelines, profiles
     from sfa_vivit.kubeflow.components import REGISTRY, image_for
     parallelism = pipelines.PREP_PARALLELISM if prep_parallelism is None else prep_parallelism
-    compiler.Compiler().compile(_builder(name)(profile, target, operator, parallelism), out)
+    compiler.Compiler().compile(_builder(name)(profile, target, operator, parallelism, queue), out)
     set_image(out, image or image_for(profiles.get(profile).image_flavour, registry or REGISTRY))
     return out
 
@@ -273,17 +274,64 @@ def _report_summary(tracking_uri: str) -> dict[str, Any]:
 # Cluster
 # ----------------------------------------------------------------------------------------------
 
-def _check_endpoint(host: str, timeout: float = 5.0) -> None:
+@dataclasses.dataclass(frozen=True)
+class KfpAuth:
+    """How to reach a KFP API behind authentication, as kfp.Client does: a bearer token (`--token`, else the
+    file KF_PIPELINES_SA_TOKEN_PATH names), session cookies of a signed-in browser (`--cookies`, for Dex or
+    oauth2-proxy in front of Kubeflow), or a Google ID token for the OAuth client of Identity-Aware Proxy
+    (`--iap-client-id`, from the Google credentials `gcloud` uses)."""
+    token: str | None = None
+    cookies: str | None = None
+    iap_client_id: str | None = None
+
+    def bearer(self) -> str | None:
+        if self.token:
+            return self.token
+        if self.iap_client_id:
+            try:
+                import google.auth.transport.requests
+                from google.oauth2 import id_token
+                return id_token.fetch_id_token(google.auth.transport.requests.Request(), self.iap_client_id)
+            except Exception as e:  # noqa: BLE001 - said in one line with what to do
+                raise PipelineError(f"cannot get a Google ID token for IAP client {self.iap_client_id} "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}): run "
+                                    "`gcloud auth application-default login` or use a service account key") from None
+        path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
+        if path:
+            try:
+                return Path(path).read_text().strip() or None
+            except OSError as e:
+                raise PipelineError(f"KF_PIPELINES_SA_TOKEN_PATH={path}: cannot read the token ({e.strerror})") \
+                    from None
+        return None
+
+    def headers(self, bearer: str | None) -> dict[str, str]:
+        return {**({"Authorization": f"Bearer {bearer}"} if bearer else {}),
+                **({"Cookie": self.cookies} if self.cookies else {})}
+
+
+def _kfp_client(host: str, namespace: str | None, auth: KfpAuth) -> Any:
+    """kfp.Client for `host` with the same credentials the health check used."""
+    import kfp
+    bearer = auth.bearer()
+    _check_endpoint(host, headers=auth.headers(bearer))
+    return kfp.Client(host=host, **({"namespace": namespace} if namespace else {}),
+                      **({"existing_token": bearer} if bearer else {}), **({"cookies": auth.cookies} if auth.cookies
+                                                                             else {}))
+
+
+def _check_endpoint(host: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> None:
     import requests
     url = host.rstrip("/") + "/apis/v2beta1/healthz"
     try:
-        response = requests.get(url, timeout=timeout)
+        response = requests.get(url, timeout=timeout, headers=headers or {})
     except requests.RequestException as e:
         reason = type(e).__name__ + (f": {e.args[0]}" if e.args and isinstance(e.args[0], str) else "")
         raise PipelineError(f"KFP endpoint {host} is unreachable ({reason.splitlines()[0][:160]})") from None
     if response.status_code in (401, 403):
-        raise PipelineError(f"{host} refused the request ({url}: HTTP {response.status_code}): sign in, or give the "
-                            "client a token (kfp.Client reads KF_PIPELINES_SA_TOKEN_PATH)")
+        said = "with the credentials given" if headers else "without credentials"
+        raise PipelineError(f"{host} refused the request {said} ({url}: HTTP {response.status_code}): give --token "
+                            "(or KF_PIPELINES_SA_TOKEN_PATH), --cookies of a signed-in session, or --iap-client-id")
     if response.status_code >= 500 or response.status_code == 404:
         raise PipelineError(f"{host} does not answer as a KFP endpoint ({url}: HTTP {response.status_code})")
     try:
@@ -389,7 +437,7 @@ def check_images(package: str) -> None:
 def submit(package: str, *, host: str | None = None, vertex: str | None = None, pipeline_root: str | None = None,
            params: dict[str, Any] | None = None, run_name: str | None = None, experiment: str = "sfa-vivit",
            service_account: str | None = None, namespace: str | None = None, image: str | None = None,
-           network: str | None = None) -> str:
+           network: str | None = None, auth: KfpAuth = KfpAuth()) -> str:
     """Submit a compiled pipeline; returns the run's id (KFP) or resource name (Vertex). Every parameter is
     checked against the compiled pipeline's inputs before any request; `image` replaces every step's image
     (in a copy of the package). On Vertex, the custom jobs run as `service_account` on `network` too."""
@@ -427,10 +475,8 @@ def submit(package: str, *, host: str | None = None, vertex: str | None = None, 
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         return job.resource_name
     _require_root(pipeline_root)
-    _check_endpoint(host)
+    client = _kfp_client(host, namespace, auth)
     _check_bucket(pipeline_root)
-    import kfp
-    client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     run = client.create_run_from_pipeline_package(package, arguments=params or {}, run_name=run_name,
                                                   experiment_name=experiment, namespace=namespace,
                                                   pipeline_root=pipeline_root, service_account=service_account)
@@ -456,7 +502,7 @@ def staggered_crons(cron: str, count: int, minutes: int) -> list[str]:
 def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cron: str = "0 0 3 * * 0",
              experiment: str = "sfa-vivit-reproductions", pipeline_root: str | None = None,
              service_account: str | None = None, namespace: str | None = None,
-             stagger_minutes: int = 60) -> list[str]:
+             stagger_minutes: int = 60, auth: KfpAuth = KfpAuth()) -> list[str]:
     """One recurring run per dataset (its name is both the data-prep dataset and the recipe), `stagger_minutes`
     apart; every parameter is checked against the compiled pipeline's inputs before any request. Returns ids."""
     from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS
@@ -472,10 +518,8 @@ def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cr
     check_images(package)
     crons = staggered_crons(cron, len(runs), stagger_minutes)
     _require_root(pipeline_root)
-    _check_endpoint(host)
+    client = _kfp_client(host, namespace, auth)
     _check_bucket(pipeline_root)
-    import kfp
-    client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
     exp = client.create_experiment(experiment, namespace=namespace)
     ids = []
     for (name, params), when in zip(runs.items(), crons):

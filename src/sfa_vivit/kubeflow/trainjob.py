@@ -59,6 +59,12 @@ GRACE_S = 300
 # sidecar never completes, and torchrun's rendezvous would go through Envoy.
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 WORKFLOW = ("argoproj.io", "v1alpha1", "workflows", "Workflow")
+# Kueue admits a labelled job whole, when its LocalQueue's ClusterQueue has quota for every node of it, so two
+# multi-node jobs never each hold part of the nodes and wait for the rest (https://kueue.sigs.k8s.io).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# JobSet places each replicated job's pods in one node pool exclusively: a TPU slice job's hosts never straddle
+# two slices (https://github.com/kubernetes-sigs/jobset, exclusive placement; GKE's TPU slice docs).
+EXCLUSIVE_TOPOLOGY = {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
 
 
 class JobFailed(RuntimeError):
@@ -77,6 +83,7 @@ class NodeSpec:
     engine: str = "trainjob"
     launcher: str = "torchrun"          # torchrun (procs_per_node ranks), or python (one process per node: XLA)
     service_account: str = TRAIN_SERVICE_ACCOUNT   # the training pods' (not the launcher's) account
+    queue: str = ""                     # a Kueue LocalQueue: the job is admitted whole or waits (gang scheduling)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -100,7 +107,7 @@ class NodeSpec:
         return cls(**json.loads(text))
 
 
-def node_spec(profile: Any, engine: str = "trainjob") -> NodeSpec:
+def node_spec(profile: Any, engine: str = "trainjob", queue: str = "") -> NodeSpec:
     """The per-node request of a multi-node profile (`profiles.Profile` with nodes > 1); ValueError for a
     combination no engine can run (NodeSpec)."""
     resources = {"cpu": profile.cpu, "memory": profile.memory}
@@ -110,7 +117,7 @@ def node_spec(profile: Any, engine: str = "trainjob") -> NodeSpec:
                     resources={"limits": dict(resources), "requests": dict(resources)},
                     node_selector=dict(profile.node_selector),
                     tolerations=[{"key": k, "operator": op, "effect": effect} for k, op, effect in profile.tolerations],
-                    shm_size=profile.shm_size, engine=engine, launcher=profile.launcher)
+                    shm_size=profile.shm_size, engine=engine, launcher=profile.launcher, queue=queue)
 
 
 def _command(spec: NodeSpec, spec_json: str, torchrun_args: list[str] = ()) -> tuple[list[str], list[str]]:
@@ -143,10 +150,12 @@ def _pod_patch(spec: NodeSpec, container: str) -> dict[str, Any]:
 
 
 def _metadata(name: str, namespace: str, labels: dict[str, str] | None,
-              owner: dict[str, str] | None) -> dict[str, Any]:
-    """A job's metadata; `owner` ({'name', 'uid'} of the run's Argo Workflow) makes the job go with its run."""
+              owner: dict[str, str] | None, queue: str = "") -> dict[str, Any]:
+    """A job's metadata; `owner` ({'name', 'uid'} of the run's Argo Workflow) makes the job go with its run;
+    `queue` puts it in a Kueue LocalQueue."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace,
-                            "labels": {"app.kubernetes.io/part-of": "sfa-vivit", **(labels or {})}}
+                            "labels": {"app.kubernetes.io/part-of": "sfa-vivit", **(labels or {}),
+                                       **({QUEUE_LABEL: queue} if queue else {})}}
     if owner:
         group, version, _, kind = WORKFLOW
         meta["ownerReferences"] = [{"apiVersion": f"{group}/{version}", "kind": kind, "name": owner["name"],
@@ -156,12 +165,14 @@ def _metadata(name: str, namespace: str, labels: dict[str, str] | None,
 
 def train_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_json: str,
               labels: dict[str, str] | None = None, owner: dict[str, str] | None = None) -> dict[str, Any]:
-    """The Kubeflow Trainer v2 TrainJob of a multi-node run, checked against the Trainer API models."""
+    """The Kubeflow Trainer v2 TrainJob of a multi-node run, checked against the Trainer API models. A TPU
+    slice's hosts (one process each) are placed in one node pool exclusively."""
     command, args = _command(spec, spec_json)
+    jobset_metadata = {"metadata": {"annotations": dict(EXCLUSIVE_TOPOLOGY)}} if spec.launcher == "python" else {}
     body = {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
-        "metadata": _metadata(name, namespace, labels, owner),
+        "metadata": _metadata(name, namespace, labels, owner, spec.queue),
         "spec": {
             "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                            "name": TRAINJOB_RUNTIME},
@@ -176,7 +187,7 @@ def train_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_jso
             },
             "runtimePatches": [{
                 "manager": MANAGER,
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+                "trainingRuntimeSpec": {"template": {**jobset_metadata, "spec": {"replicatedJobs": [{
                     "name": NODE,
                     "template": {"spec": {"template": {"metadata": {"annotations": dict(POD_ANNOTATIONS)},
                                                        "spec": _pod_patch(spec, NODE)}}},
@@ -237,7 +248,7 @@ def pytorch_job(name: str, namespace: str, spec: NodeSpec, *, image: str, spec_j
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _metadata(name, namespace, labels, owner),
+        "metadata": _metadata(name, namespace, labels, owner, spec.queue),
         "spec": {
             "runPolicy": {"backoffLimit": 3, "cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": {
