@@ -206,7 +206,8 @@ def test_prep_rejects_a_video_shorter_than_its_segment(tmp_path):
     assert sample["meta"]["num_frames"] == 16 and sample["meta"]["start"] == 2.0
 
 
-def test_prep_is_idempotent(kinetics_folder):
+def test_prep_is_idempotent(kinetics_folder, monkeypatch):
+    import fsspec
     root, csv_path, videos = kinetics_folder
     out = str(root / "out")
     first = prepare("kinetics400", [csv_path], videos, out, options=SMALL, progress=False)
@@ -216,6 +217,8 @@ def test_prep_is_idempotent(kinetics_folder):
     second = prepare("kinetics400", [csv_path], videos, out, options=SMALL, progress=False)
     assert first == second
     assert {p.name: p.read_bytes() for p in (root / "out").glob("*.tar")} == tars
+    _rerun_reads_no_shard(lambda options: prepare("kinetics400", [csv_path], videos, out, options=options,
+                                                  progress=False), out, fsspec.filesystem("file"), monkeypatch)
 
 
 def test_over_the_reject_threshold_exits_nonzero_and_publishes_nothing(kinetics_folder, capsys):
@@ -268,6 +271,34 @@ def test_prep_and_reader_over_gcs(kinetics_folder, gcs_emulator, monkeypatch):
     # Streaming (no verification) goes through WebDataset with the fsspec opener, not gsutil.
     streamed = list(ClipDataset("gs://sfa-test/shards", "train", num_frames=4, image_size=32))
     assert sorted(c["key"] for c in streamed) == sorted(c["key"] for c in clips)
+    _rerun_reads_no_shard(lambda options: prepare("kinetics400", ["gs://sfa-test/ann/kinetics_400_train.csv"],
+                                                  "gs://sfa-test/videos", "gs://sfa-test/shards", options=options,
+                                                  progress=False), "gs://sfa-test/shards", fs, monkeypatch)
+
+
+def _rerun_reads_no_shard(rerun, out, fs, monkeypatch):
+    """A re-run over unchanged shards trusts what the store knows of them (size, generation, checksums; on a
+    local disk inode and mtime) and reads none of their bytes; a shard rewritten since is hashed and, its bytes
+    being wrong, written again; `verify` hashes them all."""
+    import dataclasses
+
+    import sfa_vivit.data.prep as prep_module
+    reads = []
+    real = prep_module.read_verified
+    monkeypatch.setattr(prep_module, "read_verified", lambda url, sha: reads.append(url) or real(url, sha))
+    manifest = rerun(SMALL)
+    assert reads == [] and manifest["splits"]["train"]["num_samples"] == 3
+    shards = [s["path"] for s in manifest["splits"]["train"]["shards"]]
+    target = f"{out}/{shards[0]}"
+    fs.pipe_file(target, b"\0" * fs.info(target)["size"])                  # same size, other bytes
+    manifest = rerun(SMALL)
+    assert reads == [target] and manifest["splits"]["train"]["num_samples"] == 3
+    reads.clear()
+    rerun(SMALL)
+    assert reads == []                                                     # written again, and trusted again
+    manifest = rerun(dataclasses.replace(SMALL, verify=True))
+    assert sorted(reads) == sorted(f"{out}/{s['path']}" for split in manifest["splits"].values()
+                                   for s in split["shards"])
 
 
 # ---------------------------------------------------------------------------------------------

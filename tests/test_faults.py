@@ -450,7 +450,8 @@ def test_submit_to_a_sign_in_page_says_so(capsys):
     try:
         host = f"http://127.0.0.1:{server.server_address[1]}/pipeline"
         package = str(Path(__file__).parents[1] / "pipelines" / "sfa-cpu.yaml")
-        assert main(["pipeline", "submit", package, "--host", host]) == 2
+        assert main(["pipeline", "submit", package, "--host", host, "--param", 'tracking_uri="none"',
+                     "--pipeline-root", "gs://sfa-test/root", "--image", "registry.example/sfa-vivit:1-cpu"]) == 2
         one_error_line(capsys, "does not answer as a KFP endpoint", "text/html", "sign-in page")
     finally:
         server.shutdown()

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reject-fraction", type=float, default=defaults.max_reject_fraction,
                    help="fail, publishing nothing, past this fraction of rejected videos")
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes (0: one per CPU)")
+    p.add_argument("--verify", action="store_true", help="re-hash the shards of an earlier run even where the store "
+                                                          "vouches for them (size and generation or inode and mtime)")
 
     p = data.add_parser("synth", help="write the synthetic motion-order dataset in the Kinetics layout")
     p.add_argument("--out", required=True, help="local output folder")
@@ -677,7 +679,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_command == "prep":
         options = PrepOptions(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
                               shard_size=args.shard_size, max_reject_fraction=args.max_reject_fraction,
-                              workers=args.workers)
+                              workers=args.workers, verify=args.verify)
         manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")
