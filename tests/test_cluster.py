@@ -190,13 +190,22 @@ def test_manifests_are_filled_in_one_step_and_a_placeholder_is_never_applied(tmp
         assert docs["ServiceAccount", account]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == \
             "sfa-vivit@my-proj-123.iam.gserviceaccount.com"
     assert any("[sfa-vivit/mlflow]" in line for line in manifests.bindings("my-proj-123"))
+    # Filled again into the same folder: the database password PostgreSQL was initialised with is kept.
+    assert main(["pipeline", "manifests", "--project", "my-proj-123", "--bucket", "my-bucket", "--registry",
+                 "localhost:5000/sfa", "--root", str(ROOT), "--out", str(out)]) == 0
+    again = {d["kind"]: d for d in yaml_docs((out / "mlflow.yaml").read_text()) if d}
+    assert again["Secret"]["stringData"]["password"] == password
+    assert again["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"].startswith("localhost:5000/sfa:")
+    registry = "r.io/sfa"
     for kwargs, needle in ((dict(project="PROJECT_ID", bucket="b1x"), "--project"),
                            (dict(project="my-proj-123", bucket="BUCKET"), "--bucket"),
-                           (dict(project="my-proj-123", bucket="b", registry=None), "--bucket"),
+                           (dict(project="my-proj-123", bucket="b"), "--bucket"),
                            (dict(project="my-proj-123", bucket="my-bucket", registry="r.io/x:1"), "--registry"),
+                           (dict(project="my-proj-123", bucket="my-bucket", registry="ghcr.io/sfa-vivit/sfa-vivit"),
+                            "publishes none"),
                            (dict(project="my-proj-123", bucket="my-bucket", namespace="Team_A"), "--namespace")):
         with pytest.raises(manifests.ManifestError, match=needle):
-            manifests.render(ROOT, **kwargs)
+            manifests.render(ROOT, **{"registry": registry, **kwargs})
 
 
 def test_training_on_a_cluster_commits_a_checkpoint_every_30_minutes_unless_told_otherwise():
@@ -324,3 +333,19 @@ def test_a_final_model_is_copied_whole_marker_last(tmp_path, stage1_run):
     assert not checkpoints.is_committed(str(dst))
     checkpoints.copy_committed(stage1_run, str(dst))
     assert checkpoints.is_committed(str(dst))
+    # A retry's copy over the committed one, cut short after its first file: not committed (it was, before).
+    import fsspec.implementations.local as local_fs
+    real, calls = local_fs.LocalFileSystem.copy, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError("the pod was killed")
+        return real(self, *args, **kwargs)
+    local_fs.LocalFileSystem.copy = failing
+    try:
+        with pytest.raises(OSError, match="killed"):
+            checkpoints.copy_committed(stage1_run, str(dst))
+    finally:
+        local_fs.LocalFileSystem.copy = real
+    assert not checkpoints.is_committed(str(dst))

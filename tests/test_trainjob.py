@@ -181,6 +181,8 @@ class _Objects:
         if plural == "workflows":
             if self.workflow is None:
                 raise ApiException(status=404, reason="NotFound")
+            if isinstance(self.workflow, int):
+                raise ApiException(status=self.workflow, reason="the API server's error")
             return self.workflow
         if self.deleted:
             raise ApiException(status=404, reason="NotFound")
@@ -257,10 +259,13 @@ def test_a_cancelled_run_deletes_its_job_and_a_drained_launcher_leaves_it_traini
         with pytest.raises(JobFailed, match=f"cancelled \\({why}\\): TrainJob kubeflow/sfa-stage1-x deleted"):
             launcher.run(body)
         assert objects.calls[-1] == ("delete", "trainjobs", "sfa-stage1-x")
-    launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0))], on_sleep=cancel, workflow=running)
-    with pytest.raises(JobFailed, match="keeps training, and the step's retry follows it"):
-        launcher.run(body)
-    assert ("delete", "trainjobs", "sfa-stage1-x") not in objects.calls
+    # A drain (the Workflow runs on), or a Workflow the API cannot answer for now (it owns the job, which goes
+    # with the run): the job is left training.
+    for workflow in (running, 503):
+        launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0))], on_sleep=cancel, workflow=workflow)
+        with pytest.raises(JobFailed, match="keeps training, and the step's retry follows it"):
+            launcher.run(body)
+        assert ("delete", "trainjobs", "sfa-stage1-x") not in objects.calls
     # The retry of that step attaches to the job that kept training.
     launcher, objects, lines, body = _launch([_job(jobs=(4, 4, 0, 0)), _job([("Complete", "JobsCompleted", "")])],
                                              exists=True, workflow=running)
@@ -325,3 +330,15 @@ def test_multi_node_jobs_can_be_admitted_whole_and_a_tpu_slices_hosts_share_one_
     pt = pytorch_job("sfa-stage1-x", "kubeflow", node_spec(profiles.get("gpu-a100-x4"), "pytorchjob", queue="q"),
                      image="r/s:1-cuda", spec_json=SPEC_JSON)
     assert pt["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+
+
+def test_sigterm_ends_the_launchers_wait_at_once():
+    """The launcher polls every 15 s; Kubernetes gives a pod 30 s between SIGTERM and SIGKILL. The wait ends
+    when SIGTERM arrives, not at the next poll."""
+    import threading
+    import time
+    launcher = Launcher(_Objects([_job(jobs=(4, 4, 0, 0))]), "kubeflow", poll_s=15, report=lambda line: None)
+    threading.Timer(0.2, launcher._on_sigterm, (15, None)).start()
+    start = time.monotonic()
+    launcher.sleep(15)
+    assert time.monotonic() - start < 5

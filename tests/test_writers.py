@@ -444,3 +444,55 @@ def test_an_mlflow_outage_is_one_line_on_the_terminal(tiny_data, tmp_path):
                if line.strip() and not line.startswith(("INFO sfa_vivit", "WARNING sfa_vivit", "sfa "))]
     assert not foreign and "Traceback" not in proc.stderr, foreign[:20]
     assert sum("MLflow unavailable" in line for line in proc.stderr.splitlines()) >= 1
+
+
+_FLOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_folder_lock_held_elsewhere_delays_a_heartbeat_at_most_briefly_and_forks_do_not_keep_it(tmp_path,
+                                                                                                  monkeypatch):
+    """The flock that orders heartbeats and takeovers is waited for at most LOCK_WAIT_S (a process that holds
+    it, say a forked DataLoader worker, must not stall the heartbeat until the lease goes stale), and a child
+    forked while the lock is held closes its copy at once, so the lock goes with the parent's release."""
+    import fcntl
+
+    import sfa_vivit.lease as lease_module
+    monkeypatch.setattr(lease_module, "LOCK_WAIT_S", 0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _FLOCK_HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        lease = Lease(str(out), "sfa train")
+        start = time.monotonic()
+        with lease._locked():
+            pass
+        assert 0.4 < time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    with lease._locked():
+        pid = os.fork()
+        if pid == 0:                             # the child: its copy of the descriptor is closed already
+            time.sleep(2)
+            os._exit(0)
+    fd = os.open(str(out), os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + 1.5        # the child closes its copy first thing after the fork
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)        # free while the child still lives
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "a forked child kept the folder's lock"
+                time.sleep(0.01)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)                  # it does live
+    finally:
+        os.close(fd)
+        os.waitpid(pid, 0)

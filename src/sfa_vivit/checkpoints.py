@@ -281,6 +281,10 @@ def copy_committed(src: str, dst: str) -> str:
     if marker is None:
         raise CheckpointError(f"{src}: no COMMITTED marker")
     dfs.makedirs(dpath, exist_ok=True)
+    try:                               # a copy over a committed one (a retry): uncommitted until it is whole
+        dfs.rm_file(join(dpath, MARKER_FILE))
+    except FileNotFoundError:
+        pass
     for name in marker:
         if type(sfs) is type(dfs):
             sfs.copy(join(spath, name), join(dpath, name))

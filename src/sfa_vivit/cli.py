@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "into a folder to kubectl apply; refuses to leave a placeholder")
     p.add_argument("--project", required=True, help="Google Cloud project ID (Workload Identity's service account)")
     p.add_argument("--bucket", required=True, help="bucket for MLflow's artifacts (BUCKET or gs://BUCKET)")
-    p.add_argument("--registry", help="REGISTRY/NAME of your images (default: the project's ghcr.io images)")
+    p.add_argument("--registry", required=True, help="REGISTRY/NAME of the images you built and pushed "
+                                                     "(MLflow runs the -cpu one)")
     p.add_argument("--namespace", default="kubeflow",
                    help="namespace the runs' pods run in (standalone KFP: kubeflow; multi-user: your profile's)")
     p.add_argument("--root", default=".", help="repository root holding k8s/")
@@ -327,7 +328,7 @@ def _add_kfp_auth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token for the KFP API (default: the file KF_PIPELINES_SA_TOKEN_PATH names)")
     p.add_argument("--cookies", help="session cookies of a signed-in browser ('name=value; ...'; Dex, oauth2-proxy)")
     p.add_argument("--iap-client-id", help="OAuth client ID of an Identity-Aware Proxy in front of KFP (a Google ID "
-                                           "token from your gcloud credentials)")
+                                           "token for the service account of GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 def _kfp_auth(args: argparse.Namespace) -> Any:
@@ -612,9 +613,10 @@ def _pipeline(args: argparse.Namespace) -> int:
                 print("\n".join(runner.compile_all(args.root)))
         elif args.pipeline_command == "manifests":
             from sfa_vivit.kubeflow import manifests
+            out = args.out or f"k8s-{args.project}"
             files = manifests.render(args.root, args.project, args.bucket, registry=args.registry,
-                                     namespace=args.namespace)
-            print("\n".join(manifests.write(files, args.out or f"k8s-{args.project}")))
+                                     namespace=args.namespace, db_password=manifests.existing_password(out))
+            print("\n".join(manifests.write(files, out)))
             print("then bind the accounts to the Google service account (once):\n  "
                   + "\n  ".join(manifests.bindings(args.project, args.namespace)))
         elif args.pipeline_command == "run":

@@ -36,6 +36,22 @@ STALE_S = float(os.environ.get("SFA_LEASE_STALE_S", 90.0))
 
 
 _RELEASED = "released meanwhile"
+LOCK_WAIT_S = 5.0
+# Lock descriptors open in this process: a forked child (a DataLoader worker) closes its copies at once, so it
+# never holds the parent's lock for its lifetime.
+_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class LeaseHeld(RuntimeError):
@@ -186,18 +202,39 @@ class Lease:
     @contextlib.contextmanager
     def _locked(self):
         """On a local disk, hold an exclusive flock on the output folder while a heartbeat reads and rewrites
-        the record, and while a taker removes and recreates it: a holder being taken over cannot write its
-        record over its successor's. (An object store has no such lock; there the window is one read-to-write
-        of a holder that is alive while it is taken over, which a retry of the same step is not.)"""
+        the record, while a taker removes and recreates it, and while a holder removes its own: a holder being
+        taken over cannot write its record over its successor's, nor remove it. (An object store has no such
+        lock; there the window is one read-to-write of a holder that is alive while it is taken over, which a
+        retry of the same step is not.) The lock is waited for at most LOCK_WAIT_S, then gone without: a
+        filesystem without flock on folders (NFS) or a stuck holder degrades to the unlocked behaviour, never
+        to a heartbeat that blocks until the lease goes stale."""
         fs, _ = url_to_fs(self.url)
         if not is_local(fs):
             yield
             return
-        fd = os.open(url_to_fs(self.out)[1], os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(url_to_fs(self.out)[1], os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+        _LOCK_FDS.add(fd)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        log.warning("%s: the folder's lock is held elsewhere for %.0f s; going on without it",
+                                    self.out, LOCK_WAIT_S)
+                        break
+                    time.sleep(0.02)
+                except OSError:                  # no flock on this filesystem
+                    break
             yield
         finally:
+            _LOCK_FDS.discard(fd)
             os.close(fd)                         # closing the descriptor releases the lock
 
     def _remove_if(self, token: str | None) -> None:
@@ -233,7 +270,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self._remove_if(self.token)
+            with self._locked():
+                self._remove_if(self.token)
         except Exception as e:  # noqa: BLE001 - the work is done; a leftover lease goes stale on its own
             log.warning("%s: could not remove the lease %s (%s); it goes stale in %.0f s", self.out, self.url, e,
                         self.stale_s)

@@ -26,7 +26,7 @@ class ManifestError(ValueError):
     """A value that cannot fill a manifest, or a placeholder left unfilled."""
 
 
-def render(root: str | Path, project: str, bucket: str, *, registry: str | None = None,
+def render(root: str | Path, project: str, bucket: str, *, registry: str,
            namespace: str = "kubeflow", db_password: str | None = None) -> dict[str, str]:
     """{file name: text} of every k8s/*.yaml under `root`, filled. Raises ManifestError naming the value
     that cannot be used, or the file and line where a placeholder is left."""
@@ -35,8 +35,10 @@ def render(root: str | Path, project: str, bucket: str, *, registry: str | None 
                                  ("--namespace", namespace, _NAMESPACE)):
         if not pattern.fullmatch(value or "") or value in PLACEHOLDERS:
             raise ManifestError(f"{name} {value!r} is not a valid {name[2:]} name")
-    if registry is not None and (not registry or any(c.isspace() or c == ":" for c in registry)):
-        raise ManifestError(f"--registry {registry!r}: give REGISTRY/NAME without a tag (the flavour tag is added)")
+    if not registry or any(c.isspace() for c in registry) or ":" in registry.rsplit("/", 1)[-1] \
+            or registry.startswith(f"{REGISTRY}"):
+        raise ManifestError(f"--registry {registry!r}: give REGISTRY/NAME of the images you built and pushed, without "
+                            f"a tag (the flavour tag is added); the project's default {REGISTRY} publishes none")
     values = {"PROJECT_ID": project, "BUCKET": bucket,
               "CHANGE_ME_DB_PASSWORD": db_password or secrets.token_urlsafe(24)}
     files = sorted(Path(root, "k8s").glob("*.yaml"))
@@ -48,8 +50,7 @@ def render(root: str | Path, project: str, bucket: str, *, registry: str | None 
         # Comments keep their placeholders: they explain the file, and say which values were filled.
         text = "".join(line if line.lstrip().startswith("#") else token.sub(lambda m: values[m.group(1)], line)
                        for line in path.read_text().splitlines(keepends=True))
-        if registry:
-            text = text.replace(f"{REGISTRY}:", f"{registry}:")
+        text = text.replace(f"{REGISTRY}:", f"{registry}:")
         if path.name == "rbac.yaml":
             text = text.replace(_RUN_NAMESPACE, f"namespace: {namespace}")
         out[path.name] = text
@@ -59,6 +60,20 @@ def render(root: str | Path, project: str, bucket: str, *, registry: str | None 
             if left:
                 raise ManifestError(f"k8s/{name} line {number}: {left[0]} is still a placeholder")
     return out
+
+
+def existing_password(out: str | Path) -> str | None:
+    """MLflow's database password in a folder written before: filling the files again keeps it, so that
+    re-applying them does not lock MLflow out of the database PostgreSQL initialised with it."""
+    import yaml
+    path = Path(out) / "mlflow.yaml"
+    if not path.exists():
+        return None
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "Secret" and doc["metadata"]["name"] == "mlflow-db":
+            password = (doc.get("stringData") or {}).get("password")
+            return password if password and password not in PLACEHOLDERS else None
+    return None
 
 
 def write(files: dict[str, str], out: str | Path) -> list[str]:

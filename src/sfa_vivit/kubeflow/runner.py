@@ -279,7 +279,7 @@ class KfpAuth:
     """How to reach a KFP API behind authentication, as kfp.Client does: a bearer token (`--token`, else the
     file KF_PIPELINES_SA_TOKEN_PATH names), session cookies of a signed-in browser (`--cookies`, for Dex or
     oauth2-proxy in front of Kubeflow), or a Google ID token for the OAuth client of Identity-Aware Proxy
-    (`--iap-client-id`, from the Google credentials `gcloud` uses)."""
+    (`--iap-client-id`, for the service account GOOGLE_APPLICATION_CREDENTIALS names)."""
     token: str | None = None
     cookies: str | None = None
     iap_client_id: str | None = None
@@ -294,8 +294,10 @@ class KfpAuth:
                 return id_token.fetch_id_token(google.auth.transport.requests.Request(), self.iap_client_id)
             except Exception as e:  # noqa: BLE001 - said in one line with what to do
                 raise PipelineError(f"cannot get a Google ID token for IAP client {self.iap_client_id} "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}): run "
-                                    "`gcloud auth application-default login` or use a service account key") from None
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}): set "
+                                    "GOOGLE_APPLICATION_CREDENTIALS to a service account key, or pass --token "
+                                    "\"$(gcloud auth print-identity-token --audiences=CLIENT_ID "
+                                    "--impersonate-service-account=SA)\"") from None
         path = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
         if path:
             try:

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -51,9 +52,11 @@ LAUNCHERS = ("torchrun", "python")
 # Kubernetes rights, so no training process can create or delete jobs; only the launcher (the step's pod,
 # running as the run's account `sfa-vivit`) can.
 TRAIN_SERVICE_ACCOUNT = "sfa-vivit-train"
-# Seconds a training pod gets between SIGTERM (a drain, a spot preemption, a deleted job) and SIGKILL: the
+# Seconds a training pod gets between SIGTERM (a drain, an upgrade, a deleted job) and SIGKILL: the
 # trainer checkpoints the current step on SIGTERM, and a ViViT-L checkpoint with its optimizer state is 2.84 GB
 # (bench/checkpoint_commit.py: 71-98 s to a GCS emulator at 29-40 MB/s); Kubernetes' default of 30 s cuts it off.
+# A Spot VM's preemption gives the node about 30 s whatever the pod asks: there checkpoint_every_minutes bounds
+# what is lost.
 GRACE_S = 300
 # Pods of a profile namespace in multi-user Kubeflow get an Istio sidecar by default: a Job's pod with a
 # sidecar never completes, and torchrun's rendezvous would go through Envoy.
@@ -298,10 +301,15 @@ class Launcher:
     core: Any = None
     poll_s: float = 15.0
     report: Callable[[str], None] = print
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] | None = None   # default: a wait that SIGTERM ends at once
     workflow: str | None = None         # the run's Argo Workflow: read on SIGTERM to tell a cancel from a drain
     _cancelled: bool = False
     _last_log: str = ""
+    _woken: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.sleep is None:
+            self.sleep = self._woken.wait
 
     def run(self, body: dict[str, Any]) -> dict[str, Any]:
         """Create `body` (or attach to the job of that name a retried step created), wait for its end and
@@ -397,21 +405,34 @@ class Launcher:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._cancelled = True
+        self._woken.set()              # the poll's wait ends now: the 30 s between SIGTERM and SIGKILL are short
 
     def run_cancelled(self) -> str | None:
         """Why the run this launcher serves is over (cancelled, deleted), or None while it goes on. KFP
         terminates a run by patching its Workflow's `spec.activeDeadlineSeconds` to 0 (KFP 2.17.0,
         backend/src/common/util/execution_spec.go GetTerminatePatch), `argo stop|terminate` sets
-        `spec.shutdown`, and deleting a run deletes its Workflow. A Workflow that cannot be read (no
-        Workflow named, no right to read it) counts as cancelled: a job nobody follows is the costlier mistake."""
+        `spec.shutdown`, and deleting a run deletes its Workflow. No Workflow named counts as cancelled (a job
+        with no owner that nobody follows); one that cannot be read (an API error, three tries) does not: the
+        job is owned by it and goes when the run is deleted."""
         if not self.workflow:
             return "no Workflow to ask"
         from kubernetes.client.exceptions import ApiException
         group, version, plural, _ = WORKFLOW
-        try:
-            workflow = self.objects.get_namespaced_custom_object(group, version, self.namespace, plural, self.workflow)
-        except ApiException as e:
-            return "its Workflow is gone" if e.status == 404 else f"its Workflow cannot be read: HTTP {e.status}"
+        for attempt in range(3):
+            try:
+                workflow = self.objects.get_namespaced_custom_object(group, version, self.namespace, plural,
+                                                                     self.workflow)
+                break
+            except ApiException as e:
+                if e.status == 404:
+                    return "its Workflow is gone"
+                if attempt == 2:
+                    # Unknown: leave the job. It is owned by the Workflow, so it goes when the run is deleted,
+                    # and a retry of this step follows it; deleting it could throw away days of training.
+                    log.warning("cannot read Workflow %s (HTTP %s) after SIGTERM: leaving the job as it is",
+                                self.workflow, e.status)
+                    return None
+                time.sleep(0.5)
         spec = workflow.get("spec") or {}
         if spec.get("activeDeadlineSeconds") == 0:
             return "terminated: activeDeadlineSeconds 0"
