@@ -612,7 +612,8 @@ class Trainer:
         minutes = self.config.checkpoint_every_minutes
         due = bool(minutes) and time.monotonic() - self._committed_at >= minutes * 60
         flags = self.runtime.all_reduce(torch.tensor([1.0 if self._stop_signal else 0.0, 1.0 if due else 0.0]), "max")
-        return bool(flags[0].item()), bool(flags[1].item())
+        stop, due = flags.tolist()           # one host sync for both
+        return bool(stop), bool(due)
 
 
 @dataclasses.dataclass
