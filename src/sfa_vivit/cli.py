@@ -320,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
     _add_kfp_auth(p)
 
+    cluster = sub.add_parser("cluster", help="check a cluster before a run: sfa cluster doctor").add_subparsers(
+        dest="cluster_command", required=True)
+    p = cluster.add_parser("doctor", help="check, read-only, that a cluster has what a run of a compiled pipeline "
+                                          "needs (KFP, CRDs, service account and its rights, nodes, images, MLflow)")
+    p.add_argument("package", help="compiled pipeline YAML, e.g. pipelines/sfa-gpu-t4.yaml")
+    p.add_argument("--host", required=True, help="KFP endpoint, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--namespace", default="kubeflow", help="namespace the run's pods run in")
+    p.add_argument("--service-account", default="sfa-vivit", help="the run's Kubernetes service account")
+    p.add_argument("--pipeline-root", help="gs://BUCKET/PATH the run will write (checks Workload Identity)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                   help="a pipeline parameter as the run will get it (tracking_uri is checked)")
+    p.add_argument("--operator", default="trainjob", choices=["trainjob", "pytorchjob"],
+                   help="what a multi-node profile's steps create (as compiled)")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or ~/.kube/config, as kubectl)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    _add_kfp_auth(p)
+
     return parser
 
 
@@ -388,6 +405,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(markdown(result) + f"sfa membench: {args.out} (+ .md, .png)")
         elif args.command == "pipeline":
             return _pipeline(args)
+        elif args.command == "cluster":
+            from sfa_vivit.kubeflow import doctor
+            from sfa_vivit.kubeflow.runner import PipelineError
+            try:
+                rows = doctor.doctor(args.package, host=args.host, namespace=args.namespace,
+                                     service_account=args.service_account, params=_params(args.param),
+                                     auth=_kfp_auth(args), kubeconfig=args.kubeconfig, context=args.context,
+                                     operator=args.operator, pipeline_root=args.pipeline_root)
+            except PipelineError as e:
+                print(f"sfa cluster doctor: error: {one_line(e)}", file=sys.stderr)
+                return 2
+            print(doctor.table(rows))
+            return 1 if any(r.status == "fail" for r in rows) else 0
         elif args.command == "scenic":
             from sfa_vivit.importers import export_scenic, import_scenic
             if args.scenic_command == "import":

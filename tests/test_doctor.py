@@ -1,0 +1,295 @@
+"""`sfa cluster doctor` against a loopback cluster: a healthy one (every row ✓) and one broken per check.
+
+The fake serves what the real APIs serve, at their paths: Kubernetes objects built with the `kubernetes`
+client's models (the API's OpenAPI types) and serialised as the client itself serialises them; 404s as the
+API server's Status; KFP's health answer as KFP 2.17.0's API server writes it (tests/data/kfp/healthz.json);
+registry manifests as the OCI distribution spec's HEAD /v2/NAME/manifests/REF. The doctor reaches it through
+a kubeconfig file and the real `kubernetes` client, as it reaches a real cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from sfa_vivit.cli import main
+from sfa_vivit.kubeflow import doctor
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+SERIALISE = client.ApiClient().sanitize_for_serialization
+
+
+def node(name: str, pool: str, cpu: str, memory: str, labels: dict[str, str] | None = None,
+         gpus: int = 0, tpus: int = 0, taint: str | None = None) -> dict:
+    allocatable = {"cpu": cpu, "memory": memory, "pods": "110"}
+    if gpus:
+        allocatable["nvidia.com/gpu"] = str(gpus)
+    if tpus:
+        allocatable["google.com/tpu"] = str(tpus)
+    taints = [client.V1Taint(key=taint, value="present", effect="NoSchedule")] if taint else None
+    return SERIALISE(client.V1Node(
+        metadata=client.V1ObjectMeta(name=name, labels={"cloud.google.com/gke-nodepool": pool,
+                                                        "kubernetes.io/os": "linux", **(labels or {})}),
+        spec=client.V1NodeSpec(taints=taints), status=client.V1NodeStatus(allocatable=allocatable)))
+
+
+T4 = {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+A100 = {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+# Allocatable as GKE reports it for the machine types of tests/data/gke/machines.yaml (n1-highmem-8: 8 vCPU,
+# 52 GB; e2-standard-16: 16 vCPU, 64 GB; a2-highgpu-8g: 96 vCPU, 680 GB).
+HEALTHY_NODES = [
+    node("cpu-0", "default", "15890m", "60055056Ki"),
+    node("t4-0", "t4", "7910m", "47284372Ki", T4, gpus=1, taint="nvidia.com/gpu"),
+    *(node(f"a100-{i}", "a100", "95690m", "690000000Ki", A100, gpus=8, taint="nvidia.com/gpu") for i in range(4)),
+]
+CRDS = set(doctor.JOB_CRDS["trainjob"]) | set(doctor.JOB_CRDS["pytorchjob"])
+
+
+def healthy() -> dict:
+    identity = {"iam.gke.io/gcp-service-account": "sfa@p.iam.gserviceaccount.com"}
+    return {"kfp_status": 200, "kfp_tag": "2.17.0", "crds": set(CRDS), "runtime": True,
+            "service_accounts": {"sfa-vivit": dict(identity), "sfa-vivit-train": dict(identity)},
+            "denied": set(), "nodes": copy.deepcopy(HEALTHY_NODES), "images": None, "mlflow": True, "requests": []}
+
+
+class Fake(BaseHTTPRequestHandler):
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: object = None, content_type: str = "application/json") -> None:
+        data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _not_found(self, what: str) -> None:
+        # The API server's answer to a missing object (a v1 Status).
+        self._send(404, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "message": f"{what} not found", "reason": "NotFound", "code": 404})
+
+    def do_HEAD(self):
+        s = self.state
+        s["requests"].append(("HEAD", self.path))
+        found = re.fullmatch(r"/v2/(.+)/manifests/([^/]+)", self.path)
+        if found:
+            name = f"{found.group(1)}:{found.group(2)}"
+            ok = s["images"] is None or name in s["images"]
+            # OCI distribution spec: 200 with the digest, or 404 (MANIFEST_UNKNOWN).
+            self.send_response(200 if ok else 404)
+            if ok:
+                self.send_header("Docker-Content-Digest", "sha256:" + "0" * 64)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self._send(404)
+
+    def do_GET(self):
+        s = self.state
+        s["requests"].append(("GET", self.path))
+        path = self.path.split("?")[0]
+        if path == "/apis/v2beta1/healthz":
+            if s["kfp_status"] != 200:
+                return self._send(s["kfp_status"], {"error": "forbidden"})
+            answer = json.loads((DATA / "kfp" / "healthz.json").read_text())["api_server"]
+            return self._send(200, {**answer, "tag_name": s["kfp_tag"]})
+        found = re.fullmatch(r"/apis/apiextensions\.k8s\.io/v1/customresourcedefinitions/(.+)", path)
+        if found:
+            name = found.group(1)
+            if name not in s["crds"]:
+                return self._not_found(f'customresourcedefinitions.apiextensions.k8s.io "{name}"')
+            return self._send(200, SERIALISE(client.V1CustomResourceDefinition(
+                metadata=client.V1ObjectMeta(name=name), spec=client.V1CustomResourceDefinitionSpec(
+                    group=name.split(".", 1)[1], scope="Namespaced", versions=[], names=client.
+                    V1CustomResourceDefinitionNames(plural=name.split(".")[0], kind="X")))))
+        if path == "/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes/torch-distributed":
+            if not s["runtime"]:
+                return self._not_found('clustertrainingruntimes.trainer.kubeflow.org "torch-distributed"')
+            return self._send(200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+                                    "metadata": {"name": "torch-distributed"}, "spec": {}})
+        found = re.fullmatch(r"/api/v1/namespaces/([^/]+)/serviceaccounts/([^/]+)", path)
+        if found:
+            annotations = s["service_accounts"].get(found.group(2))
+            if annotations is None:
+                return self._not_found(f'serviceaccounts "{found.group(2)}"')
+            return self._send(200, SERIALISE(client.V1ServiceAccount(metadata=client.V1ObjectMeta(
+                name=found.group(2), namespace=found.group(1), annotations=annotations or None))))
+        if path == "/api/v1/nodes":
+            return self._send(200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": s["nodes"]})
+        if re.fullmatch(r"/api/v1/namespaces/[^/]+/services/[^/]+/proxy/health", path):
+            return self._send(200, b"OK", "text/plain") if s["mlflow"] else self._send(503, b"no endpoints",
+                                                                                       "text/plain")
+        return self._not_found(path)
+
+    def do_POST(self):
+        s = self.state
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s["requests"].append(("POST", self.path))
+        if self.path.startswith("/apis/authorization.k8s.io/v1/subjectaccessreviews"):
+            attributes = body["spec"]["resourceAttributes"]
+            resource = attributes["resource"] + (f"/{attributes['subresource']}" if attributes.get("subresource")
+                                                 else "")
+            allowed = (attributes["verb"], resource) not in s["denied"]
+            return self._send(201, {**body, "status": SERIALISE(client.V1SubjectAccessReviewStatus(allowed=allowed))})
+        self._send(404)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture
+def cluster(server, tmp_path):
+    """(state, kubeconfig, pipeline for a profile): the state starts healthy; a test breaks one thing."""
+    Fake.state = healthy()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://{server}"}}],
+        "users": [{"name": "me", "user": {"token": "secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}]}))
+
+    def pipeline(profile: str) -> str:
+        text = (REPO / "pipelines" / f"sfa-{profile}.yaml").read_text()
+        out = tmp_path / f"sfa-{profile}.yaml"
+        out.write_text(text.replace("ghcr.io/sfa-vivit/sfa-vivit", f"{server}/team/sfa-vivit"))
+        return str(out)
+
+    return Fake.state, str(kubeconfig), pipeline
+
+
+def run(cluster, server, profile="gpu-t4", **kwargs):
+    state, kubeconfig, pipeline = cluster
+    kwargs.setdefault("params", {"tracking_uri": "http://mlflow.sfa-vivit.svc.cluster.local:5000"})
+    rows = doctor.doctor(pipeline(profile), host=f"http://{server}", kubeconfig=kubeconfig,
+                         pipeline_root="gs://bucket/runs", **kwargs)
+    return {r.check: r for r in rows}
+
+
+def failed(rows):
+    return {name: r for name, r in rows.items() if r.status == "fail"}
+
+
+@pytest.mark.parametrize("profile", ["gpu-t4", "gpu-a100-x4"])
+def test_a_healthy_cluster_passes_every_check(cluster, server, profile, capsys):
+    rows = run(cluster, server, profile)
+    assert not failed(rows), doctor.table(list(rows.values()))
+    assert rows["KFP API"].detail.endswith("KFP 2.17.0")
+    assert rows["rights of sfa-vivit"].detail.startswith("may do all")
+    if profile == "gpu-a100-x4":
+        assert rows["4 nodes for the training job"].status == "ok"
+        assert "CRD trainjobs.trainer.kubeflow.org" in rows and "ClusterTrainingRuntime torch-distributed" in rows
+    state = cluster[0]
+    # Read-only: nothing but questions (SubjectAccessReviews are answered, not stored).
+    assert {m for m, p in state["requests"] if m == "POST"} <= {"POST"}
+    assert all(p.startswith("/apis/authorization.k8s.io/") for m, p in state["requests"] if m == "POST")
+    # The command line: the table and exit status 0.
+    _, kubeconfig, pipeline = cluster
+    code = main(["cluster", "doctor", pipeline(profile), "--host", f"http://{server}", "--kubeconfig", kubeconfig,
+                 "--pipeline-root", "gs://bucket/runs", "--param",
+                 'tracking_uri="http://mlflow.sfa-vivit.svc.cluster.local:5000"'])
+    out = capsys.readouterr().out
+    assert code == 0 and "✓ KFP API" in out and "nothing found that would stop a first run" in out
+
+
+BROKEN = {
+    # name: (profile, how the cluster is broken, the row that must fail, words of its detail, words of its fix)
+    "kfp refuses": ("gpu-t4", lambda s: s.update(kfp_status=403), "KFP API", "HTTP 403", "--token"),
+    "kfp too old": ("gpu-t4", lambda s: s.update(kfp_tag="2.3.0"), "KFP API", "2.3.0", "upgrade"),
+    "no trainjob crd": ("gpu-a100-x4", lambda s: s["crds"].discard("trainjobs.trainer.kubeflow.org"),
+                        "CRD trainjobs.trainer.kubeflow.org", "not installed", "kubeflow/trainer"),
+    "no runtime": ("gpu-a100-x4", lambda s: s.update(runtime=False), "ClusterTrainingRuntime torch-distributed",
+                   "not installed", "overlays/runtimes"),
+    "no service account": ("gpu-t4", lambda s: s["service_accounts"].pop("sfa-vivit"),
+                           "service account kubeflow/sfa-vivit", "does not exist", "k8s/service-account.yaml"),
+    "no rights": ("gpu-t4", lambda s: s["denied"].update({("create", "workflowtaskresults"), ("get", "configmaps")}),
+                  "rights of sfa-vivit", "create workflowtaskresults", "k8s/rbac.yaml"),
+    "no job rights": ("gpu-a100-x4", lambda s: s["denied"].add(("create", "trainjobs")), "rights of sfa-vivit",
+                      "create trainjobs", "k8s/rbac.yaml"),
+    "no workload identity": ("gpu-t4", lambda s: s["service_accounts"].update({"sfa-vivit": {}}),
+                             "Workload Identity of sfa-vivit", "cannot write gs://bucket/runs", "kubectl annotate"),
+    "t4 node too small": ("gpu-t4", lambda s: s["nodes"].__setitem__(1, node(
+        "t4-0", "t4", "5910m", "47284372Ki", T4, gpus=1, taint="nvidia.com/gpu")),
+        "nodes for evaluate, evaluate-2, memory-benchmark …", "5910m CPUs allocatable < 7 requested",
+        "--machine-type n1-highmem-8"),
+    "no gpu pool": ("gpu-t4", lambda s: s["nodes"].pop(1), "nodes for evaluate, evaluate-2, memory-benchmark …",
+                    "no node has those labels", "--accelerator type=nvidia-tesla-t4,count=1"),
+    "taint not tolerated": ("gpu-t4", lambda s: s["nodes"].__setitem__(0, node(
+        "cpu-0", "default", "15890m", "60055056Ki", taint="dedicated")),
+        "nodes for join-sets, join-sets-2, join-sets-3 …", "taint dedicated", "node pool"),
+    "three of four a100 nodes": ("gpu-a100-x4", lambda s: s["nodes"].pop(), "4 nodes for the training job",
+                                 "3 node(s) can hold a worker", "--node-pool a100 --num-nodes 4"),
+    "image missing": ("gpu-t4", lambda s: s.update(images=set()), "image {server}/team/sfa-vivit:0.1.0-cuda",
+                      "not in its registry (HTTP 404)", "build and push"),
+    "mlflow down": ("gpu-t4", lambda s: s.update(mlflow=False), "MLflow", "HTTP 503", "k8s/mlflow.yaml"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_broken_cluster_fails_that_check_and_names_the_fix(cluster, server, name, capsys):
+    profile, breaks, row, detail, fix = BROKEN[name]
+    breaks(cluster[0])
+    rows = run(cluster, server, profile)
+    row = row.format(server=server)
+    assert row in failed(rows), doctor.table(list(rows.values()))
+    assert detail in rows[row].detail and fix in rows[row].fix, rows[row]
+    others = set(failed(rows)) - {row}
+    # One break, one failing row; a tainted general pool fails every CPU step's row, and only those.
+    if name == "taint not tolerated":
+        others = {o for o in others if not o.startswith("nodes for ")}
+    assert not others, others
+    _, kubeconfig, pipeline = cluster
+    code = main(["cluster", "doctor", pipeline(profile), "--host", f"http://{server}", "--kubeconfig", kubeconfig,
+                 "--pipeline-root", "gs://bucket/runs", "--param",
+                 'tracking_uri="http://mlflow.sfa-vivit.svc.cluster.local:5000"'])
+    out = capsys.readouterr().out
+    assert code == 1 and f"✗ {row}" in out and "fix: " in out
+
+
+def test_untracked_runs_pass_and_an_unset_tracking_uri_fails(cluster, server):
+    assert run(cluster, server, params={"tracking_uri": "none"})["MLflow"].status == "ok"
+    assert run(cluster, server, params={})["MLflow"].status == "fail"
+
+
+def test_the_rights_asked_cover_what_kfp_argo_and_our_launcher_call():
+    """RUN_RIGHTS + JOB_RIGHTS hold every call of tests/data/kfp/needs.yaml (read from the upstream source)."""
+    import yaml
+    needs = yaml.safe_load((DATA / "kfp" / "needs.yaml").read_text())["needs"]
+    asked = set(doctor.RUN_RIGHTS) | {r for rights in doctor.JOB_RIGHTS.values() for r in rights}
+    for need in needs:
+        for verb in need["verbs"]:
+            if verb in ("list", "watch") and need["resource"] != "pods":
+                continue
+            assert (need["apiGroup"], need["resource"], verb) in asked, need
+
+
+def test_quantities_read_as_kubernetes_writes_them():
+    assert doctor.quantity("7910m") == pytest.approx(7.91)
+    assert doctor.quantity("42G") == 42e9 and doctor.quantity("45Gi") == 45 * 2**30
+    assert doctor.quantity("47284372Ki") == 47284372 * 1024 and doctor.quantity(3) == 3.0
+    with pytest.raises(Exception, match="quantity"):
+        doctor.quantity("7 cores")
+
+
+def test_an_unreadable_pipeline_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("just: text\n")
+    assert main(["cluster", "doctor", str(bad), "--host", "http://127.0.0.1:9"]) == 2
+    assert "not a compiled KFP pipeline" in capsys.readouterr().err
