@@ -68,3 +68,46 @@ def test_cli_rejects_bad_options_before_any_work(tmp_path, capsys):
     assert main(["data", "synth-vit", "--out", str(tmp_path / "v"), "--difficulty", "impossible"]) != 0
     assert "difficulty='impossible'" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
+
+
+def test_textures_world_draws_real_photographs_and_its_target_is_the_fur():
+    """The textures world: a photographic background, objects cut from photographs, the target the cat's fur."""
+    options = synth.SynthOptions(size=64, difficulty="textures")
+    # A scene whose target is drawn last, so that nothing covers it.
+    seed = next(s for s in range(100) if (lambda sc: sc.target == len(sc.objects) - 1)(
+        synth.scene(3, options, random.Random(s))))
+    scene = synth.scene(3, options, random.Random(seed))
+    assert scene.background is not None and scene.objects[scene.target][0][0] == synth.TARGET_TEXTURE
+    assert all(look[0] != synth.TARGET_TEXTURE for i, (look, _) in enumerate(scene.objects) if i != scene.target)
+    video = synth.draw(scene, options, random.Random("noise"))
+    assert video.shape == (32, 64, 64, 3) and video.dtype.name == "uint8"
+    # The target's square shows its part of the fur photo (up to the noise), wherever it is.
+    index, tx, ty = scene.objects[scene.target][0]
+    fur = synth.photo(synth.TEXTURES[index], synth.TEXTURE_SIDE)[ty:ty + scene.side, tx:tx + scene.side]
+    for t in (0, 31):
+        x, y = (int(round(v)) for v in scene.objects[scene.target][1][t])
+        patch = video[t, y:y + scene.side, x:x + scene.side].astype(float)
+        assert abs(patch - fur.astype(float)).mean() < 6, t
+    # Deterministic: the same seed gives the same pixels.
+    assert (synth.render(3, options, random.Random(seed)) == synth.render(3, options, random.Random(seed))).all()
+
+
+def test_texture_task_labels_what_a_still_shows_never_where():
+    options = image_vit.ImageViTOptions(difficulty="textures", task="texture", videos=30, frames_per_video=2)
+    x, y = image_vit.frames(options, "train", 64)
+    assert x.shape == (60, 3, 64, 64) and set(y.tolist()) <= set(range(len(synth.TEXTURES)))
+    assert len(set(y.tolist())) > 3 and image_vit.num_labels(options) == len(synth.TEXTURES)
+    x2, y2 = image_vit.frames(options, "train", 64)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    # The same texture anywhere in the frame gets the same label: a still's label carries no position.
+    rng = random.Random(0)
+    labels = {synth.still(synth.SynthOptions(size=64, difficulty="textures"), rng)[1] for _ in range(40)}
+    assert labels == set(range(len(synth.TEXTURES)))
+    with pytest.raises(ValueError, match="task=.texture. needs a textured world"):
+        image_vit.ImageViTOptions(task="texture").validate()
+    # object_cell: one object of any texture, labelled with the 4 x 4 cell of its centre.
+    cells = image_vit.ImageViTOptions(difficulty="textures", task="object_cell", videos=40, frames_per_video=1)
+    x, y = image_vit.frames(cells, "train", 64)
+    assert image_vit.num_labels(cells) == 16 and y.max() < 16 and len(set(y.tolist())) > 8
+    with pytest.raises(ValueError, match="task='where'"):
+        image_vit.ImageViTOptions(task="where").validate()

@@ -6,9 +6,16 @@ find the target square in a frame: it waits at chance for a number of steps that
 (a plateau we measured from 3 to more than 12 epochs), so a from-scratch comparison of two recipes
 measures the seed. This module makes the image checkpoint for the synthetic data instead:
 
-- data: single frames of synthetic scenes (`synth.scene` + `synth.draw`, the videos' renderer, from a
-  seed space of its own), each labelled with the cell of a `grid` x `grid` partition of the frame that
-  holds the target square's centre. Distractors and noise as in the videos' difficulty.
+- data (task `cell`): single frames of synthetic scenes (`synth.scene` + `synth.draw`, the videos'
+  renderer, from a seed space of its own), each labelled with the cell of a `grid` x `grid` partition of
+  the frame that holds the target square's centre. Distractors and noise as in the videos' difficulty.
+  This checkpoint already knows where the target is: the features the video task needs.
+- data (task `texture`, the `textures` world only): stills of the same photographic world
+  (`synth.still`), labelled with the texture their objects show, never with where they are. Like an
+  ImageNet checkpoint for Kinetics, it sees the videos' world but not the features their labels need.
+  Task `object_cell`: one object of any texture per still, labelled with the cell of a 4 x 4 grid that
+  holds it: where an object is, never which of several (a video's frame holds four, and the label follows
+  the one with the cat's fur).
 - model: Hugging Face `ViTForImageClassification` with the spatial encoder's sizes (width, depth,
   heads, MLP, patch, image size) taken from the recipe, so that `load_image_vit` maps it one to one.
 - training: AdamW, linear warm-up then cosine, batch 32 (a from-scratch ViT needs many updates more
@@ -51,6 +58,8 @@ REPORT = "image_vit.json"
 @dataclasses.dataclass(frozen=True)
 class ImageViTOptions:
     difficulty: str = "medium"      # of the synthetic videos the checkpoint is for
+    task: str = "cell"              # the label: 'cell' (where the target is), 'texture' (what is shown) or
+                                    # 'object_cell' (where the one object of a still is, whatever it is)
     videos: int = 2000              # training scenes (frames_per_video frames each)
     val_videos: int = 200
     frames_per_video: int = 4
@@ -64,6 +73,11 @@ class ImageViTOptions:
 
     def validate(self) -> None:
         synth.SynthOptions(difficulty=self.difficulty).validate()
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {list(TASKS)}")
+        if self.task != "cell" and not synth.DIFFICULTY[self.difficulty].get("textured"):
+            raise ValueError(f"task={self.task!r} needs a textured world (difficulty='textures'), "
+                             f"not {self.difficulty!r}")
         for name in ("videos", "val_videos", "frames_per_video", "grid", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -72,13 +86,28 @@ class ImageViTOptions:
                              f"{synth.SynthOptions().num_frames} frames")
 
 
+TASKS = ("cell", "texture", "object_cell")
+
+
+def num_labels(options: ImageViTOptions) -> int:
+    return {"cell": options.grid ** 2, "texture": len(synth.TEXTURES),
+            "object_cell": 16}[options.task]
+
+
 def frames(options: ImageViTOptions, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 frames (N, 3, size, size), target cells (N,)) of `split` ('train' or 'val')."""
+    """(uint8 frames (N, 3, size, size), labels (N,)) of `split` ('train' or 'val'): the target's cell, or
+    the texture shown (task `texture`: `frames_per_video` stills per 'video')."""
     count = options.videos if split == "train" else options.val_videos
     scene_options = synth.SynthOptions(size=size, difficulty=options.difficulty)
     images, labels = [], []
     for i in range(count):
         rng = random.Random(f"image-vit/{options.seed}/{split}/{i}")
+        if options.task != "cell":
+            for _ in range(options.frames_per_video):
+                image, label = synth.still(scene_options, rng, "cell" if options.task == "object_cell" else "texture")
+                images.append(image)
+                labels.append(label)
+            continue
         scene = synth.scene(i % len(synth.CLASSES), scene_options, rng)
         video = synth.draw(scene, scene_options, rng)
         for t in rng.sample(range(scene_options.num_frames), options.frames_per_video):
@@ -128,7 +157,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return normalize(x.float().div_(255), config.mean, config.std)
 
-    model = ViTForImageClassification(hf_config(config, options.grid ** 2))
+    model = ViTForImageClassification(hf_config(config, num_labels(options)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     generator = torch.Generator().manual_seed(options.seed)
     bar = progress_bar(range(options.steps), desc="image ViT", unit="step", disable=not progress)
@@ -151,7 +180,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
         correct = sum(int((model(pixel_values=prepare(x_val[i:i + 256])).logits.argmax(-1)
                            == y_val[i:i + 256]).sum()) for i in range(0, len(x_val), 256))
     report = {**wanted, "val_accuracy": round(100.0 * correct / len(x_val), 2),
-              "chance_accuracy": round(100.0 / options.grid ** 2, 2), "final_loss": round(loss.item(), 4),
+              "chance_accuracy": round(100.0 / num_labels(options), 2), "final_loss": round(loss.item(), 4),
               "time_s": round(time.perf_counter() - start, 1), "train_frames": len(x_train)}
     # Whole folder or nothing: written beside `out`, then renamed into place.
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
