@@ -400,6 +400,14 @@ def test_the_image_is_chosen_at_compile_time_and_tpu_profiles_get_the_tpu_flavou
     assert images(out) == {image_for("tpu", "europe-docker.pkg.dev/p/r/sfa")}
     out = runner.compile_pipeline("sfa", "gpu-a100", str(tmp_path / "s.yaml"), image="registry.example/sfa:mine")
     assert images(out) == {"registry.example/sfa:mine"}
+    # The commit's tag, and a digest pinned through --image.
+    out = runner.compile_pipeline("sfa", "gpu-t4", str(tmp_path / "t.yaml"), registry="reg.example/sfa",
+                                  tag="0.1.0-1a2b3c4")
+    assert images(out) == {"reg.example/sfa:0.1.0-1a2b3c4-cuda"}
+    pinned = "reg.example/sfa@sha256:" + "ab" * 32
+    assert images(runner.compile_pipeline("sfa", "gpu-t4", str(tmp_path / "d.yaml"), image=pinned)) == {pinned}
+    with pytest.raises(ValueError, match="not a valid tag"):
+        image_for("cuda", "reg.example/sfa", "bad tag")
     with pytest.raises(runner.PipelineError, match="not an image reference"):
         runner.set_image(out, "two words")
 
@@ -567,7 +575,12 @@ def test_dockerfiles_pass_hadolint_and_the_build_definition_builds_every_flavour
     steps = {tuple(s["args"][s["args"].index("-f") + 1:s["args"].index("-f") + 4]) for s in build["steps"]}
     expected = {(f"containers/Dockerfile.{f}", "-t", f"${{_REGISTRY}}:${{_VERSION}}-{f}") for f in FLAVOURS}
     assert steps == expected
-    assert set(build["images"]) == {f"${{_REGISTRY}}:${{_VERSION}}-{f}" for f in FLAVOURS}
+    # Every image is also tagged with the commit it was built from, and both tags are pushed.
+    tags = {f: [a for s in build["steps"] if f"containers/Dockerfile.{f}" in s["args"]
+                for a in s["args"] if "${_REGISTRY}" in a]
+            for f in FLAVOURS}
+    assert all(f"${{_REGISTRY}}:${{_VERSION}}-${{_COMMIT}}-{f}" in tags[f] for f in FLAVOURS), tags
+    assert set(build["images"]) == {t for f in FLAVOURS for t in tags[f]}
 
 
 def test_the_reports_curves_put_stage2_after_stage1_on_one_time_axis():

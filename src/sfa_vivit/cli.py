@@ -272,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --name: the YAML file to write")
     p.add_argument("--registry", help="with --name: REGISTRY/NAME of your images; the profile's flavour tag "
                                       "(<version>-cpu|cuda|tpu) is added")
-    p.add_argument("--image", help="with --name: one image for every step (overrides --registry)")
+    p.add_argument("--tag", help="with --registry: the tag before -<flavour> (default: the package version; "
+                                 "containers/cloudbuild.yaml also pushes <version>-<commit>)")
+    p.add_argument("--image", help="with --name: one image for every step (overrides --registry); pin a digest "
+                                   "with REGISTRY/NAME@sha256:...")
     p.add_argument("--operator", default="trainjob", choices=["trainjob", "pytorchjob"],
                    help="with --name and a multi-node profile (gpu-a100-x4, ...): Kubeflow Trainer v2 TrainJob, or "
                         "the v1 Training Operator's PyTorchJob")
@@ -638,7 +641,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                 out = args.out or f"{args.name}-{args.profile}.yaml"
                 print(runner.compile_pipeline(args.name, args.profile, out, args.target, image=args.image,
                                               registry=args.registry, operator=args.operator,
-                                              prep_parallelism=args.prep_parallelism, queue=args.queue))
+                                              prep_parallelism=args.prep_parallelism, queue=args.queue,
+                                              tag=args.tag))
             else:
                 print("\n".join(runner.compile_all(args.root)))
         elif args.pipeline_command == "manifests":

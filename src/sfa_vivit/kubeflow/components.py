@@ -7,6 +7,7 @@ rewrites it and a test fails when it is stale.
 """
 
 
+import re
 from typing import List
 
 from kfp import dsl
@@ -21,11 +22,14 @@ REGISTRY = "ghcr.io/sfa-vivit/sfa-vivit"
 FLAVOURS = ("cpu", "cuda", "tpu")
 
 
-def image_for(flavour: str, registry: str = REGISTRY) -> str:
-    """`registry:<package version>-<flavour>`."""
+def image_for(flavour: str, registry: str = REGISTRY, tag: str | None = None) -> str:
+    """`registry:<tag>-<flavour>`, the tag being the package version unless given (containers/cloudbuild.yaml
+    pushes `<version>-<flavour>` and `<version>-<commit>-<flavour>`)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"image flavour {flavour!r} is not one of {list(FLAVOURS)}")
-    return f"{registry.rstrip('/')}:{__version__}-{flavour}"
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}", tag):
+        raise ValueError(f"image tag {tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 101)")
+    return f"{registry.rstrip('/')}:{tag or __version__}-{flavour}"
 
 
 IMAGE = image_for("cuda")

@@ -47,9 +47,10 @@ def _builder(name: str):
 
 def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow", *, image: str | None = None,
                      registry: str | None = None, operator: str = "trainjob",
-                     prep_parallelism: int | None = None, queue: str = "") -> str:
+                     prep_parallelism: int | None = None, queue: str = "", tag: str | None = None) -> str:
     """Compile pipeline `name` for `profile` into `out`. Every executor runs `image` when given, else the
-    profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's). operator: what runs a
+    profile's flavour (cpu, cuda, tpu) of `registry` (default: the project's) with `tag` (default: the
+    package version; `image` may pin a digest: REGISTRY/NAME@sha256:...). operator: what runs a
     multi-node profile's training on Kubeflow ('trainjob': Kubeflow Trainer v2; 'pytorchjob': v1).
     prep_parallelism: data-prep pieces that run at once (default pipelines.PREP_PARALLELISM). queue: the Kueue
     LocalQueue a multi-node profile's jobs go to (gang scheduling), none by default."""
@@ -59,7 +60,7 @@ def compile_pipeline(name: str, profile: str, out: str, target: str = "kubeflow"
     from sfa_vivit.kubeflow.components import REGISTRY, image_for
     parallelism = pipelines.PREP_PARALLELISM if prep_parallelism is None else prep_parallelism
     compiler.Compiler().compile(_builder(name)(profile, target, operator, parallelism, queue), out)
-    set_image(out, image or image_for(profiles.get(profile).image_flavour, registry or REGISTRY))
+    set_image(out, image or image_for(profiles.get(profile).image_flavour, registry or REGISTRY, tag))
     return out
 
 
