@@ -293,3 +293,152 @@ def test_an_unreadable_pipeline_is_one_clear_line(tmp_path, capsys):
     bad.write_text("just: text\n")
     assert main(["cluster", "doctor", str(bad), "--host", "http://127.0.0.1:9"]) == 2
     assert "not a compiled KFP pipeline" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Vertex AI: Google's APIs on loopback, shaped by their discovery documents (tests/data/gcp/discovery.json)
+# ----------------------------------------------------------------------------------------------
+
+SA = "sfa-vivit@proj.iam.gserviceaccount.com"
+ME = "user:me@example.com"
+
+
+def vertex_healthy() -> dict:
+    member = f"serviceAccount:{SA}"
+    return {"disabled": set(), "i_may_act_as": True,
+            "project_bindings": [{"role": "roles/aiplatform.user", "members": [member]}],
+            "account_bindings": [{"role": "roles/iam.serviceAccountUser", "members": [ME, member]}],
+            "bucket_bindings": [{"role": "roles/storage.objectAdmin", "members": [member]}],
+            "zones_with": {"nvidia-tesla-t4": {"us-central1-b"}, "nvidia-tesla-a100": {"us-central1-a"}},
+            "sent": []}
+
+
+class GoogleFake(BaseHTTPRequestHandler):
+    state: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict) -> None:
+        self.state["sent"].append(body)
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, code: int, status: str) -> None:
+        # Google APIs' error body.
+        self._send(code, {"error": {"code": code, "message": status.lower(), "status": status}})
+
+    def do_GET(self):
+        s, path = self.state, self.path
+        found = re.fullmatch(r"/serviceusage/v1/projects/([^/]+)/services/([^/]+)", path)
+        if found:
+            return self._send(200, {"name": f"projects/123/services/{found.group(2)}", "parent": "projects/123",
+                                    "config": {"name": found.group(2)},
+                                    "state": "DISABLED" if found.group(2) in s["disabled"] else "ENABLED"})
+        found = re.fullmatch(r"/storage/v1/b/([^/]+)/iam", path)
+        if found:
+            return self._send(200, {"kind": "storage#policy", "resourceId": f"projects/_/buckets/{found.group(1)}",
+                                    "version": 1, "etag": "CAE=", "bindings": s["bucket_bindings"]})
+        found = re.fullmatch(r"/compute/v1/projects/([^/]+)/regions/([^/]+)", path)
+        if found:
+            project, region = found.groups()
+            return self._send(200, {"kind": "compute#region", "name": region, "status": "UP", "zones": [
+                f"https://www.googleapis.com/compute/v1/projects/{project}/zones/{region}-{z}" for z in "abcf"]})
+        found = re.fullmatch(r"/compute/v1/projects/[^/]+/zones/([^/]+)/acceleratorTypes/([^/]+)", path)
+        if found:
+            zone, name = found.groups()
+            if zone not in s["zones_with"].get(name, set()):
+                return self._error(404, "NOT_FOUND")
+            return self._send(200, {"kind": "compute#acceleratorType", "name": name, "zone": zone,
+                                    "maximumCardsPerInstance": 8})
+        self._error(404, "NOT_FOUND")
+
+    def do_POST(self):
+        s, path = self.state, self.path
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path.endswith(":testIamPermissions"):
+            return self._send(200, {"permissions": ["iam.serviceAccounts.actAs"]} if s["i_may_act_as"] else {})
+        if re.fullmatch(r"/iam/v1/projects/-/serviceAccounts/[^/]+:getIamPolicy", path):
+            return self._send(200, {"version": 1, "etag": "BwX=", "bindings": s["account_bindings"]})
+        if re.fullmatch(r"/resourcemanager/v1/projects/[^/]+:getIamPolicy", path):
+            return self._send(200, {"version": 1, "etag": "BwY=", "bindings": s["project_bindings"]})
+        self._error(404, "NOT_FOUND")
+
+
+@pytest.fixture(scope="module")
+def google():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), GoogleFake)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield {name: f"{base}/{name}/v1" if name != "storage" else f"{base}/storage/v1"
+           for name in ("serviceusage", "iam", "resourcemanager", "storage", "compute")}
+    httpd.shutdown()
+
+
+def vertex_rows(google, profile="gpu-t4", account=SA):
+    import requests
+    package = str(REPO / "pipelines" / f"sfa-{profile}.yaml")
+    rows = doctor.doctor_vertex(package, "proj/us-central1", service_account=account, pipeline_root="gs://bkt/sfa",
+                                session=requests.Session(), apis=google, image_status=lambda image: 200)
+    return {r.check: r for r in rows}
+
+
+@pytest.mark.parametrize("profile", ["gpu-t4", "gpu-a100-x4"])
+def test_vertex_a_healthy_project_passes_every_check(google, profile):
+    GoogleFake.state = vertex_healthy()
+    rows = vertex_rows(google, profile)
+    assert not failed(rows), doctor.table(list(rows.values()))
+    assert ("the account may act as itself" in rows) == (profile == "gpu-a100-x4")   # custom jobs only
+    name = "nvidia-tesla-t4" if profile == "gpu-t4" else "nvidia-tesla-a100"
+    assert rows[f"{name} in us-central1"].detail == ("offered in us-central1-b" if profile == "gpu-t4"
+                                                     else "offered in us-central1-a")
+
+
+VERTEX_BROKEN = {
+    "api off": ("gpu-t4", lambda s: s["disabled"].add("aiplatform.googleapis.com"), "API aiplatform.googleapis.com",
+                "gcloud services enable aiplatform.googleapis.com"),
+    "cannot act as": ("gpu-t4", lambda s: s.update(i_may_act_as=False), "you may act as the run's account",
+                      "roles/iam.serviceAccountUser"),
+    "no vertex role": ("gpu-t4", lambda s: s.update(project_bindings=[]), "Vertex AI user", "roles/aiplatform.user"),
+    "not itself": ("gpu-a100-x4", lambda s: s.update(account_bindings=[{"role": "roles/iam.serviceAccountUser",
+                                                                        "members": [ME]}]),
+                   "the account may act as itself", f"--member serviceAccount:{SA}"),
+    "bucket": ("gpu-t4", lambda s: s.update(bucket_bindings=[{"role": "roles/storage.objectViewer",
+                                                              "members": [f"serviceAccount:{SA}"]}]),
+               "bucket bkt", "roles/storage.objectAdmin"),
+    "no t4 here": ("gpu-t4", lambda s: s["zones_with"].pop("nvidia-tesla-t4"), "nvidia-tesla-t4 in us-central1",
+                   "choose a region"),
+}
+
+
+@pytest.mark.parametrize("name", list(VERTEX_BROKEN))
+def test_vertex_a_broken_project_fails_that_check_and_names_the_fix(google, name):
+    profile, breaks, row, fix = VERTEX_BROKEN[name]
+    GoogleFake.state = vertex_healthy()
+    breaks(GoogleFake.state)
+    rows = vertex_rows(google, profile)
+    assert set(failed(rows)) == {row}, doctor.table(list(rows.values()))
+    assert fix in rows[row].fix
+
+
+def test_vertex_without_an_account_says_which_to_give(google):
+    GoogleFake.state = vertex_healthy()
+    rows = vertex_rows(google, account=None)
+    assert "--service-account" in rows["run's service account"].fix
+
+
+def test_the_google_fakes_answer_only_with_fields_their_discovery_documents_define(google):
+    """Every top-level field the fake sent is a property of the response schema of its method."""
+    discovery = json.loads((DATA / "gcp" / "discovery.json").read_text())
+    allowed = set().union(*(m["properties"] for m in discovery["methods"].values())) | {"error"}
+    bindings = set(discovery["binding_properties"])
+    GoogleFake.state = vertex_healthy()
+    vertex_rows(google, "gpu-a100-x4")
+    for body in GoogleFake.state["sent"]:
+        assert set(body) <= allowed, body
+        for binding in body.get("bindings", []):
+            assert set(binding) <= bindings, binding

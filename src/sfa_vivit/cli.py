@@ -328,9 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = cluster.add_parser("doctor", help="check, read-only, that a cluster has what a run of a compiled pipeline "
                                           "needs (KFP, CRDs, service account and its rights, nodes, images, MLflow)")
     p.add_argument("package", help="compiled pipeline YAML, e.g. pipelines/sfa-gpu-t4.yaml")
-    p.add_argument("--host", required=True, help="KFP endpoint, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--host", help="KFP endpoint, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--vertex", metavar="PROJECT/REGION", help="check Vertex AI Pipelines instead of a KFP cluster "
+                                                              "(with your Application Default Credentials)")
     p.add_argument("--namespace", default="kubeflow", help="namespace the run's pods run in")
-    p.add_argument("--service-account", default="sfa-vivit", help="the run's Kubernetes service account")
+    p.add_argument("--service-account", help="the run's Kubernetes service account (default sfa-vivit), or with "
+                                             "--vertex its Google service account (SA@PROJECT.iam.gserviceaccount.com)")
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH the run will write (checks Workload Identity)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                    help="a pipeline parameter as the run will get it (tracking_uri is checked)")
@@ -412,10 +415,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sfa_vivit.kubeflow import doctor
             from sfa_vivit.kubeflow.runner import PipelineError
             try:
-                rows = doctor.doctor(args.package, host=args.host, namespace=args.namespace,
-                                     service_account=args.service_account, params=_params(args.param),
-                                     auth=_kfp_auth(args), kubeconfig=args.kubeconfig, context=args.context,
-                                     operator=args.operator, pipeline_root=args.pipeline_root)
+                if bool(args.host) == bool(args.vertex):
+                    raise PipelineError("give exactly one of --host (a KFP endpoint) and --vertex PROJECT/REGION")
+                if args.vertex:
+                    rows = doctor.doctor_vertex(args.package, args.vertex, service_account=args.service_account,
+                                                pipeline_root=args.pipeline_root)
+                else:
+                    rows = doctor.doctor(args.package, host=args.host, namespace=args.namespace,
+                                         service_account=args.service_account or "sfa-vivit",
+                                         params=_params(args.param), auth=_kfp_auth(args), kubeconfig=args.kubeconfig,
+                                         context=args.context, operator=args.operator,
+                                         pipeline_root=args.pipeline_root)
             except PipelineError as e:
                 print(f"sfa cluster doctor: error: {one_line(e)}", file=sys.stderr)
                 return 2

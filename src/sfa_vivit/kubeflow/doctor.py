@@ -468,8 +468,148 @@ def check_tracking(kube: Kube | None, uri: str | None, namespace: str) -> list[R
 
 
 # ----------------------------------------------------------------------------------------------
+# Vertex AI
+# ----------------------------------------------------------------------------------------------
+
+# Where each Google API answers (the discovery documents' rootUrl + servicePath; tests point them at loopback).
+GOOGLE_APIS = {"serviceusage": "https://serviceusage.googleapis.com/v1", "iam": "https://iam.googleapis.com/v1",
+               "resourcemanager": "https://cloudresourcemanager.googleapis.com/v1",
+               "storage": "https://storage.googleapis.com/storage/v1", "compute": "https://compute.googleapis.com/compute/v1"}
+VERTEX_APIS = ("aiplatform.googleapis.com", "storage.googleapis.com", "compute.googleapis.com")
+# Roles that hold what each need takes (predefined roles; a custom role is not read here: ⚠ then).
+VERTEX_USER = ("roles/aiplatform.user", "roles/aiplatform.admin", "roles/editor", "roles/owner")
+ACT_AS = ("roles/iam.serviceAccountUser", "roles/editor", "roles/owner")
+BUCKET_WRITER = ("roles/storage.objectAdmin", "roles/storage.objectUser", "roles/storage.admin",
+                 "roles/storage.legacyBucketOwner", "roles/editor", "roles/owner")
+
+
+def _members(policy: dict, roles: tuple[str, ...]) -> set[str]:
+    return {m for b in policy.get("bindings", []) if b.get("role") in roles for m in b.get("members", [])}
+
+
+def _google_session() -> Any:
+    """Requests with the user's Google credentials (Application Default Credentials, as gcloud writes them)."""
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except Exception as e:  # noqa: BLE001 - no credentials: one line with the fix
+        raise PipelineError(f"no Google credentials ({type(e).__name__}): run `gcloud auth application-default "
+                            "login`") from None
+    return AuthorizedSession(credentials)
+
+
+def check_vertex(spec: dict, project: str, region: str, service_account: str | None, root: str | None,
+                 session: Any = None, apis: dict[str, str] | None = None) -> list[Row]:
+    """What a Vertex AI PipelineJob of this pipeline needs: the APIs on, the caller allowed to act as the run's
+    service account, that account a Vertex AI user (and able to act as itself for custom jobs), the bucket
+    writable by it, and the profile's GPUs offered in one of the region's zones."""
+    session = session or _google_session()
+    url = {**GOOGLE_APIS, **(apis or {})}
+    profile = pipeline_profile(spec)
+    rows = []
+
+    def call(method: str, address: str, body: dict | None = None) -> tuple[int, dict]:
+        answer = session.request(method, address, json=body, timeout=15)
+        try:
+            return answer.status_code, answer.json()
+        except ValueError:
+            return answer.status_code, {}
+
+    for api in VERTEX_APIS:
+        status, body = call("GET", f"{url['serviceusage']}/projects/{project}/services/{api}")
+        if status == 200 and body.get("state") == "ENABLED":
+            rows.append(Row(f"API {api}", "ok", "enabled"))
+        elif status == 200:
+            rows.append(Row(f"API {api}", "fail", f"{body.get('state', 'not enabled').lower()} in {project}",
+                            f"gcloud services enable {api} --project {project}"))
+        else:
+            rows.append(Row(f"API {api}", "fail", f"cannot ask Service Usage (HTTP {status})",
+                            "grant yourself roles/serviceusage.serviceUsageViewer, or check --vertex PROJECT"))
+    if not service_account:
+        rows.append(Row("run's service account", "fail", "none given: the run would use Compute Engine's default "
+                        "account, which does not hold our bucket rights", "pass --service-account SA@PROJECT.iam."
+                        "gserviceaccount.com"))
+        return rows
+    member = f"serviceAccount:{service_account}"
+    account = f"{url['iam']}/projects/-/serviceAccounts/{service_account}"
+    status, body = call("POST", f"{account}:testIamPermissions", {"permissions": ["iam.serviceAccounts.actAs"]})
+    if status == 200 and "iam.serviceAccounts.actAs" in body.get("permissions", []):
+        rows.append(Row("you may act as the run's account", "ok", f"iam.serviceAccounts.actAs on {service_account}"))
+    else:
+        rows.append(Row("you may act as the run's account", "fail",
+                        f"no iam.serviceAccounts.actAs on {service_account}" + (f" (HTTP {status})" if status != 200
+                                                                                else ""),
+                        f"gcloud iam service-accounts add-iam-policy-binding {service_account} --role "
+                        "roles/iam.serviceAccountUser --member user:YOU@EXAMPLE.COM"))
+    status, project_policy = call("POST", f"{url['resourcemanager']}/projects/{project}:getIamPolicy", {})
+    if status != 200:
+        rows.append(Row("roles of the run's account", "warn", f"cannot read {project}'s IAM policy (HTTP {status})",
+                        "ask for roles/iam.securityReviewer to let the doctor read it"))
+        project_policy = None
+    elif member in _members(project_policy, VERTEX_USER):
+        rows.append(Row("Vertex AI user", "ok", f"{service_account} may run pipelines and jobs in {project}"))
+    else:
+        rows.append(Row("Vertex AI user", "fail", f"{service_account} has no Vertex AI role in {project}",
+                        f"gcloud projects add-iam-policy-binding {project} --role roles/aiplatform.user "
+                        f"--member {member}"))
+    if profile is not None and profile.vertex_custom_job:
+        status, own = call("POST", f"{account}:getIamPolicy", {})
+        holders = _members(own, ACT_AS) | (_members(project_policy, ACT_AS) if project_policy else set())
+        if status == 200 and member in holders:
+            rows.append(Row("the account may act as itself", "ok", "its custom jobs can run as it"))
+        else:
+            rows.append(Row("the account may act as itself", "fail", f"{service_account} cannot start custom jobs "
+                            "that run as itself" + (f" (HTTP {status})" if status != 200 else ""),
+                            f"gcloud iam service-accounts add-iam-policy-binding {service_account} --role "
+                            f"roles/iam.serviceAccountUser --member {member}"))
+    if root and root.startswith("gs://"):
+        bucket = root[len("gs://"):].split("/", 1)[0]
+        status, policy = call("GET", f"{url['storage']}/b/{bucket}/iam")
+        writers = _members(policy, BUCKET_WRITER) if status == 200 else set()
+        writers |= _members(project_policy, BUCKET_WRITER) if project_policy else set()
+        if member in writers:
+            rows.append(Row(f"bucket {bucket}", "ok", f"{service_account} may write it"))
+        else:
+            rows.append(Row(f"bucket {bucket}", "fail", f"{service_account} may not write gs://{bucket}"
+                            + (f" (bucket policy: HTTP {status})" if status != 200 else ""),
+                            f"gcloud storage buckets add-iam-policy-binding gs://{bucket} --role "
+                            f"roles/storage.objectAdmin --member {member}"))
+    if profile is not None and profile.vertex_accelerator and profile.vertex_accelerator.startswith("NVIDIA_"):
+        name = profile.vertex_accelerator.lower().replace("_", "-")
+        status, body = call("GET", f"{url['compute']}/projects/{project}/regions/{region}")
+        zones = [z.rsplit("/", 1)[-1] for z in body.get("zones", [])] if status == 200 else []
+        offered = [z for z in zones
+                   if call("GET", f"{url['compute']}/projects/{project}/zones/{z}/acceleratorTypes/{name}")[0] == 200]
+        if offered:
+            rows.append(Row(f"{name} in {region}", "ok", f"offered in {', '.join(offered)}"))
+        elif status != 200:
+            rows.append(Row(f"{name} in {region}", "fail", f"cannot read region {region} (HTTP {status})",
+                            "check --vertex PROJECT/REGION"))
+        else:
+            rows.append(Row(f"{name} in {region}", "fail", f"no zone of {region} offers it",
+                            "choose a region that does: https://cloud.google.com/vertex-ai/docs/general/locations"))
+    elif profile is not None and profile.vertex_accelerator:
+        rows.append(Row(f"{profile.vertex_accelerator} in {region}", "warn", "TPU offers are not listed by an API "
+                        "we can ask", "check https://cloud.google.com/vertex-ai/docs/training/training-with-tpu-vm"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # All of it
 # ----------------------------------------------------------------------------------------------
+
+def doctor_vertex(package: str, vertex: str, *, service_account: str | None = None, pipeline_root: str | None = None,
+                  session: Any = None, apis: dict[str, str] | None = None,
+                  image_status: Callable[[str], int] | None = None) -> list[Row]:
+    """Every check for one Vertex AI run of `package` in `vertex` (PROJECT/REGION)."""
+    project, _, region = vertex.partition("/")
+    if not project or not region:
+        raise PipelineError(f"--vertex {vertex!r}: expected PROJECT/REGION")
+    spec, _, steps = read_pipeline(package)
+    return [*check_vertex(spec, project, region, service_account, pipeline_root, session, apis),
+            *check_images(steps, image_status)]
+
 
 def doctor(package: str, *, host: str, namespace: str = "kubeflow", service_account: str = "sfa-vivit",
            params: dict[str, Any] | None = None, auth: KfpAuth = KfpAuth(), kubeconfig: str | None = None,
@@ -519,5 +659,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Row", "Step", "doctor", "read_pipeline", "quantity", "table", "check_nodes", "check_images",
-           "check_kfp", "check_operator", "check_service_account", "check_tracking", "RUN_RIGHTS", "JOB_RIGHTS"]
+__all__ = ["Row", "Step", "doctor", "doctor_vertex", "check_vertex", "read_pipeline", "quantity", "table",
+           "check_nodes", "check_images", "check_kfp", "check_operator", "check_service_account", "check_tracking",
+           "RUN_RIGHTS", "JOB_RIGHTS"]
