@@ -726,3 +726,22 @@ def test_the_build_context_leaves_out_environments_and_keeps_what_the_dockerfile
                 for source in line.split()[1:-1]:
                     assert (ROOT / source).exists(), (dockerfile.name, source)
                     assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), (dockerfile.name, source)
+
+
+def test_submit_takes_parameters_from_yaml_or_json_files_and_param_items_win(tmp_path, capsys):
+    from sfa_vivit.cli import _params
+    (tmp_path / "a.yaml").write_text("dataset: kinetics400\nprep_parts: 32\nvideos: gs://b/k400/videos\n")
+    (tmp_path / "b.json").write_text('{"prep_parts": 16, "require_tracking": true}')
+    params = _params(['dataset="ssv2"'], [str(tmp_path / "a.yaml"), str(tmp_path / "b.json")])
+    assert params == {"dataset": "ssv2", "prep_parts": 16, "videos": "gs://b/k400/videos", "require_tracking": True}
+    (tmp_path / "list.yaml").write_text("- dataset\n")
+    with pytest.raises(ValueError, match="list.yaml: expected a map of parameter name to value"):
+        _params([], [str(tmp_path / "list.yaml")])
+    with pytest.raises(ValueError, match="missing.yaml: cannot read it"):
+        _params([], [str(tmp_path / "missing.yaml")])
+    # Through the command line: a misspelt name in the file is refused before any request, as --param's is.
+    (tmp_path / "typo.yaml").write_text("vidoes: gs://b/v\n")
+    from sfa_vivit.cli import main
+    code = main(["pipeline", "submit", str(ROOT / "pipelines" / "sfa-cpu.yaml"), "--host", "http://127.0.0.1:9",
+                 "--params-file", str(tmp_path / "typo.yaml")])
+    assert code != 0 and "no parameter(s) ['vidoes']" in capsys.readouterr().err

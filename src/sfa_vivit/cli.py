@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vertex", metavar="PROJECT/REGION")
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
     p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="a pipeline parameter")
+    p.add_argument("--params-file", action="append", default=[], metavar="FILE",
+                   help="pipeline parameters from a YAML or JSON map (name: value); --param items win")
     p.add_argument("--experiment", default="sfa-vivit")
     p.add_argument("--service-account", help="Kubernetes (KFP) or Google (Vertex) service account of the run's pods "
                                               "(on Vertex its custom jobs run as it too)")
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH the run will write (checks Workload Identity)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
                    help="a pipeline parameter as the run will get it (tracking_uri is checked)")
+    p.add_argument("--params-file", action="append", default=[], metavar="FILE",
+                   help="pipeline parameters from a YAML or JSON map, as submit takes them")
     p.add_argument("--operator", default="trainjob", choices=["trainjob", "pytorchjob"],
                    help="what a multi-node profile's steps create (as compiled)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or ~/.kube/config, as kubectl)")
@@ -423,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     rows = doctor.doctor(args.package, host=args.host, namespace=args.namespace,
                                          service_account=args.service_account or "sfa-vivit",
-                                         params=_params(args.param), auth=_kfp_auth(args), kubeconfig=args.kubeconfig,
+                                         params=_params(args.param, args.params_file), auth=_kfp_auth(args),
+                                         kubeconfig=args.kubeconfig,
                                          context=args.context, operator=args.operator,
                                          pipeline_root=args.pipeline_root)
             except PipelineError as e:
@@ -628,9 +633,23 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _params(items: list[str]) -> dict[str, object]:
-    """--param NAME=JSON items → {name: value}; an item that does not parse is named with what is wrong."""
-    params = {}
+def _params(items: list[str], files: Sequence[str] = ()) -> dict[str, object]:
+    """--params-file files (YAML or JSON maps, in order), then --param NAME=JSON items (later wins) → {name: value};
+    a file or item that does not parse is named with what is wrong."""
+    import yaml
+    params: dict[str, object] = {}
+    for path in files:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise ValueError(f"--params-file {path}: cannot read it ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--params-file {path}: not YAML or JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+            raise ValueError(f"--params-file {path}: expected a map of parameter name to value, e.g. "
+                             f"'dataset: kinetics400', not a {type(loaded).__name__}")
+        params.update(loaded)
     for item in items:
         name, eq, text = item.partition("=")
         if not eq or not name.strip():
@@ -679,7 +698,7 @@ def _pipeline(args: argparse.Namespace) -> int:
                   f"  MLflow:  {sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri {s['tracking_uri']}"
                   f"  (then http://127.0.0.1:5000)\n  summary: {s['root']}/summary.json")
         elif args.pipeline_command == "submit":
-            params = _params(args.param)
+            params = _params(args.param, args.params_file)
             ref = runner.submit(args.package, host=args.host, vertex=args.vertex, pipeline_root=args.pipeline_root,
                                 params=params, experiment=args.experiment, service_account=args.service_account,
                                 namespace=args.namespace, image=args.image, network=args.network,

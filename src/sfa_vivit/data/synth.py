@@ -41,7 +41,7 @@ DIFFICULTY = {
     "medium": dict(distractors=2, white=0, turning=0, noise=10.0, size=0.14, speed=0.9),
     "hard": dict(distractors=4, white=2, turning=1, noise=20.0, size=0.12, speed=0.9),
     # Photographs: textured objects on a photographic background (see the module's docstring).
-    "textures": dict(distractors=3, white=0, turning=1, noise=4.0, size=0.22, speed=0.9, textured=True),
+    "textures": dict(distractors=2, white=0, turning=0, noise=4.0, size=0.25, speed=0.9, textured=True),
 }
 
 # The photographs of the `textures` world: files inside scikit-image's package (no download).
