@@ -745,3 +745,12 @@ def test_submit_takes_parameters_from_yaml_or_json_files_and_param_items_win(tmp
     code = main(["pipeline", "submit", str(ROOT / "pipelines" / "sfa-cpu.yaml"), "--host", "http://127.0.0.1:9",
                  "--params-file", str(tmp_path / "typo.yaml")])
     assert code != 0 and "no parameter(s) ['vidoes']" in capsys.readouterr().err
+
+
+def test_the_report_says_how_far_one_run_can_be_trusted():
+    from sfa_vivit.kubeflow.report import how_far
+    small = how_far(96, 50.0)
+    assert "96 validation clips" in small and "±10.0 points" in small and "not whether" in small
+    large = how_far(1200, 50.0)
+    assert "±2.8 points" in large and "not whether" not in large
+    assert how_far(None, 50.0) == "" and how_far(96, None) == ""

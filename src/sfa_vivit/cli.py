@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from typing import Any, Sequence
 
@@ -694,6 +695,10 @@ def _pipeline(args: argparse.Namespace) -> int:
                              f"{figures['baseline_train_time_s']:.0f} s (SFA/baseline time "
                              f"{figures['time_ratio_sfa_over_baseline']:.2f})")
                 print(line)
+                from sfa_vivit.kubeflow.report import how_far
+                caveat = how_far(s.get("validation_clips"), figures.get("sfa_top1"))
+                if caveat:
+                    print(textwrap.fill(caveat, width=110, initial_indent="  ", subsequent_indent="  "))
             print(f"  report:  {s['report']}\n  open it: python -m webbrowser file://{s['report']}\n"
                   f"  MLflow:  {sys.executable.rsplit('/', 1)[0]}/mlflow ui --backend-store-uri {s['tracking_uri']}"
                   f"  (then http://127.0.0.1:5000)\n  summary: {s['root']}/summary.json")

@@ -66,6 +66,25 @@ def time_curves(stage1: dict, stage2: dict, baseline: dict | None) -> dict[str, 
     return {name: points for name, points in curves.items() if points[0]}
 
 
+# Below this many validation clips one run cannot carry a claim (bench/sfa_bench_v2.py uses 1,200).
+TRUSTED_CLIPS = 1000
+
+
+def how_far(clips: int | None, top1: float | None) -> str:
+    """What one run's top-1 can be trusted to: its binomial 95% interval from the clip count, and, on a small
+    validation set, that another seed or thread count moves it further."""
+    if not clips or top1 is None:
+        return ""
+    p = top1 / 100
+    half = 196 * (p * (1 - p) / clips) ** 0.5
+    text = f"Each top-1 is measured on {clips} validation clips: its 95% binomial interval alone is ±{half:.1f} points."
+    if clips < TRUSTED_CLIPS:
+        text += (" On a task this small another training seed or thread count moves a run by more (up to 20 points "
+                 "between fresh clones of this pipeline's local run): one run shows the pipeline working, not whether "
+                 "SFA keeps the baseline's accuracy. bench/sfa_bench_v2.py is being built to tell (README, Results).")
+    return text
+
+
 def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, out: str, baseline: str | None = None,
                  baseline_evaluation: str | None = None, tracking: str = "") -> tuple[str, dict[str, float]]:
     """Read the runs' metrics.json and the membench JSON; write `out` (HTML). `tracking` says where the run
@@ -107,10 +126,12 @@ def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, ou
     headline = (f"SFA: top-1 {_fmt(summary.get('sfa_top1'))}% in {summary['sfa_train_time_s']:.1f} s of training"
                 + (f"; baseline: top-1 {_fmt(summary.get('baseline_top1'))}% in {summary['baseline_train_time_s']:.1f}"
                    f" s; SFA/baseline time {summary['time_ratio_sfa_over_baseline']:.2f}" if base else ""))
+    trust = html.escape(how_far(ev.get("num_examples"), ev.get("top1")))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>sfa-vivit report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:right}}
 td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
 </head><body><h1>SFA vs the conventional recipe</h1><p><b>{headline}</b></p>
+<p>{trust}</p>
 <p{'' if tracking else ' style="color:#b00"'}>{html.escape(tracking or UNTRACKED)}</p>
 <table>{''.join(table)}</table>
 <h2>Validation top-1 against cumulative training time</h2>

@@ -227,7 +227,8 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
     report = root / "report.html"
     shutil.copyfile(pages[-1], report)
     summary = {"run_id": run_id, "root": str(root), "report": str(report), "tracking_uri": tracking_uri,
-               "pipeline_seconds": round(seconds, 1), "arguments": arguments}
+               "pipeline_seconds": round(seconds, 1), "arguments": arguments,
+               "validation_clips": data_options["num_val"]}
     summary.update(_report_summary(tracking_uri))
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
