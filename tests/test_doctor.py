@@ -51,13 +51,22 @@ HEALTHY_NODES = [
     *(node(f"a100-{i}", "a100", "95690m", "690000000Ki", A100, gpus=8, taint="nvidia.com/gpu") for i in range(4)),
 ]
 CRDS = set(doctor.JOB_CRDS["trainjob"]) | set(doctor.JOB_CRDS["pytorchjob"])
+# MLflow's Deployment as k8s/mlflow.yaml writes it (its --allowed-hosts is what the doctor reads).
+MLFLOW_DEPLOYMENT = next(d for d in __import__("yaml").safe_load_all((REPO / "k8s" / "mlflow.yaml").read_text())
+                         if d and d.get("kind") == "Deployment")
+
+
+def _without_allowed_hosts(state: dict) -> None:
+    args = state["deployments"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    args[:] = [a for a in args if not a.startswith("--allowed-hosts=")]
 
 
 def healthy() -> dict:
     identity = {"iam.gke.io/gcp-service-account": "sfa@p.iam.gserviceaccount.com"}
     return {"kfp_status": 200, "kfp_tag": "2.17.0", "crds": set(CRDS), "runtime": True,
             "service_accounts": {"sfa-vivit": dict(identity), "sfa-vivit-train": dict(identity)},
-            "denied": set(), "nodes": copy.deepcopy(HEALTHY_NODES), "images": None, "mlflow": True, "requests": []}
+            "denied": set(), "nodes": copy.deepcopy(HEALTHY_NODES), "images": None, "mlflow": True, "requests": [],
+            "deployments": [copy.deepcopy(MLFLOW_DEPLOYMENT)]}
 
 
 class Fake(BaseHTTPRequestHandler):
@@ -126,6 +135,9 @@ class Fake(BaseHTTPRequestHandler):
                 return self._not_found(f'serviceaccounts "{found.group(2)}"')
             return self._send(200, SERIALISE(client.V1ServiceAccount(metadata=client.V1ObjectMeta(
                 name=found.group(2), namespace=found.group(1), annotations=annotations or None))))
+        if re.fullmatch(r"/apis/apps/v1/namespaces/[^/]+/deployments", path):
+            return self._send(200, {"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {},
+                                    "items": s["deployments"]})
         if path == "/api/v1/nodes":
             return self._send(200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": s["nodes"]})
         if re.fullmatch(r"/api/v1/namespaces/[^/]+/services/[^/]+/proxy/health", path):
@@ -239,6 +251,9 @@ BROKEN = {
     "image missing": ("gpu-t4", lambda s: s.update(images=set()), "image {server}/team/sfa-vivit:0.1.0-cuda",
                       "not in its registry (HTTP 404)", "build and push"),
     "mlflow down": ("gpu-t4", lambda s: s.update(mlflow=False), "MLflow", "HTTP 503", "k8s/mlflow.yaml"),
+    "mlflow refuses the service's host": ("gpu-t4", _without_allowed_hosts, "MLflow allows the in-cluster Host",
+                                          "would answer 403 to Host mlflow.sfa-vivit.svc.cluster.local:5000",
+                                          "--allowed-hosts"),
 }
 
 
@@ -360,6 +375,10 @@ class GoogleFake(BaseHTTPRequestHandler):
     def do_POST(self):
         s, path = self.state, self.path
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path.endswith(":generateAccessToken"):
+            if s.get("token_denied"):
+                return self._error(403, "PERMISSION_DENIED")
+            return self._send(200, {"accessToken": "ya29.short-lived", "expireTime": "2026-12-04T01:00:00Z"})
         if path.endswith(":testIamPermissions"):
             return self._send(200, {"permissions": ["iam.serviceAccounts.actAs"]} if s["i_may_act_as"] else {})
         if re.fullmatch(r"/iam/v1/projects/-/serviceAccounts/[^/]+:getIamPolicy", path):
@@ -375,7 +394,7 @@ def google():
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield {name: f"{base}/{name}/v1" if name != "storage" else f"{base}/storage/v1"
-           for name in ("serviceusage", "iam", "resourcemanager", "storage", "compute")}
+           for name in ("serviceusage", "iam", "resourcemanager", "storage", "compute", "iamcredentials")}
     httpd.shutdown()
 
 
@@ -442,3 +461,36 @@ def test_the_google_fakes_answer_only_with_fields_their_discovery_documents_defi
         assert set(body) <= allowed, body
         for binding in body.get("bindings", []):
             assert set(binding) <= bindings, binding
+
+
+@pytest.mark.integration
+def test_the_write_test_writes_and_deletes_one_object_as_the_run_s_google_account(gcs_emulator, google, cluster,
+                                                                                   server):
+    """--write-test: a short-lived token for the Workload Identity account (IAM Credentials, fake), then one
+    object written and deleted with it on a real GCS JSON-API emulator; nothing is left behind."""
+    import requests
+    requests.post(f"{gcs_emulator}/storage/v1/b", params={"project": "p"}, json={"name": "bucket"}).raise_for_status()
+    apis = {**google, "storage": f"{gcs_emulator}/storage/v1", "storage_upload": f"{gcs_emulator}/upload/storage/v1"}
+    GoogleFake.state = vertex_healthy()
+    state, kubeconfig, pipeline = cluster
+    rows = {r.check: r for r in doctor.doctor(
+        pipeline("gpu-t4"), host=f"http://{server}", kubeconfig=kubeconfig, pipeline_root="gs://bucket/runs",
+        params={"tracking_uri": "none"}, write_test=True, session=requests.Session(), apis=apis)}
+    row = rows["write test as sfa@p.iam.gserviceaccount.com"]
+    assert row.status == "ok" and row.detail.startswith("wrote and deleted gs://bucket/runs/.sfa-doctor-"), row
+    listed = requests.get(f"{gcs_emulator}/storage/v1/b/bucket/o").json()
+    assert not listed.get("items"), listed                       # deleted: nothing left under the root
+    # You may not mint the account's token: the row says which role the test needs.
+    GoogleFake.state["token_denied"] = True
+    rows = {r.check: r for r in doctor.doctor(
+        pipeline("gpu-t4"), host=f"http://{server}", kubeconfig=kubeconfig, pipeline_root="gs://bucket/runs",
+        params={"tracking_uri": "none"}, write_test=True, session=requests.Session(), apis=apis)}
+    row = rows["write test as sfa@p.iam.gserviceaccount.com"]
+    assert row.status == "fail" and "serviceAccountTokenCreator" in row.fix
+    # A bucket the account cannot write (here: one that does not exist) fails the write, named.
+    GoogleFake.state["token_denied"] = False
+    rows = {r.check: r for r in doctor.doctor(
+        pipeline("gpu-t4"), host=f"http://{server}", kubeconfig=kubeconfig, pipeline_root="gs://nobucket/runs",
+        params={"tracking_uri": "none"}, write_test=True, session=requests.Session(), apis=apis)}
+    row = rows["write test as sfa@p.iam.gserviceaccount.com"]
+    assert row.status == "fail" and "may not write gs://nobucket/runs/.sfa-doctor-" in row.detail, row

@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline parameters from a YAML or JSON map, as submit takes them")
     p.add_argument("--operator", default="trainjob", choices=["trainjob", "pytorchjob"],
                    help="what a multi-node profile's steps create (as compiled)")
+    p.add_argument("--write-test", action="store_true",
+                   help="also write and delete one object under --pipeline-root as the run's Google service account "
+                        "(needs roles/iam.serviceAccountTokenCreator on it for you)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or ~/.kube/config, as kubectl)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
     _add_kfp_auth(p)
@@ -424,14 +427,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise PipelineError("give exactly one of --host (a KFP endpoint) and --vertex PROJECT/REGION")
                 if args.vertex:
                     rows = doctor.doctor_vertex(args.package, args.vertex, service_account=args.service_account,
-                                                pipeline_root=args.pipeline_root)
+                                                pipeline_root=args.pipeline_root, write_test=args.write_test)
                 else:
                     rows = doctor.doctor(args.package, host=args.host, namespace=args.namespace,
                                          service_account=args.service_account or "sfa-vivit",
                                          params=_params(args.param, args.params_file), auth=_kfp_auth(args),
                                          kubeconfig=args.kubeconfig,
                                          context=args.context, operator=args.operator,
-                                         pipeline_root=args.pipeline_root)
+                                         pipeline_root=args.pipeline_root, write_test=args.write_test)
             except PipelineError as e:
                 print(f"sfa cluster doctor: error: {one_line(e)}", file=sys.stderr)
                 return 2

@@ -461,10 +461,43 @@ def check_tracking(kube: Kube | None, uri: str | None, namespace: str) -> list[R
     except Exception as e:  # noqa: BLE001 - one line with the fix
         status = getattr(e, "status", None)
         ok, said = False, (f"HTTP {status}" if status else f"{type(e).__name__}")
-    if ok:
-        return [Row("MLflow", "ok", f"{uri} answers /health")]
-    return [Row("MLflow", "fail", f"{uri} does not answer /health ({said})",
-                "kubectl apply -f k8s/mlflow.yaml (after `sfa pipeline manifests`), and wait for its pod")]
+    if not ok:
+        return [Row("MLflow", "fail", f"{uri} does not answer /health ({said})",
+                    "kubectl apply -f k8s/mlflow.yaml (after `sfa pipeline manifests`), and wait for its pod")]
+    rows = [Row("MLflow", "ok", f"{uri} answers /health")]
+    if in_cluster and kube is not None:
+        rows.append(check_allowed_hosts(kube, parsed.netloc, parts[1] if len(parts) > 1 else namespace))
+    return rows
+
+
+def check_allowed_hosts(kube: Kube, host: str, namespace: str) -> Row:
+    """MLflow 3 answers 403 to a Host header it was not told to allow, except on /health (which the check above
+    asks): the server's --allowed-hosts (or MLFLOW_SERVER_ALLOWED_HOSTS), read from its Deployment, must admit
+    the Host an in-cluster client sends, as MLflow's own matcher decides."""
+    from kubernetes import client
+    from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
+    check = "MLflow allows the in-cluster Host"
+    try:
+        deployments = client.AppsV1Api(kube.api).list_namespaced_deployment(namespace).items
+    except Exception as e:  # noqa: BLE001 - a nicety on top of /health: say what could not be read
+        return Row(check, "warn", f"cannot read the Deployments of {namespace} ({getattr(e, 'status', '') or e})",
+                   f"make sure MLflow's --allowed-hosts admits {host}")
+    for deployment in deployments:
+        for container in deployment.spec.template.spec.containers:
+            words = [*(container.command or []), *(container.args or [])]
+            if "server" not in words or not any("mlflow" in w for w in words):
+                continue
+            flag = next((w.split("=", 1)[1] for w in words if w.startswith("--allowed-hosts=")), None)
+            env = next((e.value for e in container.env or [] if e.name == "MLFLOW_SERVER_ALLOWED_HOSTS"), None)
+            allowed = [h.strip() for h in (flag or env).split(",")] if (flag or env) else get_default_allowed_hosts()
+            name = f"{namespace}/{deployment.metadata.name}"
+            if is_allowed_host_header(allowed, host):
+                return Row(check, "ok", f"{name} admits Host {host}")
+            return Row(check, "fail", f"{name} would answer 403 to Host {host} (allowed: "
+                       f"{','.join(allowed) if flag or env else 'the default, localhost and private IPs'})",
+                       f"add {host.split(':')[0]}* to its --allowed-hosts (k8s/mlflow.yaml has it)")
+    return Row(check, "warn", f"no `mlflow server` Deployment in {namespace} to read --allowed-hosts from",
+               f"make sure MLflow's --allowed-hosts admits {host}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +507,9 @@ def check_tracking(kube: Kube | None, uri: str | None, namespace: str) -> list[R
 # Where each Google API answers (the discovery documents' rootUrl + servicePath; tests point them at loopback).
 GOOGLE_APIS = {"serviceusage": "https://serviceusage.googleapis.com/v1", "iam": "https://iam.googleapis.com/v1",
                "resourcemanager": "https://cloudresourcemanager.googleapis.com/v1",
-               "storage": "https://storage.googleapis.com/storage/v1", "compute": "https://compute.googleapis.com/compute/v1"}
+               "storage": "https://storage.googleapis.com/storage/v1", "compute": "https://compute.googleapis.com/compute/v1",
+               "iamcredentials": "https://iamcredentials.googleapis.com/v1",
+               "storage_upload": "https://storage.googleapis.com/upload/storage/v1"}
 VERTEX_APIS = ("aiplatform.googleapis.com", "storage.googleapis.com", "compute.googleapis.com")
 # Roles that hold what each need takes (predefined roles; a custom role is not read here: ⚠ then).
 VERTEX_USER = ("roles/aiplatform.user", "roles/aiplatform.admin", "roles/editor", "roles/owner")
@@ -497,6 +532,41 @@ def _google_session() -> Any:
         raise PipelineError(f"no Google credentials ({type(e).__name__}): run `gcloud auth application-default "
                             "login`") from None
     return AuthorizedSession(credentials)
+
+
+def check_write(google_account: str, root: str, session: Any = None, apis: dict[str, str] | None = None) -> list[Row]:
+    """Write and delete one small object under the pipeline root as `google_account` (a short-lived token from
+    IAM Credentials, asked with your credentials): what the run's pods will do, before they do it."""
+    import urllib.parse
+    import uuid
+
+    import requests
+    session = session or _google_session()
+    url = {**GOOGLE_APIS, **(apis or {})}
+    check = f"write test as {google_account}"
+    bucket, _, prefix = root[len("gs://"):].partition("/")
+    name = f"{prefix.rstrip('/')}/.sfa-doctor-{uuid.uuid4().hex[:12]}".lstrip("/")
+    answer = session.post(f"{url['iamcredentials']}/projects/-/serviceAccounts/{google_account}:generateAccessToken",
+                          json={"scope": ["https://www.googleapis.com/auth/devstorage.read_write"],
+                                "lifetime": "300s"}, timeout=15)
+    if answer.status_code != 200:
+        return [Row(check, "fail", f"cannot act as {google_account} (generateAccessToken: HTTP {answer.status_code})",
+                    f"gcloud iam service-accounts add-iam-policy-binding {google_account} --role "
+                    "roles/iam.serviceAccountTokenCreator --member user:YOU@EXAMPLE.COM (for this test only)")]
+    as_it = {"Authorization": f"Bearer {answer.json().get('accessToken', '')}"}
+    written = requests.post(f"{url['storage_upload']}/b/{bucket}/o", params={"uploadType": "media", "name": name},
+                            data=b"sfa cluster doctor: a write test, deleted at once\n", headers=as_it, timeout=15)
+    if written.status_code != 200:
+        return [Row(check, "fail", f"{google_account} may not write gs://{bucket}/{name} (HTTP {written.status_code})",
+                    f"gcloud storage buckets add-iam-policy-binding gs://{bucket} --role roles/storage.objectAdmin "
+                    f"--member serviceAccount:{google_account}")]
+    deleted = requests.delete(f"{url['storage']}/b/{bucket}/o/{urllib.parse.quote(name, safe='')}", headers=as_it,
+                              timeout=15)
+    if deleted.status_code not in (200, 204):
+        return [Row(check, "fail", f"{google_account} wrote gs://{bucket}/{name} but may not delete it (HTTP "
+                    f"{deleted.status_code}; remove it by hand)", f"grant roles/storage.objectAdmin on gs://{bucket} "
+                    f"to serviceAccount:{google_account} (checkpoints replace files)")]
+    return [Row(check, "ok", f"wrote and deleted gs://{bucket}/{name}")]
 
 
 def check_vertex(spec: dict, project: str, region: str, service_account: str | None, root: str | None,
@@ -601,21 +671,26 @@ def check_vertex(spec: dict, project: str, region: str, service_account: str | N
 
 def doctor_vertex(package: str, vertex: str, *, service_account: str | None = None, pipeline_root: str | None = None,
                   session: Any = None, apis: dict[str, str] | None = None,
-                  image_status: Callable[[str], int] | None = None) -> list[Row]:
-    """Every check for one Vertex AI run of `package` in `vertex` (PROJECT/REGION)."""
+                  image_status: Callable[[str], int] | None = None, write_test: bool = False) -> list[Row]:
+    """Every check for one Vertex AI run of `package` in `vertex` (PROJECT/REGION); write_test: also write and
+    delete an object under the pipeline root as the run's service account."""
     project, _, region = vertex.partition("/")
     if not project or not region:
         raise PipelineError(f"--vertex {vertex!r}: expected PROJECT/REGION")
     spec, _, steps = read_pipeline(package)
-    return [*check_vertex(spec, project, region, service_account, pipeline_root, session, apis),
-            *check_images(steps, image_status)]
+    rows = check_vertex(spec, project, region, service_account, pipeline_root, session, apis)
+    if write_test and service_account and pipeline_root and pipeline_root.startswith("gs://"):
+        rows += check_write(service_account, pipeline_root, session, apis)
+    return [*rows, *check_images(steps, image_status)]
 
 
 def doctor(package: str, *, host: str, namespace: str = "kubeflow", service_account: str = "sfa-vivit",
            params: dict[str, Any] | None = None, auth: KfpAuth = KfpAuth(), kubeconfig: str | None = None,
            context: str | None = None, operator: str = "trainjob", pipeline_root: str | None = None,
-           image_status: Callable[[str], int] | None = None) -> list[Row]:
-    """Every check for one run of `package`; the rows in the order a run needs them."""
+           image_status: Callable[[str], int] | None = None, write_test: bool = False, session: Any = None,
+           apis: dict[str, str] | None = None) -> list[Row]:
+    """Every check for one run of `package`; the rows in the order a run needs them. write_test: also write
+    and delete an object under the pipeline root as the run's Workload Identity account."""
     from sfa_vivit.kubeflow.runner import pipeline_inputs
     spec, _, steps = read_pipeline(package)
     profile = pipeline_profile(spec)
@@ -631,6 +706,11 @@ def doctor(package: str, *, host: str, namespace: str = "kubeflow", service_acco
         rows += check_operator(kube, operator)
     rights = RUN_RIGHTS + (JOB_RIGHTS[operator] if multinode else ())
     rows += check_service_account(kube, namespace, service_account, rights, pipeline_root)
+    if write_test and pipeline_root and pipeline_root.startswith("gs://"):
+        google = next((r.detail.removeprefix("acts as ") for r in rows
+                       if r.check == f"Workload Identity of {service_account}" and r.status == "ok"), None)
+        if google:
+            rows += check_write(google, pipeline_root, session, apis)
     if multinode:
         from sfa_vivit.kubeflow.trainjob import TRAIN_SERVICE_ACCOUNT
         rows += check_service_account(kube, namespace, TRAIN_SERVICE_ACCOUNT, (), pipeline_root)
@@ -660,5 +740,5 @@ def table(rows: list[Row]) -> str:
 
 
 __all__ = ["Row", "Step", "doctor", "doctor_vertex", "check_vertex", "read_pipeline", "quantity", "table",
-           "check_nodes", "check_images", "check_kfp", "check_operator", "check_service_account", "check_tracking",
-           "RUN_RIGHTS", "JOB_RIGHTS"]
+           "check_nodes", "check_images", "check_write", "check_allowed_hosts", "check_kfp", "check_operator",
+           "check_service_account", "check_tracking", "RUN_RIGHTS", "JOB_RIGHTS"]
