@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -43,3 +44,21 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=1))
     print(f"command: {result['command']}\nmachine: {json.dumps(result['machine'])}\nwrote {path}")
     return path
+
+
+def interval95(values: list[float]) -> list[float] | None:
+    """Two-sided 95% t interval of the mean of `values` (seeds are independent repeats)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+    mean = statistics.fmean(values)
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
+    return [round(mean - half, 3), round(mean + half, 3)]
+
+
+def judge(ci: list[float] | None, ok) -> str:
+    """'met' when all of the interval satisfies `ok`, 'not met' when none of it does, else 'undetermined'
+    (the seeds cannot tell)."""
+    if ci is None:
+        return "undetermined"
+    return "met" if ok(ci[0]) and ok(ci[1]) else "not met" if not ok(ci[0]) and not ok(ci[1]) else "undetermined"

@@ -72,7 +72,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _common import RESULTS, save  # noqa: E402
+from _common import RESULTS, interval95, judge, save  # noqa: E402
 
 from sfa_vivit.data import synth  # noqa: E402
 from sfa_vivit.data.augment import normalize  # noqa: E402
@@ -163,23 +163,6 @@ def seed_figures(runs: dict[str, dict]) -> dict[str, float]:
     if "sfa_top1" in figures and "sfa_cached_top1" in figures:
         figures["sfa_cached_minus_sfa"] = round(figures["sfa_cached_top1"] - figures["sfa_top1"], 3)
     return figures
-
-
-def interval95(values: list[float]) -> list[float] | None:
-    """Two-sided 95% t interval of the mean of `values` (seeds are independent repeats)."""
-    if len(values) < 2:
-        return None
-    from scipy import stats
-    mean = statistics.fmean(values)
-    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-    return [round(mean - half, 3), round(mean + half, 3)]
-
-
-def judge(ci: list[float] | None, ok) -> str:
-    """'met' when all of the interval satisfies `ok`, 'not met' when none does, else 'undetermined'."""
-    if ci is None:
-        return "undetermined"
-    return "met" if ok(ci[0]) and ok(ci[1]) else "not met" if not ok(ci[0]) and not ok(ci[1]) else "undetermined"
 
 
 def both(*verdicts: str) -> str:

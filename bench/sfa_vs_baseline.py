@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, line_plot, save  # noqa: E402
+from _common import RESULTS, interval95, judge, line_plot, save  # noqa: E402
 
 from sfa_vivit.data import synth  # noqa: E402
 from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
@@ -132,23 +132,9 @@ CLAIMS = {
 }
 
 
-def interval95(values: list[float]) -> list[float] | None:
-    """Two-sided 95% t interval of the mean of `values` (seeds are independent repeats)."""
-    if len(values) < 2:
-        return None
-    from scipy import stats
-    mean = statistics.fmean(values)
-    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-    return [round(mean - half, 3), round(mean + half, 3)]
-
-
 def verdict(ci: list[float] | None, bound: float, sense: str) -> str:
-    """'met' when the whole interval satisfies the claim, 'not met' when none of it does, else
-    'undetermined' (the seeds cannot tell)."""
-    if ci is None:
-        return "undetermined"
-    ok = (lambda v: v <= bound) if sense == "le" else (lambda v: v >= bound)
-    return "met" if ok(ci[0]) and ok(ci[1]) else "not met" if not ok(ci[0]) and not ok(ci[1]) else "undetermined"
+    """The claim `value <= bound` (sense 'le') or `>= bound` ('ge') judged on the interval (`_common.judge`)."""
+    return judge(ci, (lambda v: v <= bound) if sense == "le" else (lambda v: v >= bound))
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
