@@ -56,6 +56,14 @@ MLFLOW_DEPLOYMENT = next(d for d in __import__("yaml").safe_load_all((REPO / "k8
                          if d and d.get("kind") == "Deployment")
 
 
+# Kueue's objects as k8s/kueue.yaml creates them (the API server returns what was applied, plus metadata).
+KUEUE_OBJECTS = [d for d in __import__("yaml").safe_load_all((REPO / "k8s" / "kueue.yaml").read_text()) if d]
+
+
+def _kueue(state: dict, kind: str) -> dict:
+    return next(o for o in state["kueue"] if o["kind"] == kind)
+
+
 def _without_allowed_hosts(state: dict) -> None:
     args = state["deployments"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
     args[:] = [a for a in args if not a.startswith("--allowed-hosts=")]
@@ -66,7 +74,7 @@ def healthy() -> dict:
     return {"kfp_status": 200, "kfp_tag": "2.17.0", "crds": set(CRDS), "runtime": True,
             "service_accounts": {"sfa-vivit": dict(identity), "sfa-vivit-train": dict(identity)},
             "denied": set(), "nodes": copy.deepcopy(HEALTHY_NODES), "images": None, "mlflow": True, "requests": [],
-            "deployments": [copy.deepcopy(MLFLOW_DEPLOYMENT)]}
+            "deployments": [copy.deepcopy(MLFLOW_DEPLOYMENT)], "kueue": copy.deepcopy(KUEUE_OBJECTS)}
 
 
 class Fake(BaseHTTPRequestHandler):
@@ -138,6 +146,20 @@ class Fake(BaseHTTPRequestHandler):
         if re.fullmatch(r"/apis/apps/v1/namespaces/[^/]+/deployments", path):
             return self._send(200, {"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {},
                                     "items": s["deployments"]})
+        found = re.fullmatch(r"/apis/kueue\.x-k8s\.io/v1beta2/(?:namespaces/([^/]+)/)?(\w+)(?:/([^/]+))?", path)
+        if found:
+            namespace, plural, name = found.groups()
+            if s["kueue"] is None:      # no CRD: the API server knows no such resource type
+                return self._send(404, b"404 page not found", "text/plain")
+            kind = {"resourceflavors": "ResourceFlavor", "clusterqueues": "ClusterQueue",
+                    "localqueues": "LocalQueue"}[plural]
+            items = [{**o, "metadata": {**o["metadata"], **({"namespace": namespace} if namespace else {})}}
+                     for o in s["kueue"] if o["kind"] == kind]
+            if name is None:
+                return self._send(200, {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": f"{kind}List",
+                                        "metadata": {}, "items": items})
+            item = next((o for o in items if o["metadata"]["name"] == name), None)
+            return self._send(200, item) if item else self._not_found(f'{plural}.kueue.x-k8s.io "{name}"')
         if path == "/api/v1/nodes":
             return self._send(200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": s["nodes"]})
         if re.fullmatch(r"/api/v1/namespaces/[^/]+/services/[^/]+/proxy/health", path):
@@ -179,8 +201,14 @@ def cluster(server, tmp_path):
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}]}))
 
     def pipeline(profile: str) -> str:
+        """The checked-in pipeline of `profile`; 'NAME+queue': as `sfa pipeline compile --queue sfa-vivit`
+        writes it (the multi-node jobs' spec names the queue)."""
+        profile, _, queued = profile.partition("+")
         text = (REPO / "pipelines" / f"sfa-{profile}.yaml").read_text()
-        out = tmp_path / f"sfa-{profile}.yaml"
+        if queued:
+            assert '"queue": ""' in text
+            text = text.replace('"queue": ""', '"queue": "sfa-vivit"')
+        out = tmp_path / f"sfa-{profile}{'-queued' if queued else ''}.yaml"
         out.write_text(text.replace("ghcr.io/sfa-vivit/sfa-vivit", f"{server}/team/sfa-vivit"))
         return str(out)
 
@@ -199,7 +227,7 @@ def failed(rows):
     return {name: r for name, r in rows.items() if r.status == "fail"}
 
 
-@pytest.mark.parametrize("profile", ["gpu-t4", "gpu-a100-x4"])
+@pytest.mark.parametrize("profile", ["gpu-t4", "gpu-a100-x4", "gpu-a100-x4+queue"])
 def test_a_healthy_cluster_passes_every_check(cluster, server, profile, capsys):
     rows = run(cluster, server, profile)
     assert not failed(rows), doctor.table(list(rows.values()))
@@ -208,6 +236,11 @@ def test_a_healthy_cluster_passes_every_check(cluster, server, profile, capsys):
     if profile == "gpu-a100-x4":
         assert rows["4 nodes for the training job"].status == "ok"
         assert "CRD trainjobs.trainer.kubeflow.org" in rows and "ClusterTrainingRuntime torch-distributed" in rows
+        # Compiled without --queue: a warning (two jobs at once can deadlock), not a failure.
+        assert rows["Kueue queue"].status == "warn" and "--queue sfa-vivit" in rows["Kueue queue"].fix
+    if profile == "gpu-a100-x4+queue":
+        assert rows["Kueue queue sfa-vivit"].status == "ok", rows["Kueue queue sfa-vivit"]
+        assert "admits each multi-node job whole (4 nodes)" in rows["Kueue queue sfa-vivit"].detail
     state = cluster[0]
     # Read-only: nothing but questions (SubjectAccessReviews are answered, not stored).
     assert {m for m, p in state["requests"] if m == "POST"} <= {"POST"}
@@ -250,6 +283,17 @@ BROKEN = {
                                  "3 node(s) can hold a worker", "--node-pool a100 --num-nodes 4"),
     "image missing": ("gpu-t4", lambda s: s.update(images=set()), "image {server}/team/sfa-vivit:0.1.0-cuda",
                       "not in its registry (HTTP 404)", "build and push"),
+    "no kueue": ("gpu-a100-x4+queue", lambda s: s.update(kueue=None), "Kueue queue sfa-vivit", "not installed",
+                 "kueue/releases/download/v0.19.2/manifests.yaml"),
+    "no local queue": ("gpu-a100-x4+queue", lambda s: s["kueue"].remove(_kueue(s, "LocalQueue")),
+                       "Kueue queue sfa-vivit", "no LocalQueue sfa-vivit in namespace kubeflow",
+                       "kubectl apply -n kubeflow -f k8s/kueue.yaml"),
+    "queue quota short of one job": ("gpu-a100-x4+queue", lambda s: _kueue(s, "ClusterQueue")["spec"][
+        "resourceGroups"][0]["flavors"][0]["resources"][2].update(nominalQuota="16"), "Kueue queue sfa-vivit",
+        "nvidia.com/gpu 32 > 16", "raise a flavor's nominalQuota"),
+    "queue flavor taint not tolerated": ("gpu-a100-x4+queue", lambda s: [f["spec"].update(nodeTaints=[
+        {"key": "dedicated", "value": "x", "effect": "NoSchedule"}]) for f in s["kueue"]
+        if f["kind"] == "ResourceFlavor"], "Kueue queue sfa-vivit", "taint dedicated not tolerated", "k8s/kueue.yaml"),
     "mlflow down": ("gpu-t4", lambda s: s.update(mlflow=False), "MLflow", "HTTP 503", "k8s/mlflow.yaml"),
     "mlflow refuses the service's host": ("gpu-t4", _without_allowed_hosts, "MLflow allows the in-cluster Host",
                                           "would answer 403 to Host mlflow.sfa-vivit.svc.cluster.local:5000",

@@ -332,6 +332,58 @@ def test_multi_node_jobs_can_be_admitted_whole_and_a_tpu_slices_hosts_share_one_
     assert pt["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
 
 
+def _strict(schema):
+    """A CRD's structural schema as the API server's strict field validation applies it (kubectl's default
+    since Kubernetes 1.27): an object with declared properties takes no other field."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get(
+                "x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    return [_strict(v) for v in schema] if isinstance(schema, list) else schema
+
+
+def test_the_kueue_manifests_are_valid_kueue_objects_that_admit_each_multi_node_job_whole():
+    """k8s/kueue.yaml against Kueue v0.19.2's v1beta2 CRD schemas (tests/data/kueue, strict) and the CEL rule
+    of its resource groups; then Kueue's flavor assignment (doctor.kueue_refusal) admits one job of every
+    multi-node profile, exactly as our launcher creates it, and not two at once (the gang: the second waits)."""
+    import jsonschema
+
+    from sfa_vivit.kubeflow import doctor
+    docs = [d for d in yaml_docs((Path(__file__).resolve().parents[1] / "k8s" / "kueue.yaml").read_text()) if d]
+    assert docs == profiles.kueue_manifests()            # the checked-in file is the generator's
+    schemas = json.loads((Path(__file__).parent / "data" / "kueue" / "v1beta2-schemas.json").read_text())["schemas"]
+    for doc in docs:
+        assert doc["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+        jsonschema.validate(doc, _strict(schemas[doc["kind"]]["openAPIV3Schema"]))
+        assert "namespace" not in doc["metadata"]      # the LocalQueue goes where `kubectl apply -n` puts it
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    (cluster_queue,), (local_queue,) = by_kind["ClusterQueue"], by_kind["LocalQueue"]
+    assert local_queue["metadata"]["name"] == profiles.QUEUE and local_queue["spec"]["clusterQueue"] == \
+        cluster_queue["metadata"]["name"]
+    assert cluster_queue["spec"]["namespaceSelector"] == {}          # nil would admit from no namespace
+    for group in cluster_queue["spec"]["resourceGroups"]:            # CEL rule, and the webhook's order
+        for flavor in group["flavors"]:
+            assert [r["name"] for r in flavor["resources"]] == group["coveredResources"]
+    flavors = {f["metadata"]["name"]: f for f in by_kind["ResourceFlavor"]}
+    multi_node = [p for p in profiles.PROFILES.values() if p.nodes > 1]
+    assert multi_node
+    for profile in multi_node:
+        spec = node_spec(profile, queue=profiles.QUEUE)
+        body = train_job("sfa-stage1-x", "kubeflow", spec, image="r/s:1", spec_json=SPEC_JSON)
+        pod = body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+        assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == local_queue["metadata"]["name"]
+        assert pod["nodeSelector"] == spec.node_selector and pod["tolerations"] == spec.tolerations
+        assert body["spec"]["trainer"]["resourcesPerNode"]["requests"] == spec.resources["requests"]
+        assert doctor.kueue_refusal(spec, cluster_queue, flavors) is None, profile.name
+        two = NodeSpec.from_json(spec.to_json().replace(f'"nodes": {spec.nodes}', f'"nodes": {2 * spec.nodes}'))
+        assert "quota short of one job" in doctor.kueue_refusal(two, cluster_queue, flavors), profile.name
+
+
 def test_sigterm_ends_the_launchers_wait_at_once():
     """The launcher polls every 15 s; Kubernetes gives a pod 30 s between SIGTERM and SIGKILL. The wait ends
     when SIGTERM arrives, not at the next poll."""

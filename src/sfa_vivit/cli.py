@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = sub.add_parser("pipeline", help="Kubeflow: compile, run locally, submit, schedule").add_subparsers(
         dest="pipeline_command", required=True)
-    p = pipe.add_parser("compile", help="write components/*.yaml, pipelines/*.yaml, k8s/profiles.yaml "
+    p = pipe.add_parser("compile", help="write components/*.yaml, pipelines/*.yaml, k8s/profiles.yaml, k8s/kueue.yaml "
                                         "(or one pipeline with --name/--profile/--out)")
     p.add_argument("--root", default=".", help="repository root for the checked-in files")
     p.add_argument("--name", choices=["sfa", "reproduce"])

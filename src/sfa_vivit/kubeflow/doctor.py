@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from sfa_vivit.kubeflow import profiles
@@ -115,18 +116,12 @@ def pipeline_profile(spec: dict) -> profiles.Profile | None:
     return profiles.PROFILES.get(found.group(1)) if found else None
 
 
-_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
-          "m": 1e-3}
-
-
 def quantity(value: Any) -> float:
     """A Kubernetes quantity ('7', '7500m', '42G', '45Gi', 3.5) as a number (bytes for memory)."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    found = re.fullmatch(r"\s*([0-9.]+)([a-zA-Z]*)\s*", str(value))
-    if not found or found.group(2) not in _UNITS:
-        raise PipelineError(f"cannot read the quantity {value!r}")
-    return float(found.group(1)) * _UNITS[found.group(2)]
+    try:
+        return profiles.amount(value)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
 
 
 def _gib(value: float) -> str:
@@ -226,6 +221,113 @@ def check_operator(kube: Kube, operator: str) -> list[Row]:
             rows.append(Row(f"ClusterTrainingRuntime {name}", "ok", "installed") if found else
                         Row(f"ClusterTrainingRuntime {name}", "fail", "not installed: a TrainJob names it",
                             INSTALL_TRAINER))
+    return rows
+
+
+KUEUE = ("kueue.x-k8s.io", "v1beta2")
+TAINT = ("key", "value", "effect")
+INSTALL_KUEUE = ("kubectl apply --server-side -f "
+                 "https://github.com/kubernetes-sigs/kueue/releases/download/v0.19.2/manifests.yaml")
+
+
+def pipeline_jobs(spec: dict) -> list[Any]:
+    """The multi-node jobs a compiled pipeline's launcher pods create (trainjob.NodeSpec, one per distinct
+    spec): read from the constants the pipeline passes them."""
+    from sfa_vivit.kubeflow.trainjob import NodeSpec
+    found: dict[str, Any] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str) and node.startswith("{") and '"procs_per_node"' in node:
+            try:
+                found.setdefault(node, NodeSpec.from_json(node))
+            except (ValueError, TypeError):
+                pass
+
+    walk(spec.get("root", {}))
+    return list(found.values())
+
+
+def kueue_refusal(job: Any, cluster_queue: dict, flavors: dict[str, dict]) -> str | None:
+    """Why the ClusterQueue could not admit one `job` (trainjob.NodeSpec) alone, or None when a flavor holds it
+    whole. Kueue v0.19.2's flavor assignment (pkg/scheduler/flavorassigner/flavorassigner.go): a flavor fits
+    when the pods tolerate its NoSchedule/NoExecute taints, the pods' node selector agrees with its labels on
+    the keys it names, and its nominal quota covers every requested resource times the job's nodes."""
+    requests = job.resources.get("requests", {})
+    reasons = []
+    for group in cluster_queue.get("spec", {}).get("resourceGroups", []):
+        for entry in group.get("flavors", []):
+            name = entry.get("name")
+            flavor = flavors.get(name)
+            if flavor is None:
+                reasons.append(f"flavor {name}: no such ResourceFlavor")
+                continue
+            spec = flavor.get("spec", {})
+            untolerated = [t for t in spec.get("nodeTaints", []) if t.get("effect") in ("NoSchedule", "NoExecute")
+                           and not _tolerates(job.tolerations, SimpleNamespace(**{k: t.get(k) for k in TAINT}))]
+            if untolerated:
+                reasons.append(f"flavor {name}: taint {untolerated[0].get('key')} not tolerated")
+                continue
+            labels = spec.get("nodeLabels", {})
+            if any(key in labels and labels[key] != value for key, value in job.node_selector.items()):
+                reasons.append(f"flavor {name}: its node labels are not the job's node selector")
+                continue
+            quota = {r.get("name"): quantity(r.get("nominalQuota", 0)) for r in entry.get("resources", [])}
+            short = [f"{r} {quantity(v) * job.nodes:g} > {quota.get(r, 0):g}" for r, v in requests.items()
+                     if quantity(v) * job.nodes > quota.get(r, 0)]
+            if not short:
+                return None
+            reasons.append(f"flavor {name}: quota short of one job of {job.nodes} nodes ({'; '.join(short)})")
+    return "; ".join(reasons) or "the queue has no resource groups"
+
+
+def check_queue(kube: Kube, namespace: str, jobs: list[Any]) -> list[Row]:
+    """Gang scheduling of the pipeline's multi-node jobs: without a queue, two jobs can each hold part of the
+    nodes and wait for the rest; with one, its LocalQueue and ClusterQueue exist and can admit each job whole."""
+    rows = []
+    for queue in sorted({job.queue for job in jobs}):
+        check = f"Kueue queue {queue}" if queue else "Kueue queue"
+        if not queue:
+            rows.append(Row(check, "warn", "the multi-node jobs have no queue: two at once (overlapping runs, a "
+                            "retried job) can each hold part of the nodes and wait for the rest",
+                            "kubectl apply -n NAMESPACE -f k8s/kueue.yaml, then sfa pipeline compile ... "
+                            "--queue sfa-vivit"))
+            continue
+        mine = [job for job in jobs if job.queue == queue]
+        try:   # the list first: a 404 there means the API server knows no such resource type (no Kueue)
+            flavors = {f["metadata"]["name"]: f for f in
+                       kube.custom.list_cluster_custom_object(*KUEUE, "resourceflavors").get("items", [])}
+            local = kube.get(kube.custom.get_namespaced_custom_object, *KUEUE, namespace, "localqueues", queue)
+            cluster = local and kube.get(kube.custom.get_cluster_custom_object, *KUEUE, "clusterqueues",
+                                         local.get("spec", {}).get("clusterQueue", ""))
+        except Exception as e:  # noqa: BLE001
+            if getattr(e, "status", None) == 404:
+                rows.append(Row(check, "fail", "Kueue (kueue.x-k8s.io/v1beta2) is not installed: the jobs "
+                                "would stay suspended", INSTALL_KUEUE))
+            else:
+                rows.append(_api_error(check, e))
+            continue
+        if not local:
+            rows.append(Row(check, "fail", f"no LocalQueue {queue} in namespace {namespace}: Kueue holds its "
+                            "jobs suspended for ever", f"kubectl apply -n {namespace} -f k8s/kueue.yaml"))
+            continue
+        if not cluster:
+            rows.append(Row(check, "fail", f"LocalQueue {queue} points at ClusterQueue "
+                            f"{local.get('spec', {}).get('clusterQueue')!r}, which does not exist",
+                            f"kubectl apply -n {namespace} -f k8s/kueue.yaml"))
+            continue
+        refusals = [r for r in (kueue_refusal(job, cluster, flavors) for job in mine) if r]
+        rows.append(Row(check, "fail", f"cannot admit a job whole: {refusals[0][:300]}",
+                        f"kubectl apply -n {namespace} -f k8s/kueue.yaml (its flavors are our profiles' nodes and "
+                        "taints; raise a flavor's nominalQuota there to what your pools hold)")
+                    if refusals else
+                    Row(check, "ok", f"ClusterQueue {cluster['metadata']['name']} admits each multi-node job whole "
+                        f"({', '.join(f'{j.nodes} nodes' for j in mine)})"))
     return rows
 
 
@@ -704,6 +806,7 @@ def doctor(package: str, *, host: str, namespace: str = "kubeflow", service_acco
     multinode = profile is not None and profile.nodes > 1
     if multinode:
         rows += check_operator(kube, operator)
+        rows += check_queue(kube, namespace, pipeline_jobs(spec))
     rights = RUN_RIGHTS + (JOB_RIGHTS[operator] if multinode else ())
     rows += check_service_account(kube, namespace, service_account, rights, pipeline_root)
     if write_test and pipeline_root and pipeline_root.startswith("gs://"):
@@ -741,4 +844,5 @@ def table(rows: list[Row]) -> str:
 
 __all__ = ["Row", "Step", "doctor", "doctor_vertex", "check_vertex", "read_pipeline", "quantity", "table",
            "check_nodes", "check_images", "check_write", "check_allowed_hosts", "check_kfp", "check_operator",
-           "check_service_account", "check_tracking", "RUN_RIGHTS", "JOB_RIGHTS"]
+           "check_service_account", "check_tracking", "check_queue", "kueue_refusal", "pipeline_jobs", "RUN_RIGHTS",
+           "JOB_RIGHTS"]

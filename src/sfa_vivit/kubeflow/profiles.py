@@ -225,3 +225,73 @@ def as_config_map(namespace: str = "sfa-vivit") -> dict[str, Any]:
             "metadata": {"name": "sfa-vivit-accelerator-profiles", "namespace": namespace,
                          "labels": {"app.kubernetes.io/part-of": "sfa-vivit"}},
             "data": data}
+
+
+# Kueue (https://kueue.sigs.k8s.io, API kueue.x-k8s.io/v1beta2: Kueue v0.15 or newer): a multi-node job compiled
+# with `--queue` is admitted whole, when its ClusterQueue has quota for every node of it, or waits.
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
+KUEUE_RESOURCES = ("cpu", "memory", "nvidia.com/gpu", "google.com/tpu")
+QUEUE = "sfa-vivit"
+
+
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+          "m": 1e-3}
+
+
+def amount(value: Any) -> float:
+    """A Kubernetes quantity ('7', '7500m', '42G', '45Gi', 3.5) as a number (bytes for memory); ValueError if
+    it is not one."""
+    import re
+    if isinstance(value, (int, float)):
+        return float(value)
+    found = re.fullmatch(r"\s*([0-9.]+)([a-zA-Z]*)\s*", str(value))
+    if not found or found.group(2) not in _UNITS:
+        raise ValueError(f"cannot read the quantity {value!r}")
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def _times(value: str, count: int) -> str:
+    """A Kubernetes quantity multiplied by a whole number ('640G' x 4 -> '2560G')."""
+    import re
+    number, unit = re.fullmatch(r"([0-9]+)([A-Za-z]*)", str(value)).groups()
+    return f"{int(number) * count}{unit}"
+
+
+def flavor_name(profile: Profile) -> str:
+    """The Kueue ResourceFlavor of a profile's nodes: named by its node pool labels."""
+    return "-".join(value for _, value in profile.node_selector) or "default"
+
+
+def kueue_manifests(queue: str = QUEUE) -> list[dict[str, Any]]:
+    """k8s/kueue.yaml: a ResourceFlavor per node kind of the multi-node profiles (its labels and GKE's taint),
+    one ClusterQueue whose quota per flavor holds one job of the largest profile on it (so each such job is
+    admitted whole and a second one waits instead of holding part of the nodes), and the LocalQueue `queue`
+    that `sfa pipeline compile --queue` names (namespaced: apply it where the runs' pods run)."""
+    flavors: dict[str, dict[str, str]] = {}
+    for profile in PROFILES.values():
+        if profile.nodes < 2:
+            continue
+        job = {"cpu": _times(profile.cpu, profile.nodes), "memory": _times(profile.memory, profile.nodes),
+               profile.accelerator: str(profile.accelerator_count * profile.nodes)}
+        quota = flavors.setdefault(flavor_name(profile), {r: "0" for r in KUEUE_RESOURCES})
+        for resource, quantity in job.items():     # the largest job of the flavor, resource by resource
+            if amount(quantity) > amount(quota[resource]):
+                quota[resource] = quantity
+    docs: list[dict[str, Any]] = []
+    for name in flavors:
+        profile = next(p for p in PROFILES.values() if p.nodes > 1 and flavor_name(p) == name)
+        docs.append({"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": name},
+                     "spec": {"nodeLabels": dict(profile.node_selector),
+                              # GKE taints accelerator nodes `<resource>=present:NoSchedule`; our pods tolerate it
+                              "nodeTaints": [{"key": key, "value": "present", "effect": effect}
+                                             for key, _, effect in profile.tolerations]}})
+    docs.append({"apiVersion": KUEUE_API, "kind": "ClusterQueue", "metadata": {"name": queue},
+                 "spec": {"namespaceSelector": {}, "queueingStrategy": "BestEffortFIFO",
+                          "resourceGroups": [{
+                              "coveredResources": list(KUEUE_RESOURCES),
+                              "flavors": [{"name": name, "resources": [{"name": r, "nominalQuota": quota[r]}
+                                                                       for r in KUEUE_RESOURCES]}
+                                          for name, quota in flavors.items()]}]}})
+    docs.append({"apiVersion": KUEUE_API, "kind": "LocalQueue", "metadata": {"name": queue},
+                 "spec": {"clusterQueue": queue}})
+    return docs
