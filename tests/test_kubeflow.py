@@ -181,11 +181,20 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
 
 @pytest.mark.integration
 @pytest.mark.e2e
-def test_local_pipeline_end_to_end(tmp_path, monkeypatch):
+def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("SFA_CACHE_DIR", str(tmp_path / "cache"))
     summary = runner.run_local(str(tmp_path / "runs"), "e2e", size="tiny")
     root = Path(summary["root"])
+    # The terminal: task k of N and our steps' lines; KFP's executor JSON and warnings only in pipeline.log.
+    terminal = capfd.readouterr().out
+    assert "[1/15] shard-parts" in terminal and "[15/15] report" in terminal
+    assert "train-stage1: epoch 1/2 done" in terminal
+    assert "executor_input" not in terminal and "Warning" not in terminal and "\x1b[" not in terminal
+    assert "WARNING" not in terminal           # the pipeline gives no step a setting it does not use
+    assert "Got executor_input" in (root / "pipeline.log").read_text()
+    assert set(json.loads((tmp_path / "cache" / "local-run-times-tiny.json").read_text())) >= {"train-stage1",
+                                                                                                  "report"}
     page = Path(summary["report"]).read_text()
     assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 3
     assert summary["report"] == str(root / "report.html") and "against cumulative training time" in page

@@ -10,6 +10,8 @@ schedule  recurring runs of the pipeline, one per dataset
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,22 +199,19 @@ def local_arguments(size: str = "default") -> tuple[dict[str, Any], dict[str, An
                  fps=16.0, prep_workers=1))
 
 
-def run_local(runs: str = "runs", run_id: str | None = None, size: str = "default",
-              run_baseline: bool = True) -> dict[str, Any]:
-    """Run the `sfa` pipeline here (kfp.local SubprocessRunner, this Python environment) on synthetic
-    data; returns where the report, artifacts and MLflow store are, and the report's summary."""
-    from kfp import local
+def cache_dir() -> Path:
+    """Where the local run keeps what it makes once: $SFA_CACHE_DIR, else ~/.cache/sfa-vivit."""
+    return Path(os.environ.get("SFA_CACHE_DIR") or Path.home() / ".cache" / "sfa-vivit")
 
+
+def local_inputs(size: str = "default") -> tuple[dict[str, Any], dict[str, Any], dict[str, str], Path]:
+    """(data options, pipeline arguments, synthetic data paths, image ViT folder) of the local run: the videos and
+    the image ViT made once per fingerprint of their options and code, in the cache folder ($SFA_CACHE_DIR, else
+    ~/.cache/sfa-vivit), so a second run starts the pipeline at once."""
     from sfa_vivit.data import synth
-    from sfa_vivit.kubeflow.pipelines import build_sfa
     from sfa_vivit.train import image_vit
-    run_id = run_id or time.strftime("sfa-%Y%m%d-%H%M%S")
-    root = Path(runs).resolve() / run_id
-    root.mkdir(parents=True, exist_ok=True)
     data_options, arguments = local_arguments(size)
-    # The synthetic videos and the image ViT depend only on their options and the code that makes them:
-    # made once per fingerprint in the cache folder, so a second run starts the pipeline at once.
-    cache = Path(os.environ.get("SFA_CACHE_DIR") or Path.home() / ".cache" / "sfa-vivit")
+    cache = cache_dir()
     raw = cache / f"synth-{_fingerprint(data_options, synth.__file__)}"
     if (raw / "paths.json").exists():
         paths = json.loads((raw / "paths.json").read_text())
@@ -222,22 +222,58 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
         paths = _made_once(raw, lambda folder: synth.generate(folder, synth.SynthOptions(**data_options)))
     # The image checkpoint is an input of the pipeline, as a real dataset's ImageNet ViT would be.
     vit_options = image_vit.ImageViTOptions(**local_image_vit(size))
-    vit_key = _fingerprint([dataclasses.asdict(vit_options), arguments["sets"]], image_vit.__file__)
+    # Only the settings that shape the model shape its image checkpoint (the optimizer's are the video runs')
+    shape = [s for s in arguments["sets"] if s.split("=")[0].startswith("model.") or
+             s.split("=")[0] in ("image_size", "variant")]
+    vit_key = _fingerprint([dataclasses.asdict(vit_options), shape], image_vit.__file__)
     vit_dir = cache / f"image-vit-{vit_key}"
     if not (vit_dir / image_vit.REPORT).exists():
         log.info("pretraining the synthetic image ViT (the stand-in for the paper's ImageNet checkpoint): %d steps, "
                  "about 4 min on 2 free cores; made once, later runs reuse it from %s", vit_options.steps, vit_dir)
-    vit = image_vit.pretrain(str(vit_dir), vit_options, sets=arguments["sets"], progress=True)
+    vit = image_vit.pretrain(str(vit_dir), vit_options, sets=shape, progress=True)
     log.info("image ViT -> %s (held-out accuracy %.1f%%, %.0f s to train)", vit_dir, vit["val_accuracy"], vit["time_s"])
-    arguments["sets"] = [*arguments["sets"], f"image_checkpoint={vit_dir}"]
+    return data_options, arguments, paths, vit_dir
+
+
+def run_local(runs: str = "runs", run_id: str | None = None, size: str = "default",
+              run_baseline: bool = True) -> dict[str, Any]:
+    """Run the `sfa` pipeline here (kfp.local SubprocessRunner, this Python environment) on synthetic
+    data; returns where the report, artifacts and MLflow store are, and the report's summary."""
+    from kfp import local
+
+    from sfa_vivit.kubeflow import local_log
+    from sfa_vivit.kubeflow.pipelines import build_sfa
+    run_id = run_id or time.strftime("sfa-%Y%m%d-%H%M%S")
+    root = Path(runs).resolve() / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    data_options, arguments, paths, vit_dir = local_inputs(size)
+    # Stage 1 and the baseline start from it; stage 2 starts from stage 1 (given it, it would warn that it is unused)
+    for name in ("stage1_sets", "baseline_sets"):
+        arguments[name] = [*arguments[name], f"image_checkpoint={vit_dir}"]
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     arguments.update(dataset="synthetic", annotations=f"{paths['train']},{paths['validation']}",
                      videos=paths["videos"], data_uri=str(root / "data"), recipe="synthetic",
                      run_baseline=run_baseline, tracking_uri=tracking_uri)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "artifacts"),
                raise_on_error=True)
+    pipeline = build_sfa("cpu")
+    total = local_log.task_count(pipeline.pipeline_spec, arguments["prep_parts"], run_baseline)
+    history = cache_dir() / f"local-run-times-{size}{'' if run_baseline else '-no-baseline'}.json"
+    log_path = root / "pipeline.log"
+    log.info("running the pipeline: %d tasks; the terminal shows each task and our lines, the whole log "
+             "(KFP's executor input and output, library warnings) goes to %s", total, log_path)
     start = time.perf_counter()
-    build_sfa("cpu")(**arguments)
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        tasks = local_log.TaskLog(log_file, sys.stdout, total, local_log.load_history(history))
+        printer = builtins.print      # kfp.local indents print() per task and, with tasks in parallel threads,
+        try:                          # can leave it indented for good
+            with contextlib.redirect_stdout(tasks):
+                pipeline(**arguments)
+        except RuntimeError as e:
+            raise PipelineError(f"{' '.join(local_log.plain(str(e)).split())}; the whole log: {log_path}") from None
+        finally:
+            builtins.print = printer
+    local_log.save_history(history, tasks.durations)
     seconds = time.perf_counter() - start
     pages = sorted(glob.glob(str(root / "artifacts" / "**" / "report*" / "page"), recursive=True))
     if not pages:
