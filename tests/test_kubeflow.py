@@ -188,7 +188,7 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     root = Path(summary["root"])
     # The terminal: task k of N and our steps' lines; KFP's executor JSON and warnings only in pipeline.log.
     terminal = capfd.readouterr().out
-    assert "[1/15] shard-parts" in terminal and "[15/15] report" in terminal
+    assert "[1/15] " in terminal and "[15/15] report" in terminal      # kfp.local orders independent tasks freely
     assert "train-stage1: epoch 1/2 done" in terminal
     assert "executor_input" not in terminal and "Warning" not in terminal and "\x1b[" not in terminal
     assert "WARNING" not in terminal           # the pipeline gives no step a setting it does not use
@@ -227,8 +227,17 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     children = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                                "where t.key = 'mlflow.parentRunId'"))
     assert set(children) == {"stage1-4f", "stage2-8f", "baseline-8f", "evaluate-sfa", "evaluate-baseline",
-                             "memory_benchmark", "report"}
+                             "memory-benchmark", "report"}
     assert set(children.values()) == {parent_id}
+    # Every run says what it is (MLflow's description) and a training run names its data (an MLflow input).
+    described = {n for n, in db.execute("select r.name from runs r join tags t on t.run_uuid = r.run_uuid "
+                                        "where t.key = 'mlflow.note.content' and t.value != ''")}
+    assert described >= set(children), set(children) - described
+    inputs = {n for n, in db.execute("select r.name from runs r join inputs i on i.destination_id = r.run_uuid")}
+    assert {"stage1-4f", "stage2-8f", "baseline-8f"} <= inputs, inputs
+    stage2_note = db.execute("select t.value from tags t join runs r on r.run_uuid = t.run_uuid where "
+                             "r.name = 'stage2-8f' and t.key = 'mlflow.note.content'").fetchone()[0]
+    assert runs["stage1-4f"] in stage2_note          # stage 2 names the stage-1 run it started from
     kfp_tag = db.execute("select value from tags where run_uuid = ? and key = 'sfa.kfp_run_id'",
                          (parent_id,)).fetchone()
     assert kfp_tag and kfp_tag[0]
@@ -236,7 +245,7 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
         "select r.name, m.key from metrics m join runs r on r.run_uuid = m.run_uuid")}
     for expected in [("stage2-8f", "top1"), ("stage2-8f", "train_time_s"), ("baseline-8f", "train_time_s"),
                      ("evaluate-sfa", "top1"), ("report", "time_ratio_sfa_over_baseline"),
-                     ("memory_benchmark", "full_mib_per_frame")]:
+                     ("memory-benchmark", "full_mib_per_frame")]:
         assert expected in metrics, expected
     assert summary["figures"]["sfa_train_time_s"] > 0 and "baseline_top1" in summary["figures"]
     # The parent run ends with the pipeline, carrying the headline figures; the report is an artifact.
@@ -764,3 +773,40 @@ def test_the_report_says_how_far_one_run_can_be_trusted():
     large = how_far(1200, 50.0)
     assert "±2.8 points" in large and "not whether" not in large
     assert how_far(None, 50.0) == "" and how_far(96, None) == ""
+
+
+def test_the_reports_headline_gives_memory_and_its_plots_start_at_zero(tmp_path):
+    """Memory is in the headline (SFA's stage 2, cached where measured, against the whole model at the largest
+    shared frame count no larger than stage 2's); a smoke size says so; every axis starts at zero and epoch
+    ticks are whole numbers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from sfa_vivit import plots
+    from sfa_vivit.kubeflow.report import SMOKE_CLIPS, memory_headline
+    rows = [{"regime": g, "frames": f, "fits": True, "peak_memory_bytes": b * 2**30}
+            for g, f, b in [("full", 8, 0.33), ("stage2-cached", 8, 0.31), ("full", 32, 1.2),
+                            ("stage2-cached", 32, 0.4), ("full", 64, 2.0), ("stage2-cached", 64, 0.6)]]
+    line = memory_headline({"rows": rows, "device": "cpu"}, 32)
+    assert line == "; peak memory of a 32-frame training step: SFA 0.40 GiB, whole model 1.20 GiB (0.33x, cpu)"
+    assert memory_headline({"rows": rows[:1], "device": "cpu"}, 32) == ""
+    assert SMOKE_CLIPS <= 50
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep_axes(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        captured.update(x=ax.get_xlim(), y=ax.get_ylim(), ticks=list(ax.get_xticks()))
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep_axes
+    try:
+        plots.line_plot(tmp_path / "m.png", {"full": ([8, 16, 32], [0.308, 0.318, 0.330])}, xlabel="frames",
+                        ylabel="GiB", title="t")
+        assert captured["x"][0] == 0 and captured["y"][0] == 0           # 0.308-0.330 is not drawn full height
+        plots.line_plot(tmp_path / "e.png", {"stage 1": ([1, 2, 3], [5.0, 4.0, 4.5])}, xlabel="epoch",
+                        ylabel="s", title="t", integer_x=True)
+        assert all(float(t).is_integer() for t in captured["ticks"])
+    finally:
+        plt.Figure.savefig = real_savefig

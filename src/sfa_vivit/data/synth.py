@@ -42,6 +42,8 @@ DIFFICULTY = {
     "hard": dict(distractors=4, white=2, turning=1, noise=20.0, size=0.12, speed=0.9),
     # Photographs: textured objects on a photographic background (see the module's docstring).
     "textures": dict(distractors=2, white=0, turning=0, noise=4.0, size=0.25, speed=0.9, textured=True),
+    # The same photographs with the target alone: the main job's reduced form of the benchmark's task.
+    "textures-solo": dict(distractors=0, white=0, turning=0, noise=4.0, size=0.25, speed=0.9, textured=True),
 }
 
 # The photographs of the `textures` world: files inside scikit-image's package (no download).

@@ -21,10 +21,10 @@ def _json(url: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _png(series: dict[str, tuple[list, list]], hlines: dict[str, float] | None = None, **labels: str) -> str:
+def _png(series: dict[str, tuple[list, list]], hlines: dict[str, float] | None = None, **options: Any) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "plot.png")
-        line_plot(path, series, hlines=hlines, **labels)
+        line_plot(path, series, hlines=hlines, **options)
         with open(path, "rb") as f:
             return base64.b64encode(f.read()).decode()
 
@@ -85,6 +85,24 @@ def how_far(clips: int | None, top1: float | None) -> str:
     return text
 
 
+# Fewer validation clips than this: a smoke test (`--size tiny`), whose figures mean nothing.
+SMOKE_CLIPS = 50
+
+
+def memory_headline(membench: dict, frames: int) -> str:
+    """'; memory: ...' comparing a training step's peak of SFA's stage 2 (cached if measured) and of the whole
+    model at the largest frame count both were measured at (at most `frames`), or '' without such a pair."""
+    peaks = {(r["regime"], r["frames"]): r["peak_memory_bytes"] for r in membench.get("rows", []) if r.get("fits")}
+    for regime in ("stage2-cached", "stage2"):
+        shared = [f for (g, f) in peaks if g == regime and ("full", f) in peaks and f <= frames]
+        if shared:
+            f = max(shared)
+            sfa, full = peaks[(regime, f)] / 2**30, peaks[("full", f)] / 2**30
+            return (f"; peak memory of a {f}-frame training step: SFA {sfa:.2f} GiB, whole model {full:.2f} GiB "
+                    f"({sfa / full:.2f}x, {membench.get('device', '?')})")
+    return ""
+
+
 def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, out: str, baseline: str | None = None,
                  baseline_evaluation: str | None = None, tracking: str = "") -> tuple[str, dict[str, float]]:
     """Read the runs' metrics.json and the membench JSON; write `out` (HTML). `tracking` says where the run
@@ -125,7 +143,10 @@ def write_report(*, stage1: str, stage2: str, evaluation: str, membench: str, ou
             memory[regime] = tuple(map(list, zip(*points)))
     headline = (f"SFA: top-1 {_fmt(summary.get('sfa_top1'))}% in {summary['sfa_train_time_s']:.1f} s of training"
                 + (f"; baseline: top-1 {_fmt(summary.get('baseline_top1'))}% in {summary['baseline_train_time_s']:.1f}"
-                   f" s; SFA/baseline time {summary['time_ratio_sfa_over_baseline']:.2f}" if base else ""))
+                   f" s; SFA/baseline time {summary['time_ratio_sfa_over_baseline']:.2f}" if base else "")
+                + memory_headline(mem, s2["num_frames"]))
+    if (ev.get("num_examples") or 0) < SMOKE_CLIPS:
+        headline = f"Smoke-test size (these figures show that the pipeline runs, nothing more). {headline}"
     trust = html.escape(how_far(ev.get("num_examples"), ev.get("top1")))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>sfa-vivit report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .8em;text-align:right}}
@@ -139,15 +160,18 @@ td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(e
 own frame count) into stage 2, which starts where stage 1 ended (plus building the feature cache, if any).
 Each point is one epoch's validation with the training views.</p>
 <img src="data:image/png;base64,{_png(curves, chance, xlabel='cumulative training time (s)', ylabel='top-1 (%)',
-                                      title='validation top-1 (training views) vs training time')}">
+                                      title="validation top-1 at each epoch's end vs training time")}">
 <h2>Time per epoch</h2>
 <p>A changed headline ratio between two runs on a shared machine shows here first: epochs that took longer
 than their neighbours were slowed by something else.</p>
-<img src="data:image/png;base64,{_png(epoch_times, xlabel='epoch', ylabel='seconds',
+<img src="data:image/png;base64,{_png(epoch_times, xlabel='epoch', ylabel='seconds', integer_x=True,
                                       title='training time of each epoch (steps and data loading)')}">
 <h2>Peak memory of a training step vs frames: the memory benchmark's model, ViViT-{
     html.escape(str(mem['variant']))}, on {html.escape(mem['device'])}</h2>
 <img src="data:image/png;base64,{_png(memory, xlabel='frames', ylabel='peak memory (GiB)', title='memory vs frames')}">
+{'<p>On a CPU the peak is mostly the process itself (the Python runtime, PyTorch and the loaded libraries), '
+ 'the same for every regime: the differences are the activations. On a GPU the peak is the device memory of the '
+ 'step alone.</p>' if mem['device'] == 'cpu' else ''}
 <p>Train time counts the training steps (data loading included) and, for a cached stage 2, building the
 feature cache; validation and checkpoint writes are not counted, for any run.</p></body></html>"""
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)

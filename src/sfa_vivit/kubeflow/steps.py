@@ -60,7 +60,10 @@ def start_tracking(kfp_run_id: str, pipeline: str, tracking_uri: str = "", exper
     except Exception as e:  # noqa: BLE001 - tracking stops the pipeline only when required
         return _untracked(uri, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", require)
     tracker = Tracker(uri, experiment, f"{pipeline} {dataset} {kfp_run_id}".replace("  ", " "),
-                      tags={PARENT_TAG: key, "sfa.pipeline": pipeline, "sfa.dataset": dataset})
+                      tags={PARENT_TAG: key, "sfa.pipeline": pipeline, "sfa.dataset": dataset},
+                      description=f"Pipeline run {kfp_run_id} ({pipeline}{' on ' + dataset if dataset else ''}): "
+                                  "its steps are the child runs (SFA's two stages, the baseline, evaluations, the "
+                                  "memory benchmark, the report); this run carries the headline figures.")
     if not tracker.run_id:
         return _untracked(uri, "; ".join(tracker.errors) or "no run created", require)
     return tracker.run_id
@@ -75,7 +78,7 @@ def _untracked(uri: str, reason: str, require: bool) -> str:
 
 
 def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[str, Any], tags: dict[str, str],
-               artifacts: list[tuple[str, str]] = ()) -> None:
+               artifacts: list[tuple[str, str]] = (), description: str = "") -> None:
     """A finished child run of the pipeline's parent: `metrics` and (local path, file name) `artifacts`."""
     import shutil
     import tempfile
@@ -84,7 +87,8 @@ def _child_run(name: str, tracking_uri: str, parent_run_id: str, metrics: dict[s
     target = TrackingTarget(tracking_uri or None, parent_run_id or None)
     if not target.enabled:
         return
-    tracker = Tracker(target.resolve_uri(os.getcwd()), EXPERIMENT, name, parent_run_id=target.parent_run_id, tags=tags)
+    tracker = Tracker(target.resolve_uri(os.getcwd()), EXPERIMENT, name, parent_run_id=target.parent_run_id, tags=tags,
+                      description=description)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         for path, file_name in artifacts:       # under the name a browser opens (KFP names it "page")
@@ -282,7 +286,9 @@ def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification:
             log.warning("the %d-class confusion matrix (%.1f MB) is too large for the Kubeflow UI's metadata; it is "
                         "in the results artifact (metrics.json)", len(result["classes"]), size / 1e6)
     _child_run(name, tracking_uri, parent_run_id, {k: result.get(k) for k in ("top1", "top5")},
-               {"sfa.step": name, "sfa.views": views})
+               {"sfa.step": name, "sfa.views": views},
+               description=f"Top-1 and top-5 of {artifact_url(model)} on the {result.get('num_examples', '?')} "
+                           f"validation clips, {views} views (clips x crops) each.")
     return result
 
 
@@ -305,7 +311,9 @@ def memory_benchmark(*, variant: str, frames: str, regimes: str, image_size: int
     Path(plot.path).write_text(f"<html><body><h3>Peak memory per training step</h3>"
                                f"<img src='data:image/png;base64,{png}'/><pre>{markdown(result)}</pre></body></html>")
     slopes = {f"{m}_mib_per_frame": v / 2**20 for m, v in result["per_frame_bytes"].items() if v is not None}
-    _child_run("memory_benchmark", tracking_uri, parent_run_id, slopes, {"sfa.step": "memory_benchmark"})
+    _child_run("memory-benchmark", tracking_uri, parent_run_id, slopes, {"sfa.step": "memory-benchmark"},
+               description=f"Peak training memory and step time of ViViT-{variant} per frame count ({frames}): the "
+                           "whole model against SFA's stage 2, with and without its feature cache.")
     return result
 
 
@@ -323,7 +331,9 @@ def report(*, stage1: Any, stage2: Any, evaluation: Any, membench: Any, out: Any
     if not parent_run_id:
         log.warning("this pipeline run is not tracked in MLflow (the report says so)")
     _child_run("report", tracking_uri, parent_run_id, summary, {"sfa.step": "report"},
-               artifacts=[(html_path, "report.html")])
+               artifacts=[(html_path, "report.html")],
+               description="SFA against the conventional recipe: top-1, training time and memory side by side; "
+                           "the page is this run's artifact report.html.")
     _finish_parent(tracking_uri, parent_run_id, summary)
     return html_path
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# No download bars from logging a model (a log or a pod shows every redraw as a line).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +66,39 @@ def artifact_location(uri: str) -> str | None:
     return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A run's data as MLflow records an input: the prepared shards' manifest (its URI and digest)."""
+    name: str           # the dataset (kinetics400, synthetic, ...)
+    uri: str            # the prep output folder
+    digest: str         # of the manifest's content: the same digest, the same shards
+    context: str = "training"
+    clips: int | None = None
+
+    def as_input(self) -> Any:
+        from mlflow.entities import Dataset as MlflowDataset
+        from mlflow.entities import DatasetInput, InputTag
+        profile = json.dumps({"clips": self.clips}) if self.clips is not None else None
+        return DatasetInput(MlflowDataset(name=self.name, digest=self.digest[:36], source_type="sfa-vivit-shards",
+                                          source=json.dumps({"uri": self.uri}), profile=profile),
+                            tags=[InputTag("mlflow.data.context", self.context)])
+
+
 class Tracker:
     """One MLflow run. Methods never raise; `report()` says what could not be logged."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, *, enabled: bool = True,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 spool: str | None = None, retry_interval_s: float = 60.0):
-        """A new run named `run_name` (a child of `parent_run_id` when given), or the existing `run_id`."""
+                 spool: str | None = None, retry_interval_s: float = 60.0, description: str = "",
+                 dataset: Dataset | None = None):
+        """A new run named `run_name` (a child of `parent_run_id` when given), or the existing `run_id`.
+        `description`: what the run is, shown by MLflow's UI; `dataset`: the data it trained or evaluated on,
+        logged as the run's input."""
         self.uri, self.experiment, self.run_name, self.parent_run_id = uri, experiment, run_name, parent_run_id
         self.enabled, self.run_id, self.tags = enabled, run_id, dict(tags or {})
+        if description:
+            self.tags["mlflow.note.content"] = description
+        self.dataset = dataset
         self.spool, self.retry_interval_s = spool, retry_interval_s
         self.client = None
         self.errors: list[str] = []
@@ -92,6 +119,8 @@ class Tracker:
                 parent = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
                 tags = {**self.tags, **parent}
                 self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+                if self.dataset is not None:
+                    client.log_inputs(self.run_id, datasets=[self.dataset.as_input()])
             else:
                 client.get_run(self.run_id)
             self.client = client
@@ -146,7 +175,9 @@ class Tracker:
                                                                  config.image_size, config.image_size), "videos")]),
                 outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n), name) for name, n in heads.items()]))
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
+            with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+                # The signature says what goes in; an example video would add megabytes to every run.
+                warnings.filterwarnings("ignore", message=".*input example was not provided")
                 mlflow.pyfunc.log_model(name="model", python_model=mlflow_model.__file__,
                                         artifacts={"checkpoint": os.path.abspath(checkpoint)}, signature=signature,
                                         pip_requirements=[f"sfa-vivit=={__version__}"])

@@ -37,7 +37,7 @@ from sfa_vivit.train import cache
 from sfa_vivit.train.config import RENAMED_RECIPES, TrainConfig, learning_rate, learning_rate_at, make_optimizer
 from sfa_vivit.train.evaluation import evaluate_model
 from sfa_vivit.train.run_data import RunData
-from sfa_vivit.train.tracking import Tracker, TrackingTarget
+from sfa_vivit.train.tracking import Dataset, Tracker, TrackingTarget
 
 log = logging.getLogger(__name__)
 
@@ -561,14 +561,33 @@ class Trainer:
         if self.init_extra.get("mlflow_run_id"):
             tags["sfa.stage1_run_id"] = self.init_extra["mlflow_run_id"]
         spool = join(self.out, "mlflow_unlogged.jsonl") if "://" not in self.out else None
+        clips = sum(self.manifest.sample_counts(c.train_split).values())
+        dataset = Dataset(self.manifest.dataset, self.data_url, self.data_digest, "training", clips)
         tracker = Tracker(self.tracking.resolve_uri(self.out), c.mlflow_experiment, f"{c.mode}-{c.num_frames}f",
                           enabled=self.is_main and self.tracking.enabled, run_id=p.mlflow_run_id,
-                          parent_run_id=self.tracking.parent_run_id, tags=tags, spool=spool)
+                          parent_run_id=self.tracking.parent_run_id, tags=tags, spool=spool,
+                          description=self._description(clips), dataset=dataset)
         if tracker.enabled and p.mlflow_run_id is None:
             tracker.log_params({**c.to_dict(), "lr": learning_rate(c), "steps_per_epoch": self.steps_per_epoch,
                                 "world_size": self.world, "data": self.data_url, "init": self.init})
         p.mlflow_run_id = tracker.run_id
         return tracker
+
+    def _description(self, clips: int) -> str:
+        """What this run is, in a sentence (MLflow's run description)."""
+        c = self.config
+        model = f"ViViT-{c.variant} FE"
+        origin = (f"from {self.init}" if self.init else
+                  f"from the image checkpoint {c.image_checkpoint}" if c.image_checkpoint else "from scratch")
+        where = f"{clips} {self.manifest.dataset} training clips of {c.num_frames} frames, {c.epochs} epochs"
+        if c.mode == "stage1":
+            return f"SFA stage 1: the whole {model} trained on {where}, {origin}."
+        if c.mode == "stage2":
+            stage1 = self.init_extra.get("mlflow_run_id")
+            cached = f", from a cache of {c.cache_views} frozen-feature views per clip" if c.cache_views else ""
+            return (f"SFA stage 2: spatial encoder frozen, {'adapter and ' if c.adapter else ''}temporal encoder "
+                    f"trained on {where}{cached}; {origin}" + (f" (stage 1: MLflow run {stage1})." if stage1 else "."))
+        return f"The conventional recipe ({c.mode}): the whole {model} trained on {where}, {origin}."
 
     def _banner(self) -> None:
         """What this run is about to do, before the first step."""
