@@ -2,6 +2,8 @@
 
     python bench/mainjob_spread.py                        # seeds 0-4, OMP_NUM_THREADS 1 and 2 (about 25 min)
     python bench/mainjob_spread.py --seeds 0,1 --threads 2 --name mainjob_spread_quick
+    python bench/mainjob_spread.py --threads 1 --name t1 & python bench/mainjob_spread.py --threads 2 --name t2
+    python bench/mainjob_spread.py --combine t1,t2       # both halves at once on 2 cores, then one summary
 
 `make run` reports SFA's and the baseline's top-1 from one run. This trains exactly what that run trains (the
 local pipeline's data, image ViT, recipe and `--set`s: runner.local_inputs), through the library rather than
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="OMP_NUM_THREADS values, comma-separated")
     parser.add_argument("--work", default="bench/.work/mainjob_spread", help="shards and runs (removed per run)")
     parser.add_argument("--name", default="mainjob_spread", help="results/<name>.json")
+    parser.add_argument("--combine", default="",
+                        help="results names, comma-separated (e.g. two halves run at once): one summary of their runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -92,6 +96,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+
+    if args.combine:
+        from _common import RESULTS
+        parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.combine.split(",")]
+        results = [r for part in parts for r in part["runs"]]
+        summary = summarise(results)
+        save(args.name, {**{k: v for k, v in parts[0].items() if k not in ("command", "machine")},
+                         "parts": [{"command": p["command"], "machine": p["machine"]} for p in parts],
+                         "summary": summary, "runs": results})
+        print(json.dumps(summary, indent=1))
+        return
 
     import logging
     import shutil

@@ -4,6 +4,7 @@ and the paper's time/top-1 claim (slow)."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,11 +33,15 @@ def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, stage1_run, 
     video = torch.randn(2, 4, 3, 32, 32)
     assert torch.equal(same.model.eval()(video), stage1_model(video))
     # Stage 2 proper: 8 frames, spatial frozen, adapter on.
-    trainer = Trainer(config("stage2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(s1))
+    trainer = Trainer(config("stage2", "log_every=2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(s1))
     groups = {k: sum(p.numel() for _, p in v) for k, v in trainer.model.parameter_groups().items()}
+    caplog.set_level("INFO", logger="sfa_vivit")
     m2 = trainer.fit()
     assert m2["trainable_parameters"] == groups["adapter"] + groups["temporal"] + groups["head"]
     assert m2["num_frames"] == 8 and m2["steps"] == 6
+    # Its step lines say how fast it goes and how much training is left (no hours of silence on a big dataset).
+    assert re.search(r"step \d+/\d+ loss [\d.]+ lr \S+ \([\d.]+ steps/s, about \d+:\d\d of training left\)",
+                     caplog.text), caplog.text[-2000:]
     before, after = final_state(s1), final_state(tmp_path / "s2")
     for name, tensor in after.items():
         if name.startswith(("embedding", "spatial")):

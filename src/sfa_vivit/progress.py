@@ -27,6 +27,13 @@ class _Lines:
         self.stream.flush()
 
 
+def clock(seconds: float) -> str:
+    """'1:02:03', '4:05' or '0:07': a duration as a clock reads it."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str,
         disable: bool = False, **kwargs: Any):
     """A tqdm progress bar (on stderr) that becomes whole log lines when stderr is not a terminal."""

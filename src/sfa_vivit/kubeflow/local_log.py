@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from sfa_vivit.progress import clock
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
@@ -50,11 +52,6 @@ def task_count(pipeline_spec: Any, fan_out: int, run_baseline: bool) -> int:
 def plain(text: str) -> str:
     """`text` without terminal colour codes."""
     return _ANSI.sub("", text)
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}:{seconds:02d}"
 
 
 class TaskLog(io.TextIOBase):
@@ -95,14 +92,14 @@ class TaskLog(io.TextIOBase):
             self.started += 1
             self.recent.clear()
             last = self.history.get(self.task)
-            expect = f"; took {_clock(last)} last run" if last is not None else ""
-            self._say(f"[{self.started}/{self.total}] {self.task} (elapsed {_clock(time.monotonic() - self.start)}"
+            expect = f"; took {clock(last)} last run" if last is not None else ""
+            self._say(f"[{self.started}/{self.total}] {self.task} (elapsed {clock(time.monotonic() - self.start)}"
                       f"{expect})")
         elif finished:
             took = time.monotonic() - self.task_start
             self.durations[finished.group(1)] = round(took, 1)
             if finished.group(2) != "SUCCESS":
-                self._say(f"  {finished.group(1)} failed after {_clock(took)}; its last lines:")
+                self._say(f"  {finished.group(1)} failed after {clock(took)}; its last lines:")
                 for earlier in self.recent:
                     if earlier.strip():
                         self._say(f"  | {earlier.strip()}")

@@ -32,6 +32,7 @@ from sfa_vivit.data.augment import mixup, one_hot
 from sfa_vivit.data.manifest import data_digest, load_manifest, verify_shards
 from sfa_vivit.lease import Lease, LeaseHeld, lease_key
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
+from sfa_vivit.progress import clock
 from sfa_vivit.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.train import cache
 from sfa_vivit.train.config import RENAMED_RECIPES, TrainConfig, learning_rate, learning_rate_at, make_optimizer
@@ -365,6 +366,7 @@ class Trainer:
         try:
             if c.cache_views and self.data.cached_train is None:
                 self._prepare_cache()
+            call_start = time.perf_counter()
             while p.epoch < c.epochs:
                 loader = self.runtime.feed(self.data.epoch_batches(p.epoch, p.step_in_epoch))
                 start = time.perf_counter()
@@ -377,8 +379,11 @@ class Trainer:
                         loss = self._read_losses()      # the one host sync of a lazy device's steps
                         if self.is_main:
                             lr = self.optimizer.param_groups[0]["lr"]
-                            log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g", p.epoch + 1, c.epochs,
-                                     p.step_in_epoch, self.steps_per_epoch, loss, lr)
+                            rate = steps_this_call / max(time.perf_counter() - call_start, 1e-9)
+                            left = (c.epochs * self.steps_per_epoch - p.step) / rate
+                            log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g (%.2f steps/s, about %s of "
+                                     "training left)", p.epoch + 1, c.epochs, p.step_in_epoch, self.steps_per_epoch,
+                                     loss, lr, rate, clock(left))
                             self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
                     stop, due = self._step_flags()
                     if stop:
