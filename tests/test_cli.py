@@ -153,3 +153,18 @@ def test_progress_in_a_log_file_is_whole_lines(tmp_path):
                            "--size", "16", "--num-frames", "4"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "synth: 100%" in done.stderr and done.stderr.endswith("\n")
+
+
+def test_sfa_help_lists_the_commands_without_importing_the_library():
+    """`sfa`, `sfa --help` and `sfa --version` answer without importing torch (seconds of imports); the text is
+    the full parser's own top-level help."""
+    from sfa_vivit.cli import build_parser, light_parser
+    assert light_parser().format_help() == build_parser().format_help()
+    code = ("import sys\nfrom sfa_vivit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'torch' in sys.modules)\n")
+    for words, status in ((["--help"], 0), (["--version"], 0), ([], 2)):
+        done = subprocess.run([sys.executable, "-c", code, *words], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().splitlines()[-1] == f"exit {status} False", (words, done.stdout, done.stderr)
+    done = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert "--print-config" in done.stdout and done.stdout.strip().endswith("exit 0 True")   # a command's own help

@@ -12,22 +12,44 @@ import textwrap
 import time
 from typing import Any, Sequence
 
-import torch
 
-from sfa_vivit.checkpoints import CheckpointError
-from sfa_vivit.data.annotations import DATASETS
-from sfa_vivit.data.manifest import load_manifest, verify_shards
-from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
-from sfa_vivit.data.synth import SynthOptions, generate
-from sfa_vivit.evaluate import evaluate
-from sfa_vivit.lease import LeaseHeld
-from sfa_vivit.membench import BENCH
-from sfa_vivit.models import VARIANTS, vivit
-from sfa_vivit.runtime import versions as runtime_versions
-from sfa_vivit.train.config import MODES, RECIPES, resolve
-from sfa_vivit.train.image_vit import ImageViTOptions
-from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
-from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, init_architecture, train
+def _load_library() -> None:
+    """The library, imported when a command is parsed or runs (torch alone takes seconds): `sfa`, `sfa --help`
+    and `sfa --version` never import it."""
+    global torch, CheckpointError, DATASETS, load_manifest, verify_shards, PrepError, PrepOptions, prepare
+    global SynthOptions, generate, evaluate, LeaseHeld, BENCH, VARIANTS, vivit, runtime_versions, MODES, RECIPES
+    global resolve, ImageViTOptions, pretrain_image_vit, NonFiniteLoss, Preempted, init_architecture, train
+    import torch
+
+    from sfa_vivit.checkpoints import CheckpointError
+    from sfa_vivit.data.annotations import DATASETS
+    from sfa_vivit.data.manifest import load_manifest, verify_shards
+    from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
+    from sfa_vivit.data.synth import SynthOptions, generate
+    from sfa_vivit.evaluate import evaluate
+    from sfa_vivit.lease import LeaseHeld
+    from sfa_vivit.membench import BENCH
+    from sfa_vivit.models import VARIANTS, vivit
+    from sfa_vivit.runtime import versions as runtime_versions
+    from sfa_vivit.train.config import MODES, RECIPES, resolve
+    from sfa_vivit.train.image_vit import ImageViTOptions
+    from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
+    from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, init_architecture, train
+
+
+# The commands and what each is for: `sfa --help` lists them without importing the library.
+COMMANDS = {
+    "smoke": "one forward/backward step per variant, full and SFA stage 2, on this machine",
+    "info": "parameter counts of a variant",
+    "data": "datasets: synthesise, prepare shards, verify",
+    "train": "train a ViViT-FE: baseline, SFA stage 1 or stage 2 (resumes a run in --out)",
+    "evaluate": "multi-view top-1/top-5, per-class accuracy and confusion of a checkpoint",
+    "membench": "step time and peak memory of full vs SFA stage 2 per frame count, each setting in a fresh child "
+                "process; --budget-gib finds the max frames",
+    "scenic": "Scenic (JAX) ViViT factorised-encoder checkpoints in and out",
+    "pipeline": "Kubeflow: compile, run locally, submit, schedule",
+    "cluster": "check a cluster before a run: sfa cluster doctor",
+}
 
 
 def model_summary(variant: str, *, num_frames: int, image_size: int, num_classes: int,
@@ -135,14 +157,29 @@ def _heads(text: str | None) -> dict[str, int] | None:
     return heads
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `sfa` command line: every command, flag and default."""
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """`sfa` and its --version, and the subparsers' action to add the commands to."""
     from sfa_vivit import __version__
     parser = _Parser(prog="sfa", description="ViViT factorised encoders, trained the SFA way.")
     parser.add_argument("--version", action="version", version=f"sfa-vivit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("smoke", help="one forward/backward step per variant, full and SFA stage 2, on this machine")
+
+def light_parser() -> argparse.ArgumentParser:
+    """What `sfa`, `sfa --help` and `sfa --version` need: the commands and their purpose, not their flags (so
+    the library, torch included, is not imported; the full parser's top-level help is the same text)."""
+    parser, sub = _top_parser()
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `sfa` command line: every command, flag and default."""
+    _load_library()
+    parser, sub = _top_parser()
+
+    p = sub.add_parser("smoke", help=COMMANDS["smoke"])
     p.add_argument("--variants", default="Ti,S", help="comma-separated, from " + ",".join(VARIANTS))
     p.add_argument("--frames", type=int, default=8, help="frames of the full (stage-1) step")
     p.add_argument("--stage2-frames", type=int, default=32, help="frames of the stage-2 step")
@@ -150,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--out", help="write the rows as JSON to this file")
 
-    p = sub.add_parser("info", help="parameter counts of a variant")
+    p = sub.add_parser("info", help=COMMANDS["info"])
     p.add_argument("--variant", default="B", help="one of " + ",".join(VARIANTS))
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
@@ -158,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true", help="count as SFA stage 2 (adapter on, spatial frozen)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
-    data = sub.add_parser("data", help="datasets: synthesise, prepare shards, verify").add_subparsers(
+    data = sub.add_parser("data", help=COMMANDS["data"]).add_subparsers(
         dest="data_command", required=True)
     p = data.add_parser("prep", help="official annotations + videos -> WebDataset shards + manifest.json")
     p.add_argument("--dataset", required=True, help="one of " + ", ".join(DATASETS))
@@ -192,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("verify", help="check every shard of a prepared dataset against its sha256")
     p.add_argument("url", help="prep output folder or its manifest.json")
 
-    p = sub.add_parser("train", help="train a ViViT-FE: baseline, SFA stage 1 or stage 2 (resumes a run in --out)")
+    p = sub.add_parser("train", help=COMMANDS["train"])
     p.add_argument("--mode", choices=MODES, help="required unless --config names it")
     p.add_argument("--config", metavar="YAML",
                    help="a config file (every run writes its resolved one as config.yaml): its values override the "
@@ -211,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-init", action="store_true",
                    help="accept an --init checkpoint of another mode (stage 2 normally starts from stage 1)")
 
-    p = sub.add_parser("evaluate", help="multi-view top-1/top-5, per-class accuracy and confusion of a checkpoint")
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint (local or gs://)")
     p.add_argument("--data", required=True, help="prepared dataset")
     p.add_argument("--views", default="4x3", help="CLIPSxCROPS, logits averaged over them")
@@ -222,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--verify-data", action="store_true", help="check the split's shards against their sha256 first")
 
-    p = sub.add_parser("membench", help="step time and peak memory of full vs SFA stage 2 per frame count, "
-                                        "each setting in a fresh child process; --budget-gib finds the max frames")
+    p = sub.add_parser("membench", help=COMMANDS["membench"])
     bench = BENCH            # defaults shared with the pipeline's membench_* parameters
     p.add_argument("--variant", default=bench.variant, choices=sorted(VARIANTS))
     p.add_argument("--frames", default=bench.frames, help="comma-separated frame counts (multiples of the tubelet)")
@@ -245,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
     p.add_argument("--out", required=True, help="JSON file; the .md table and .png plot are written beside it")
 
-    scenic = sub.add_parser("scenic", help="Scenic (JAX) ViViT factorised-encoder checkpoints in and out")
+    scenic = sub.add_parser("scenic", help=COMMANDS["scenic"])
     scenic = scenic.add_subparsers(dest="scenic_command", required=True)
     p = scenic.add_parser("import", help="a Scenic ViViT-FE checkpoint (Flax msgpack) -> a checkpoint of ours, "
                                          "which `sfa evaluate` and `sfa train --init` take")
@@ -262,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train_state: parameters under optimizer/target, as Scenic's ViViT trainer restores them; "
                         "params: a bare parameter tree")
 
-    pipe = sub.add_parser("pipeline", help="Kubeflow: compile, run locally, submit, schedule").add_subparsers(
+    pipe = sub.add_parser("pipeline", help=COMMANDS["pipeline"]).add_subparsers(
         dest="pipeline_command", required=True)
     p = pipe.add_parser("compile", help="write components/*.yaml, pipelines/*.yaml, k8s/profiles.yaml, k8s/kueue.yaml "
                                         "(or one pipeline with --name/--profile/--out)")
@@ -326,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="KFP profile namespace (multi-user Kubeflow)")
     _add_kfp_auth(p)
 
-    cluster = sub.add_parser("cluster", help="check a cluster before a run: sfa cluster doctor").add_subparsers(
+    cluster = sub.add_parser("cluster", help=COMMANDS["cluster"]).add_subparsers(
         dest="cluster_command", required=True)
     p = cluster.add_parser("doctor", help="check, read-only, that a cluster has what a run of a compiled pipeline "
                                           "needs (KFP, CRDs, service account and its rights, nodes, images, MLflow)")
@@ -368,6 +404,9 @@ def _kfp_auth(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] in ("-h", "--help", "--version"):
+        light_parser().parse_args(words)         # prints the help or the version and exits, or says what is missing
     parser = build_parser()
     args = parser.parse_args(argv)
     log_file = configure_logging()
@@ -698,8 +737,10 @@ def _pipeline(args: argparse.Namespace) -> int:
                              f"{figures['baseline_train_time_s']:.0f} s (SFA/baseline time "
                              f"{figures['time_ratio_sfa_over_baseline']:.2f})")
                 print(line)
-                from sfa_vivit.kubeflow.report import how_far
+                from sfa_vivit.kubeflow.report import how_far, main_job_spread
                 caveat = how_far(s.get("validation_clips"), figures.get("sfa_top1"))
+                if args.size == "default":      # the main job: what it did over seeds and thread counts
+                    caveat = f"{caveat} {main_job_spread()}".strip()
                 if caveat:
                     print(textwrap.fill(caveat, width=110, initial_indent="  ", subsequent_indent="  "))
             print(f"  report:  {s['report']}\n  open it: python -m webbrowser file://{s['report']}\n"
