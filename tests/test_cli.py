@@ -168,3 +168,21 @@ def test_sfa_help_lists_the_commands_without_importing_the_library():
     done = subprocess.run([sys.executable, "-c", code, "train", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert "--print-config" in done.stdout and done.stdout.strip().endswith("exit 0 True")   # a command's own help
+
+
+def test_every_option_of_every_command_says_what_it_is_for():
+    import argparse
+
+    from sfa_vivit.cli import build_parser
+    silent = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and not action.help:
+                silent.append(f"{path} {action.option_strings[-1]}")
+
+    walk(build_parser(), "sfa")
+    assert not silent, silent

@@ -183,15 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="Ti,S", help="comma-separated, from " + ",".join(VARIANTS))
     p.add_argument("--frames", type=int, default=8, help="frames of the full (stage-1) step")
     p.add_argument("--stage2-frames", type=int, default=32, help="frames of the stage-2 step")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=224, help="square frame size (px) of the random videos")
+    p.add_argument("--batch-size", type=int, default=2, help="clips per step")
     p.add_argument("--out", help="write the rows as JSON to this file")
 
     p = sub.add_parser("info", help=COMMANDS["info"])
     p.add_argument("--variant", default="B", help="one of " + ",".join(VARIANTS))
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--classes", type=int, default=400)
+    p.add_argument("--frames", type=int, default=32, help="frames per clip (sets the temporal positions)")
+    p.add_argument("--image-size", type=int, default=224, help="square frame size (px)")
+    p.add_argument("--classes", type=int, default=400, help="classes of the head")
     p.add_argument("--adapter", action="store_true", help="count as SFA stage 2 (adapter on, spatial frozen)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
@@ -253,20 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared dataset")
     p.add_argument("--views", default="4x3", help="CLIPSxCROPS, logits averaged over them")
     p.add_argument("--out", help="folder for metrics.json")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="validation", help="which split of the manifest to evaluate")
     p.add_argument("--batch-size", type=int, default=4, help="clips per batch (each with all its views)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else XLA, else CPU), cpu, cuda or xla")
     p.add_argument("--verify-data", action="store_true", help="check the split's shards against their sha256 first")
 
     p = sub.add_parser("membench", help=COMMANDS["membench"])
     bench = BENCH            # defaults shared with the pipeline's membench_* parameters
-    p.add_argument("--variant", default=bench.variant, choices=sorted(VARIANTS))
+    p.add_argument("--variant", default=bench.variant, choices=sorted(VARIANTS), help="model variant measured")
     p.add_argument("--frames", default=bench.frames, help="comma-separated frame counts (multiples of the tubelet)")
     p.add_argument("--regimes", default=bench.regimes,
                    help="what each measured step computes: full, stage2 (frozen spatial), stage2-cached")
-    p.add_argument("--image-size", type=int, default=bench.image_size)
-    p.add_argument("--batch-size", type=int, default=bench.batch_size)
+    p.add_argument("--image-size", type=int, default=bench.image_size, help="square frame size (px)")
+    p.add_argument("--batch-size", type=int, default=bench.batch_size, help="clips per step")
     p.add_argument("--steps", type=int, default=bench.steps,
                    help="timed steps of each regime, interleaved with the other regimes in one process after a "
                    "warm-up step of each (median and spread of the per-step ratios)")
@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=bench.max_frames, help="stop the budget search here")
     p.add_argument("--spatial-chunk", type=int, default=bench.spatial_chunk,
                    help="tubelets per frozen-spatial chunk in stage 2")
-    p.add_argument("--precision", default=bench.precision, choices=["fp32", "bf16"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=bench.precision, choices=["fp32", "bf16"],
+                   help="arithmetic of the measured steps")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else XLA, else CPU), cpu, cuda or xla")
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=INT",
                    help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
     p.add_argument("--out", required=True, help="JSON file; the .md table and .png plot are written beside it")
@@ -303,9 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = pipe.add_parser("compile", help="write components/*.yaml, pipelines/*.yaml, k8s/profiles.yaml, k8s/kueue.yaml "
                                         "(or one pipeline with --name/--profile/--out)")
     p.add_argument("--root", default=".", help="repository root for the checked-in files")
-    p.add_argument("--name", choices=["sfa", "reproduce"])
-    p.add_argument("--profile", default="cpu")
-    p.add_argument("--target", default="kubeflow", choices=["kubeflow", "vertex"])
+    p.add_argument("--name", choices=["sfa", "reproduce"],
+                   help="compile only this pipeline (with --out): sfa or reproduce")
+    p.add_argument("--profile", default="cpu",
+                   help="accelerator profile of the compiled pipeline (sfa_vivit/kubeflow/profiles.py)")
+    p.add_argument("--target", default="kubeflow", choices=["kubeflow", "vertex"],
+                   help="kubeflow (KFP on a cluster) or vertex (Vertex AI Pipelines)")
     p.add_argument("--out", help="with --name: the YAML file to write")
     p.add_argument("--registry", help="with --name: REGISTRY/NAME of your images; the profile's flavour tag "
                                       "(<version>-cpu|cuda|tpu) is added")
@@ -332,18 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write (default: k8s-PROJECT)")
     p = pipe.add_parser("run", help="run the sfa pipeline here (kfp.local) on synthetic data")
     p.add_argument("--runs", default="runs", help="artifacts go to RUNS/<run-id>/")
-    p.add_argument("--run-id")
-    p.add_argument("--size", default="default", choices=["default", "tiny"])
-    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--run-id", help="name of the run folder under --runs (default: sfa-DATE-TIME)")
+    p.add_argument("--size", default="default", choices=["default", "tiny"],
+                   help="default: the main job (minutes); tiny: a smoke test of the pipeline (figures mean nothing)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the conventional baseline and its evaluation (SFA only)")
     p = pipe.add_parser("submit", help="send a compiled pipeline to a KFP endpoint or Vertex AI Pipelines")
     p.add_argument("package", help="compiled pipeline YAML, e.g. pipelines/sfa-gpu-a100.yaml")
     p.add_argument("--host", help="KFP endpoint, e.g. https://kubeflow.example.com/pipeline")
-    p.add_argument("--vertex", metavar="PROJECT/REGION")
+    p.add_argument("--vertex", metavar="PROJECT/REGION",
+                   help="submit to Vertex AI Pipelines in PROJECT/REGION instead of a KFP endpoint")
     p.add_argument("--pipeline-root", help="gs://BUCKET/PATH for artifacts")
     p.add_argument("--param", action="append", default=[], metavar="NAME=JSON", help="a pipeline parameter")
     p.add_argument("--params-file", action="append", default=[], metavar="FILE",
                    help="pipeline parameters from a YAML or JSON map (name: value); --param items win")
-    p.add_argument("--experiment", default="sfa-vivit")
+    p.add_argument("--experiment", default="sfa-vivit", help="KFP experiment the run is filed under")
     p.add_argument("--service-account", help="Kubernetes (KFP) or Google (Vertex) service account of the run's pods "
                                               "(on Vertex its custom jobs run as it too)")
     p.add_argument("--network", help="Vertex: the VPC network of the run and its custom jobs "
@@ -353,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kfp_auth(p)
     p = pipe.add_parser("schedule", help="recurring reproduction runs, one per dataset")
     p.add_argument("package", help="compiled sfa pipeline YAML")
-    p.add_argument("--host", required=True)
+    p.add_argument("--host", required=True, help="KFP endpoint URL (as for submit)")
     p.add_argument("--datasets", required=True, help="JSON file: {dataset: {annotations, videos, data_uri, ...}}")
     p.add_argument("--cron", default="0 0 3 * * 0", help="KFP cron (with seconds); default Sundays 03:00")
     p.add_argument("--stagger-minutes", type=int, default=60, help="start each dataset's run this much later")
@@ -777,11 +784,13 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _add_options(parser: argparse.ArgumentParser, options: type) -> None:
-    """One --flag per field of the options dataclass, typed and defaulted by its defaults."""
+    """One --flag per field of the options dataclass, typed and defaulted by its defaults, with the help its
+    HELP table gives."""
     defaults = options()
     for field in dataclasses.fields(options):
         value = getattr(defaults, field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value,
+                            help=options.HELP[field.name])
 
 
 def _options(args: argparse.Namespace, options: type) -> Any:

@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import random
+from typing import ClassVar
 
 import av
 import numpy as np
@@ -78,6 +79,10 @@ def photo(name: str, side: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SynthOptions:
+    HELP: ClassVar[dict[str, str]] = {
+        "num_train": "training videos", "num_val": "validation videos", "num_frames": "frames per video",
+        "size": "square frame size (px)", "fps": "frames per second written",
+        "difficulty": f"the world: {', '.join(DIFFICULTY)}", "seed": "random seed of the scenes"}
     num_train: int = 360
     num_val: int = 120
     num_frames: int = 32

@@ -39,7 +39,7 @@ import os
 import random
 import shutil
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,6 +57,13 @@ REPORT = "image_vit.json"
 
 @dataclasses.dataclass(frozen=True)
 class ImageViTOptions:
+    HELP: ClassVar[dict[str, str]] = {
+        "difficulty": "world of the stills (sfa data synth --difficulty)",
+        "task": "label: cell (where the target is), texture (what is shown), object_cell (where the one object is)",
+        "videos": "training scenes", "val_videos": "held-out scenes", "frames_per_video": "stills per scene",
+        "grid": "the label's grid (grid x grid cells)", "steps": "optimizer steps", "batch_size": "stills per step",
+        "lr": "peak learning rate (AdamW)", "warmup_steps": "linear warmup steps",
+        "weight_decay": "AdamW weight decay", "seed": "random seed"}
     difficulty: str = "medium"      # of the synthetic videos the checkpoint is for
     task: str = "cell"              # the label: 'cell' (where the target is), 'texture' (what is shown) or
                                     # 'object_cell' (where the one object of a still is, whatever it is)
