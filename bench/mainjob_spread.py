@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,12 +44,21 @@ def worker(args: argparse.Namespace) -> None:
     common = [*arguments["sets"], f"image_checkpoint={args.vit}", f"seed={args.seed}", "eval_every=0",
               f"final_eval_views={arguments['eval_views']}"]
     out = Path(args.out)
-    baseline = train(resolve("baseline", "synthetic", sets=[*common, *arguments["baseline_sets"]]), args.data,
-                     str(out / "baseline"))
-    stage1 = train(resolve("stage1", "synthetic", sets=[*common, *arguments["stage1_sets"]]), args.data,
-                   str(out / "stage1"))
-    stage2 = train(resolve("stage2", "synthetic", sets=[*common, *arguments["stage2_sets"]]), args.data,
-                   str(out / "stage2"), init=str(out / "stage1"))
+
+    def run(name: str, mode: str, sets: list[str], init: str | None = None) -> dict:
+        """A finished run of the same config is reused (training is deterministic at a seed and thread count)."""
+        config = resolve(mode, "synthetic", sets=[*common, *sets])
+        folder = out / name
+        done, saved = folder / "metrics.json", folder / "config.json"
+        if done.exists() and saved.exists() and json.loads(saved.read_text()) == json.loads(
+                json.dumps(config.to_dict())):
+            return json.loads(done.read_text())
+        shutil.rmtree(folder, ignore_errors=True)
+        return train(config, args.data, str(folder), init=init)
+
+    baseline = run("baseline", "baseline", arguments["baseline_sets"])
+    stage1 = run("stage1", "stage1", arguments["stage1_sets"])
+    stage2 = run("stage2", "stage2", arguments["stage2_sets"], init=str(out / "stage1"))
     print("RESULT " + json.dumps({
         "threads": torch.get_num_threads(), "seed": args.seed,
         "sfa_top1": stage2["final"]["top1"], "baseline_top1": baseline["final"]["top1"],
@@ -86,6 +96,10 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="OMP_NUM_THREADS values, comma-separated")
     parser.add_argument("--work", default="bench/.work/mainjob_spread", help="shards and runs (removed per run)")
     parser.add_argument("--name", default="mainjob_spread", help="results/<name>.json")
+    parser.add_argument("--image-vit", default="",
+                        help="this image ViT folder instead of the main job's (a run measured with it is reused)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs whose config is unchanged (only what changed trains again)")
     parser.add_argument("--combine", default="",
                         help="results names, comma-separated (e.g. two halves run at once): one summary of their runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -109,13 +123,13 @@ def main() -> None:
         return
 
     import logging
-    import shutil
 
     from sfa_vivit.data.prep import PrepOptions, prepare
     from sfa_vivit.kubeflow.runner import local_inputs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
     data_options, arguments, paths, vit_dir = local_inputs("default")
+    vit_dir = Path(args.image_vit) if args.image_vit else vit_dir
     work = Path(args.work)
     shards = work / f"shards-{Path(paths['videos']).parent.name}"
     if not (shards / "manifest.json").exists():
@@ -126,7 +140,8 @@ def main() -> None:
     combos = [(int(t), int(s)) for t in args.threads.split(",") for s in args.seeds.split(",")]
     for k, (threads, seed) in enumerate(combos, 1):
         out = work / f"t{threads}-s{seed}"
-        shutil.rmtree(out, ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(out, ignore_errors=True)
         logging.info("run %d of %d: OMP_NUM_THREADS=%d seed %d", k, len(combos), threads, seed)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         done = subprocess.run([sys.executable, __file__, "--worker", "--seed", str(seed), "--data", str(shards),

@@ -13,10 +13,10 @@ no SFA variant had run on this task before it. What chose them: naive freezing 2
 in every calibration variant; the baseline at 66.25 and 66.75 top-1 on seeds 0 and 1
 (results/sfa_bench_v2_calibration_seeds.json; the other three seeds are measured by the run itself, and a
 seed standard deviation above 2 points will be reported as the design missing its resolution target, not
-mended). SFA had run only on the main job's reduced task (`textures-solo`: the target alone, 32 px; make run),
-which changed nothing here. SFA's settings are the library's defaults and are not tuned after its results; a failed claim is
-reported as a result. The whole run (5 seeds, every run below) is estimated at 1 h 50 min on the 2-core CPU,
-alone on the machine (its time ratios need that).
+mended). SFA had run only on the main job's reduced task (`textures-solo`: the target alone, 32 px;
+make run), which changed nothing here. SFA's settings are the library's defaults and are not tuned after its
+results; a failed claim is reported as a result. The whole run (5 seeds, every run below) is estimated at
+1 h 50 min on the 2-core CPU, alone on the machine (its time ratios need that).
 
 Design (pre-registered)
 - Task: the `textures` world of `sfa data synth` (sfa_vivit/data/synth.py): real photographs from

@@ -176,7 +176,7 @@ def local_image_vit(size: str = "default") -> dict[str, Any]:
     if size == "tiny":
         return dict(difficulty="easy", videos=6, val_videos=2, frames_per_video=2, steps=3, batch_size=4,
                     warmup_steps=1)
-    return dict(difficulty="medium")
+    return dict(difficulty="textures", task="object_cell")
 
 
 def local_arguments(size: str = "default") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -190,10 +190,11 @@ def local_arguments(size: str = "default") -> tuple[dict[str, Any], dict[str, An
                      baseline_sets=["num_frames=8"], eval_views="1x1", short_side=32, shard_size=6, prep_parts=2,
                      membench_variant="Ti", membench_frames="4,8", membench_image_size=32,
                      membench_model_sizes={"spatial_depth": 1, "temporal_depth": 1}, fps=16.0, prep_workers=1))
-    return (dict(num_train=240, num_val=96, num_frames=32, size=64, fps=16, difficulty="medium"),
-            dict(sets=["epochs=10"], stage1_sets=["num_frames=8"],
-                 stage2_sets=["num_frames=32", "cache_views=2"], baseline_sets=["num_frames=32"], eval_views="2x1",
-                 short_side=64, shard_size=64, prep_parts=2, membench_variant="Ti", membench_frames="8,16,32",
+    return (dict(num_train=960, num_val=600, num_frames=16, size=32, fps=16, difficulty="textures-solo"),
+            dict(sets=["image_size=32", "epochs=20", "optimizer=adamw", "base_lr=0.004", "weight_decay=0.05"],
+                 stage1_sets=["num_frames=8"], stage2_sets=["num_frames=16", "cache_views=2", "epochs=40"],
+                 baseline_sets=["num_frames=16", "epochs=30"], eval_views="1x1",
+                 short_side=32, shard_size=64, prep_parts=2, membench_variant="Ti", membench_frames="8,16,32",
                  membench_image_size=64, membench_model_sizes={"width": 96, "spatial_depth": 4, "temporal_depth": 2,
                                                                  "heads": 4, "mlp_dim": 192, "patch": 8},
                  fps=16.0, prep_workers=1))
