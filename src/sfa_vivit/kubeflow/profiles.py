@@ -267,19 +267,18 @@ def kueue_manifests(queue: str = QUEUE) -> list[dict[str, Any]]:
     one ClusterQueue whose quota per flavor holds one job of the largest profile on it (so each such job is
     admitted whole and a second one waits instead of holding part of the nodes), and the LocalQueue `queue`
     that `sfa pipeline compile --queue` names (namespaced: apply it where the runs' pods run)."""
-    flavors: dict[str, dict[str, str]] = {}
+    flavors: dict[str, tuple[Profile, dict[str, str]]] = {}     # name -> (its first profile, quota)
     for profile in PROFILES.values():
         if profile.nodes < 2:
             continue
         job = {"cpu": _times(profile.cpu, profile.nodes), "memory": _times(profile.memory, profile.nodes),
                profile.accelerator: str(profile.accelerator_count * profile.nodes)}
-        quota = flavors.setdefault(flavor_name(profile), {r: "0" for r in KUEUE_RESOURCES})
+        _, quota = flavors.setdefault(flavor_name(profile), (profile, {r: "0" for r in KUEUE_RESOURCES}))
         for resource, quantity in job.items():     # the largest job of the flavor, resource by resource
             if amount(quantity) > amount(quota[resource]):
                 quota[resource] = quantity
     docs: list[dict[str, Any]] = []
-    for name in flavors:
-        profile = next(p for p in PROFILES.values() if p.nodes > 1 and flavor_name(p) == name)
+    for name, (profile, _) in flavors.items():
         docs.append({"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": name},
                      "spec": {"nodeLabels": dict(profile.node_selector),
                               # GKE taints accelerator nodes `<resource>=present:NoSchedule`; our pods tolerate it
@@ -291,7 +290,7 @@ def kueue_manifests(queue: str = QUEUE) -> list[dict[str, Any]]:
                               "coveredResources": list(KUEUE_RESOURCES),
                               "flavors": [{"name": name, "resources": [{"name": r, "nominalQuota": quota[r]}
                                                                        for r in KUEUE_RESOURCES]}
-                                          for name, quota in flavors.items()]}]}})
+                                          for name, (_, quota) in flavors.items()]}]}})
     docs.append({"apiVersion": KUEUE_API, "kind": "LocalQueue", "metadata": {"name": queue},
                  "spec": {"clusterQueue": queue}})
     return docs
