@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable
 
-LOG_INTERVAL_S = 30.0
+LOG_INTERVAL_S = 15.0
 
 
 class _Lines:

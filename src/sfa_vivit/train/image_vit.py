@@ -180,7 +180,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # shown at the next redraw, with the count
     bar.close()
     model.eval()
     with torch.no_grad():
