@@ -144,6 +144,12 @@ def test_prep_warns_when_its_clips_do_not_fit_the_recipe(tmp_path, capsys):
     assert manifest["splits"]["train"]["frames"] == {"min": 12, "median": 12, "max": 12}
     assert main([*args, "--out", str(tmp_path / "fitting"), "--fps", "32", "--short-side", "64"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # Checked against the settings the run will train with (the quick start's 16 frames at 32 px): no warning.
+    assert main([*args, "--out", str(tmp_path / "small"), "--fps", "16", "--short-side", "32",
+                 "--set", "image_size=32", "--set", "num_frames=16"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "small2"), "--fps", "16", "--short-side", "32"]) == 0
+    assert "smaller than the recipe's 64 px crops" in capsys.readouterr().err
 
 
 def test_progress_in_a_log_file_is_whole_lines(tmp_path):

@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes (0: one per CPU)")
     p.add_argument("--verify", action="store_true", help="re-hash the shards of an earlier run even where the store "
                                                           "vouches for them (size and generation or inode and mtime)")
+    p.add_argument("--recipe", help="the training recipe the shards are checked against (clip length, frame size; "
+                                    "default: the one named after --dataset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the --set values you will train with (e.g. image_size=32), so the check uses them")
 
     p = data.add_parser("synth", help="write the synthetic motion-order dataset in the Kinetics layout")
     p.add_argument("--out", required=True, help="local output folder")
@@ -538,14 +542,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def recipe_mismatches(manifest: dict[str, Any]) -> list[str]:
-    """What in prepared data does not fit the training recipe named after its dataset: clips shorter than
-    the baseline's and stage 2's frames (they would loop), frames smaller than its crops (upsampled), or far
-    larger (storage and decoding spent on pixels the crop never uses)."""
-    recipe = RECIPES.get(manifest["dataset"])
-    if recipe is None:
+def recipe_mismatches(manifest: dict[str, Any], recipe: str | None = None, sets: list[str] | None = None) -> list[str]:
+    """What in prepared data does not fit a training recipe (default: the one named after its dataset) with
+    `sets` applied: clips shorter than the baseline's and stage 2's frames (they would loop), frames smaller
+    than its crops (upsampled), or far larger (storage and decoding spent on pixels the crop never uses)."""
+    recipe = recipe or manifest["dataset"]
+    if recipe not in RECIPES:
         return []
-    config = resolve("baseline", manifest["dataset"])
+    config = resolve("baseline", recipe, sets=sets)
     needed = (config.num_frames - 1) * config.stride + 1
     crop = config.image_size * config.max_scale           # the short side a crop scales from, at most
     out = []
@@ -553,7 +557,7 @@ def recipe_mismatches(manifest: dict[str, Any]) -> list[str]:
         frames, side = entry.get("frames"), entry.get("short_side")
         if frames and frames["min"] < needed:
             out.append(f"{split}: clips of {frames['min']}-{frames['max']} frames (median {frames['median']}) at "
-                       f"{manifest['options']['fps']:g} fps, but the {manifest['dataset']} recipe trains on "
+                       f"{manifest['options']['fps']:g} fps, but the {recipe} recipe trains on "
                        f"{config.num_frames} frames: shorter clips loop (raise --fps, or --set num_frames=...)")
         if side and side["min"] < config.image_size:
             out.append(f"{split}: frames with a short side of {side['min']} px, smaller than the recipe's "
@@ -806,7 +810,7 @@ def _data(args: argparse.Namespace) -> int:
         manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")
-        for warning in recipe_mismatches(manifest):
+        for warning in recipe_mismatches(manifest, args.recipe, args.set):
             print(f"sfa data prep: warning: {warning}", file=sys.stderr)
     elif args.data_command == "synth":
         paths = generate(args.out, _options(args, SynthOptions))

@@ -90,11 +90,13 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, *, enabled: bool = True,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  spool: str | None = None, retry_interval_s: float = 60.0, description: str = "",
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, follows: str | None = None):
         """A new run named `run_name` (a child of `parent_run_id` when given), or the existing `run_id`.
         `description`: what the run is, shown by MLflow's UI; `dataset`: the data it trained or evaluated on,
-        logged as the run's input."""
+        logged as the run's input; `follows`: the run this one continues (a stage 2's stage 1): with no
+        `parent_run_id`, the new run is nested under it when it is in the same store and experiment."""
         self.uri, self.experiment, self.run_name, self.parent_run_id = uri, experiment, run_name, parent_run_id
+        self.follows = follows
         self.enabled, self.run_id, self.tags = enabled, run_id, dict(tags or {})
         if description:
             self.tags["mlflow.note.content"] = description
@@ -116,7 +118,8 @@ class Tracker:
                 exp = client.get_experiment_by_name(self.experiment)
                 exp_id = exp.experiment_id if exp else client.create_experiment(
                     self.experiment, artifact_location=artifact_location(self.uri))
-                parent = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+                parent_id = self.parent_run_id or self._followed(client, exp_id)
+                parent = {"mlflow.parentRunId": parent_id} if parent_id else {}
                 tags = {**self.tags, **parent}
                 self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
                 if self.dataset is not None:
@@ -129,6 +132,15 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - any tracking failure is non-fatal by design
             self._failed("connect", e)
             return False
+
+    def _followed(self, client: Any, experiment_id: str) -> str | None:
+        """`follows` when that run is in this store and experiment (so MLflow's UI shows this run under it)."""
+        if not self.follows:
+            return None
+        try:
+            return self.follows if client.get_run(self.follows).info.experiment_id == experiment_id else None
+        except Exception:  # noqa: BLE001 - another store's run (or none): the tag still names it
+            return None
 
     def _failed(self, what: str, error: Exception) -> None:
         message = f"{what}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"

@@ -571,7 +571,8 @@ class Trainer:
         tracker = Tracker(self.tracking.resolve_uri(self.out), c.mlflow_experiment, f"{c.mode}-{c.num_frames}f",
                           enabled=self.is_main and self.tracking.enabled, run_id=p.mlflow_run_id,
                           parent_run_id=self.tracking.parent_run_id, tags=tags, spool=spool,
-                          description=self._description(clips), dataset=dataset)
+                          description=self._description(clips), dataset=dataset,
+                          follows=self.init_extra.get("mlflow_run_id"))
         if tracker.enabled and p.mlflow_run_id is None:
             tracker.log_params({**c.to_dict(), "lr": learning_rate(c), "steps_per_epoch": self.steps_per_epoch,
                                 "world_size": self.world, "data": self.data_url, "init": self.init})
