@@ -542,69 +542,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def recipe_mismatches(manifest: dict[str, Any], recipe: str | None = None, sets: list[str] | None = None) -> list[str]:
-    """What in prepared data does not fit a training recipe (default: the one named after its dataset) with
-    `sets` applied: clips shorter than the baseline's and stage 2's frames (they would loop), frames smaller
-    than its crops (upsampled), or far larger (storage and decoding spent on pixels the crop never uses)."""
-    recipe = recipe or manifest["dataset"]
-    if recipe not in RECIPES:
-        return []
-    config = resolve("baseline", recipe, sets=sets)
-    needed = (config.num_frames - 1) * config.stride + 1
-    crop = config.image_size * config.max_scale           # the short side a crop scales from, at most
-    out = []
-    for split, entry in manifest["splits"].items():
-        frames, side = entry.get("frames"), entry.get("short_side")
-        if frames and frames["min"] < needed:
-            out.append(f"{split}: clips of {frames['min']}-{frames['max']} frames (median {frames['median']}) at "
-                       f"{manifest['options']['fps']:g} fps, but the {recipe} recipe trains on "
-                       f"{config.num_frames} frames: shorter clips loop (raise --fps, or --set num_frames=...)")
-        if side and side["min"] < config.image_size:
-            out.append(f"{split}: frames with a short side of {side['min']} px, smaller than the recipe's "
-                       f"{config.image_size} px crops (they are upsampled; raise --short-side)")
-        elif side and side["min"] > 2 * crop:
-            out.append(f"{split}: frames with a short side of {side['min']} px for {config.image_size} px crops "
-                       f"(--short-side {round(crop)} keeps what the crops use at a fraction of the bytes)")
-    return out
-
-
-def _config_file(path: str) -> dict[str, Any]:
-    """The settings of a YAML config file (`sfa train --config`)."""
-    import yaml
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold a mapping of settings, e.g. 'epochs: 30'")
-    return values
-
-
-def _recipe(recipe: str | None, data: str | None) -> str:
-    """--recipe, or the recipe named after the prepared dataset; a recipe for another dataset is said aloud."""
-    if data is None:
-        if recipe is None:
-            raise ValueError("--recipe is needed to print a config without --data (the data names its recipe)")
-        return recipe
-    try:
-        dataset = load_manifest(data).dataset
-    except (ValueError, OSError):
-        if recipe is None:
-            raise
-        return recipe                        # no data yet (--print-config): training would say so itself
-    if recipe is None:
-        if dataset not in RECIPES:
-            raise ValueError(f"{data} holds dataset {dataset!r}, which has no recipe of its own; choose --recipe "
-                             f"from {sorted(RECIPES)}")
-        print(f"sfa train: recipe {dataset} (the dataset of {data}; --recipe to choose another)", file=sys.stderr)
-        return dataset
-    if recipe != dataset:
-        logging.getLogger("sfa_vivit.cli").warning("recipe %s on dataset %s: its sizes, epochs and augmentation "
-                                                   "were chosen for %s", recipe, dataset, recipe)
-    return recipe
-
-
 def _command(args: argparse.Namespace) -> str:
     sub = getattr(args, f"{args.command}_command", None)
     return f"{args.command} {sub}" if sub else args.command

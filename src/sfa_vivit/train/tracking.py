@@ -264,3 +264,33 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]   # MLflow's limit on a param value
     return out
+
+
+def run_description(c: Any, init: str | None, dataset: str, clips: int, stage1_run_id: str | None = None) -> str:
+    """What a training run is, in a sentence (MLflow's run description). `c`: its TrainConfig."""
+    model = f"ViViT-{c.variant} FE"
+    origin = (f"from {init}" if init else
+              f"from the image checkpoint {c.image_checkpoint}" if c.image_checkpoint else "from scratch")
+    where = f"{clips} {dataset} training clips of {c.num_frames} frames, {c.epochs} epochs"
+    if c.mode == "stage1":
+        return f"SFA stage 1: the whole {model} trained on {where}, {origin}."
+    if c.mode == "stage2":
+        cached = f", from a cache of {c.cache_views} frozen-feature views per clip" if c.cache_views else ""
+        return (f"SFA stage 2: spatial encoder frozen, {'adapter and ' if c.adapter else ''}temporal encoder "
+                f"trained on {where}{cached}; {origin}" + (f" (stage 1: MLflow run {stage1_run_id})."
+                                                          if stage1_run_id else "."))
+    return f"The conventional recipe ({c.mode}): the whole {model} trained on {where}, {origin}."
+
+
+def run_tracker(c: Any, target: TrackingTarget, *, out: str, data: Dataset, init: str | None,
+                stage1_run_id: str | None, run_id: str | None, enabled: bool) -> Tracker:
+    """The MLflow run of a training run (`c`: its TrainConfig): named `<mode>-<frames>f`, described, tagged with
+    its mode, recipe, data and outputs, its data logged as an input; a stage 2 names its stage 1 and, outside a
+    pipeline, sits under it. `run_id`: the run to continue (a resumed run); `enabled`: false on ranks but 0."""
+    tags = {"sfa.mode": c.mode, "sfa.recipe": c.recipe, "sfa.data": data.uri, "sfa.out": out,
+            **({"sfa.stage1_run_id": stage1_run_id} if stage1_run_id else {})}
+    return Tracker(target.resolve_uri(out), c.mlflow_experiment, f"{c.mode}-{c.num_frames}f",
+                   enabled=enabled and target.enabled, run_id=run_id, parent_run_id=target.parent_run_id, tags=tags,
+                   spool=os.path.join(out, "mlflow_unlogged.jsonl") if "://" not in out else None,
+                   follows=stage1_run_id, description=run_description(c, init, data.name, data.clips or 0,
+                                                                      stage1_run_id), dataset=data)

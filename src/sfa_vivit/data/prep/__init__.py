@@ -1,0 +1,8 @@
+"""The write side of the data: sources into shards. `annotations` parses the six datasets' official files,
+`video` decodes videos (PyAV), `shards` is `sfa data prep` (videos -> WebDataset shards + manifest.json), and
+`synth` writes the synthetic dataset as its sources. Training reads shards through `sfa_vivit.data.manifest`
+and `sfa_vivit.data.reader` alone, and never imports this package."""
+
+from sfa_vivit.data.prep.shards import PrepError, PrepOptions, SplitOptionsMismatch, prepare
+
+__all__ = ["PrepError", "PrepOptions", "SplitOptionsMismatch", "prepare"]
