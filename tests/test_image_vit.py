@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sfa_vivit import importers
 from sfa_vivit.cli import main
-from sfa_vivit.data import synth
+from sfa_vivit.data.prep import synth
+from sfa_vivit.models import importers
 from sfa_vivit.models.vivit import vivit
-from sfa_vivit.train import image_vit, resolve
+from sfa_vivit.tools import synth_vit as image_vit
+from sfa_vivit.train import resolve
 
 SIZES = ["model.width=32", "model.spatial_depth=2", "model.heads=2", "model.mlp_dim=64", "model.patch=8",
          "image_size=32"]

@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import textwrap
-import time
 from typing import Any, Sequence
 
 
@@ -17,24 +16,27 @@ def _load_library() -> None:
     """The library, imported when a command is parsed or runs (torch alone takes seconds): `sfa`, `sfa --help`
     and `sfa --version` never import it."""
     global torch, CheckpointError, DATASETS, load_manifest, verify_shards, PrepError, PrepOptions, prepare
-    global SynthOptions, generate, evaluate, LeaseHeld, BENCH, VARIANTS, vivit, runtime_versions, MODES, RECIPES
-    global resolve, ImageViTOptions, pretrain_image_vit, NonFiniteLoss, Preempted, init_architecture, train
+    global SynthOptions, generate, evaluate, LeaseHeld, BENCH, VARIANTS, runtime_versions, MODES, RECIPES
+    global ImageViTOptions, pretrain_image_vit, NonFiniteLoss, Preempted, train, run_config, recipe_mismatches
+    global smoke, model_summary, info_table
     import torch
 
-    from sfa_vivit.checkpoints import CheckpointError
-    from sfa_vivit.data.annotations import DATASETS
+    from sfa_vivit.core.lease import LeaseHeld
+    from sfa_vivit.core.runtime import versions as runtime_versions
     from sfa_vivit.data.manifest import load_manifest, verify_shards
     from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
-    from sfa_vivit.data.synth import SynthOptions, generate
-    from sfa_vivit.evaluate import evaluate
-    from sfa_vivit.lease import LeaseHeld
-    from sfa_vivit.membench import BENCH
-    from sfa_vivit.models import VARIANTS, vivit
-    from sfa_vivit.runtime import versions as runtime_versions
-    from sfa_vivit.train.config import MODES, RECIPES, resolve
-    from sfa_vivit.train.image_vit import ImageViTOptions
-    from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
-    from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, init_architecture, train
+    from sfa_vivit.data.prep.annotations import DATASETS
+    from sfa_vivit.data.prep.synth import SynthOptions, generate
+    from sfa_vivit.models import VARIANTS
+    from sfa_vivit.models.checkpoints import CheckpointError
+    from sfa_vivit.tools.evaluate import evaluate
+    from sfa_vivit.tools.membench import BENCH
+    from sfa_vivit.tools.summary import info_table, model_summary, smoke
+    from sfa_vivit.tools.synth_vit import ImageViTOptions
+    from sfa_vivit.tools.synth_vit import pretrain as pretrain_image_vit
+    from sfa_vivit.train.config import MODES, RECIPES
+    from sfa_vivit.train.start import recipe_mismatches, run_config
+    from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, train
 
 
 # The commands and what each is for: `sfa --help` lists them without importing the library.
@@ -50,71 +52,6 @@ COMMANDS = {
     "pipeline": "Kubeflow: compile, run locally, submit, schedule",
     "cluster": "check a cluster before a run: sfa cluster doctor",
 }
-
-
-def model_summary(variant: str, *, num_frames: int, image_size: int, num_classes: int,
-                  adapter: bool = False) -> dict:
-    """Parameter counts per part for a variant, built on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        model = vivit(variant, num_frames=num_frames, image_size=image_size, num_classes=num_classes,
-                      adapter=adapter)
-    groups = {name: sum(p.numel() for _, p in params) for name, params in model.parameter_groups().items()}
-    if adapter:
-        model.freeze_spatial()
-    return {"variant": model.config.variant, "num_frames": num_frames, "image_size": image_size,
-            "parameters": groups, "total": model.num_parameters(),
-            "trainable": model.num_parameters(trainable=True), "config": model.config.to_dict()}
-
-
-def _info_table(summary: dict) -> str:
-    """`sfa info` for a person: the parameter counts per part, then the totals."""
-    c = summary["config"]
-    lines = [f"ViViT-{summary['variant']} factorised encoder, {summary['num_frames']} frames at "
-             f"{summary['image_size']} px: width {c['width']}, {c['spatial_depth']} spatial + {c['temporal_depth']} "
-             f"temporal blocks, {c['heads']} heads, patch {c['patch']}, tubelet {c['tubelet']}"]
-    width = max(len(name) for name in summary["parameters"])
-    lines += [f"  {name:<{width}}  {count / 1e6:>9.2f}M" for name, count in summary["parameters"].items()]
-    lines.append(f"  {'total':<{width}}  {summary['total'] / 1e6:>9.2f}M ({summary['trainable'] / 1e6:.2f}M trained"
-                 f"{' in SFA stage 2' if c.get('adapter') else ''})")
-    if "runtime" in summary:
-        r = summary["runtime"]
-        xla = (f"torch-xla {r['torch_xla']} ({r.get('xla_devices', 0)} {r.get('xla_device_kind', 'XLA')} device(s) "
-               f"with PJRT_DEVICE={r['pjrt_device']})" if r["pjrt_device"] else f"torch-xla {r['torch_xla']} "
-               "(PJRT_DEVICE not set)") if r.get("torch_xla") else "no torch-xla"
-        lines.append(f"this machine: torch {r['torch']}, {r['cuda_devices']} CUDA device(s), {xla}")
-    return "\n".join(lines)
-
-
-def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_frames: int = 32,
-          image_size: int = 224, batch_size: int = 2, num_classes: int = 10) -> list[dict]:
-    """One training step (forward, backward) per variant, the conventional way at `num_frames` and
-    the SFA stage-2 way (spatial frozen, adapter, temporal positions resized) at `stage2_frames`.
-    Returns one row per (variant, regime: full or stage2) with parameter counts, step seconds and the loss."""
-    rows = []
-    for variant in variants:
-        model = vivit(variant, num_frames=num_frames, image_size=image_size, num_classes=num_classes)
-        for regime in ("full", "stage2"):
-            if regime == "stage2":
-                model.resize_temporal(stage2_frames).add_adapter().freeze_spatial()
-            frames = model.config.num_frames
-            video = torch.randn(batch_size, frames, 3, image_size, image_size)
-            labels = torch.randint(0, num_classes, (batch_size,))
-            model.train().zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(video), labels)
-            loss.backward()
-            seconds = time.perf_counter() - start
-            grads_ok = all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
-            if not (torch.isfinite(loss) and grads_ok):
-                raise RuntimeError(f"{variant} {regime}: non-finite loss or gradient")
-            row = {"variant": variant, "regime": regime, "frames": frames, "parameters": model.num_parameters(),
-                   "trainable": model.num_parameters(trainable=True), "step_s": round(seconds, 3),
-                   "loss": round(loss.item(), 4)}
-            print(f"  {variant:>2} {regime:<6} {frames:>3} frames  params {row['parameters'] / 1e6:7.2f}M  "
-                  f"trainable {row['trainable'] / 1e6:7.2f}M  step {seconds:6.2f}s  loss {row['loss']:.4f}",
-                  flush=True)
-            rows.append(row)
-    return rows
 
 
 class _Parser(argparse.ArgumentParser):
@@ -434,20 +371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = model_summary(args.variant, num_frames=args.frames, image_size=args.image_size,
                                     num_classes=args.classes, adapter=args.adapter)
             summary["runtime"] = runtime_versions()
-            print(json.dumps(summary, indent=2) if args.json else _info_table(summary))
+            print(json.dumps(summary, indent=2) if args.json else info_table(summary))
         elif args.command == "data":
             return _data(args)
         elif args.command == "train":
             if not args.print_config and not (args.data and args.out):
                 raise ValueError("--data and --out are required to train (--print-config shows a config without them)")
-            # Stage 2 (and any --init) starts from the architecture of the run it continues; --set still wins.
-            inherited = init_architecture(args.init) if args.init else {}
-            saved = _config_file(args.config) if args.config else {}
-            mode, recipe = args.mode or saved.get("mode"), args.recipe or saved.get("recipe")
-            saved = {k: v for k, v in saved.items() if k not in ("mode", "recipe")}
-            if mode is None:
-                raise ValueError("--mode is required (or a --config file that names one)")
-            config = resolve(mode, _recipe(recipe, args.data), overrides={**inherited, **saved}, sets=args.set)
+            config = run_config(args.mode, args.recipe, data=args.data, init=args.init, config_file=args.config,
+                                sets=args.set, say=lambda line: print(f"sfa train: {line}", file=sys.stderr))
             if args.print_config:
                 print(json.dumps(config.to_dict(), indent=1))
                 return 0
@@ -458,14 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{f'{top1:.2f}%' if top1 is not None else 'n/a'} ({final.get('views')} views); "
                   f"{args.out}/metrics.json")
         elif args.command == "membench":
-            from sfa_vivit.membench import benchmark
+            from sfa_vivit.tools.membench import benchmark
             # The same keys as `sfa train --set model.width=...` (the bare field name is accepted too).
             sizes = {k.strip().removeprefix("model."): int(v) for k, _, v in (s.partition("=") for s in args.set)}
             result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.regimes.split(","),
                                image_size=args.image_size, batch_size=args.batch_size, budget_gib=args.budget_gib,
                                out=args.out, steps=args.steps, device=args.device, precision=args.precision,
                                spatial_chunk=args.spatial_chunk, model=sizes, max_frames=args.max_frames)
-            from sfa_vivit.membench import markdown
+            from sfa_vivit.tools.membench import markdown
             print(markdown(result) + f"sfa membench: {args.out} (+ .md, .png)")
         elif args.command == "pipeline":
             return _pipeline(args)
@@ -491,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(doctor.table(rows))
             return 1 if any(r.status == "fail" for r in rows) else 0
         elif args.command == "scenic":
-            from sfa_vivit.importers import export_scenic, import_scenic
+            from sfa_vivit.models.importers import export_scenic, import_scenic
             if args.scenic_command == "import":
                 out = import_scenic(args.source, args.out, num_frames=args.frames, heads=_heads(args.heads))
                 print(f"sfa scenic import: {args.source} -> {out} (evaluate it with `sfa evaluate --checkpoint {out} "
@@ -537,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"traceback){_details(log_file)}", file=sys.stderr)
         return 1
     finally:
-        from sfa_vivit import runtime
+        from sfa_vivit.core import runtime
         runtime.close()
     return 0
 

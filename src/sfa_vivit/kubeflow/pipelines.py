@@ -13,7 +13,7 @@ from kfp import dsl
 from sfa_vivit.data.prep import PrepOptions
 from sfa_vivit.kubeflow import components as c
 from sfa_vivit.kubeflow import profiles
-from sfa_vivit.membench import BENCH
+from sfa_vivit.tools.membench import BENCH
 from sfa_vivit.train.config import MODE_DEFAULTS, TrainConfig
 
 # Data-prep defaults come from the library (as the CLI's do); prep_workers is the pipeline's own: the prep

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sfa_vivit.plots import line_plot
+from sfa_vivit.core.plots import line_plot
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def measure(s: Setting) -> dict[str, Any]:
     """Peak memory of one setting's training step, in this process (the CLI runs it in a fresh child):
     `warmup` steps, then `steps` measured steps (their median wall time is `step_s`; the benchmark's
     step times and ratios come from `time_interleaved`, which times the regimes side by side)."""
-    from sfa_vivit import runtime
+    from sfa_vivit.core import runtime
     s.validate()
     base_rss = runtime.peak_rss_bytes()
     # One device (on XLA one chip, without SPMD): the memory of one device's step is the question.
@@ -152,7 +152,7 @@ def time_interleaved(settings: list[Setting], repeats: int) -> dict[str, Any]:
     """Step times of `settings` (one frame count, several regimes) measured in this process, interleaved:
     one warm-up step of each, then `repeats` rounds of one step of each in turn. Returns per regime the
     lists of wall and process-CPU seconds, one entry per round."""
-    from sfa_vivit import runtime
+    from sfa_vivit.core import runtime
     rt = runtime.start(settings[0].device, settings[0].precision, data_parallel=False)
     steps = {}
     for s in settings:
@@ -172,7 +172,7 @@ def time_interleaved(settings: list[Setting], repeats: int) -> dict[str, Any]:
 
 def _child(payload: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any] | None, str, int]:
     """Run this module in a fresh Python process on `payload` → (its JSON answer or None, error, status)."""
-    cmd = [sys.executable, "-m", "sfa_vivit.membench", json.dumps(payload)]
+    cmd = [sys.executable, "-m", "sfa_vivit.tools.membench", json.dumps(payload)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -252,7 +252,7 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
     for regime in regimes:
         if regime not in REGIMES:
             raise ValueError(f"--regimes: {regime!r} is not one of {list(REGIMES)}")
-    from sfa_vivit.runtime import resolve_device
+    from sfa_vivit.core.runtime import resolve_device
     device = resolve_device(device)
     rows = []
     timing: list[dict[str, Any]] = []

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfa_vivit.data import synth
 from sfa_vivit.data.augment import normalize
+from sfa_vivit.data.prep import synth
 from sfa_vivit.models.vivit import vivit
 from sfa_vivit.train.config import TrainConfig, resolve
 
@@ -140,7 +140,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
     Returns the report (also in out/image_vit.json). Reuses `out` when it holds the same options."""
     from transformers import ViTForImageClassification
 
-    from sfa_vivit.progress import bar as progress_bar
+    from sfa_vivit.core.progress import bar as progress_bar
 
     options.validate()
     config = resolve("baseline", recipe, sets=sets)
@@ -162,7 +162,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
     x_val, y_val = frames(options, "val", config.image_size)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x.float().div_(255), config.mean, config.std)
+        return normalize(x.float().div_(255), config.augment["mean"], config.augment["std"])
 
     model = ViTForImageClassification(hf_config(config, num_labels(options)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)

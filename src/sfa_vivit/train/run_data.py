@@ -8,11 +8,11 @@ from typing import Any, Iterable
 
 import torch
 
+from sfa_vivit.core.runtime import Runtime
 from sfa_vivit.core.storage import url_to_fs
 from sfa_vivit.data.manifest import Manifest, verify_shards
 from sfa_vivit.data.reader import ClipDataset, merge_worker_batches, quiet_worker
 from sfa_vivit.models.vivit import ViViT
-from sfa_vivit.runtime import Runtime
 from sfa_vivit.train import cache
 from sfa_vivit.train.config import TrainConfig, augment_config, parse_views
 from sfa_vivit.train.start import TrainError

@@ -7,7 +7,7 @@ may change between a run and its resumption."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from sfa_vivit.core.runtime import Runtime
 from sfa_vivit.data.manifest import Manifest, load_manifest
 from sfa_vivit.models import checkpoints
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
-from sfa_vivit.train.config import RECIPES, RENAMED_RECIPES, TrainConfig, resolve
+from sfa_vivit.train.config import RECIPES, RENAMED_RECIPES, TrainConfig, augment_defaults, resolve
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +26,20 @@ class TrainError(ValueError):
 
 
 def run_config(mode: str | None, recipe: str | None = None, *, data: str | None = None, init: str | None = None,
-               config_file: str | None = None, sets: Sequence[str] = ()) -> TrainConfig:
+               config_file: str | None = None, sets: Sequence[str] = (),
+               say: Callable[[str], None] | None = None) -> TrainConfig:
     """The resolved config of a run, from low to high precedence: the recipe (`recipe`, else the one named after
     the prepared dataset `data`), the mode's defaults, the architecture of the --init run (stage 2 continues
     stage 1's model), a YAML config file (every run writes its resolved one as config.yaml; it may name the
     mode and recipe), and `--set key=value` strings. Raises ValueError (TrainError for a bad --init) naming
-    what is wrong."""
+    what is wrong. `say`: where the recipe taken from the data is told (the log by default)."""
     inherited = init_architecture(init) if init else {}
     saved = read_config_file(config_file) if config_file else {}
     mode, recipe = mode or saved.get("mode"), recipe or saved.get("recipe")
     saved = {k: v for k, v in saved.items() if k not in ("mode", "recipe")}
     if mode is None:
         raise ValueError("--mode is required (or a --config file that names one)")
-    return resolve(mode, recipe_for(recipe, data), overrides={**inherited, **saved}, sets=list(sets))
+    return resolve(mode, recipe_for(recipe, data, say), overrides={**inherited, **saved}, sets=list(sets))
 
 
 def check_runtime(c: TrainConfig, rt: Runtime, out: str) -> None:
@@ -126,8 +127,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def recipe_for(recipe: str | None, data: str | None) -> str:
-    """--recipe, or the recipe named after the prepared dataset; a recipe for another dataset is said aloud."""
+def recipe_for(recipe: str | None, data: str | None, say: Callable[[str], None] | None = None) -> str:
+    """--recipe, or the recipe named after the prepared dataset (`say` tells which: the log by default); a
+    recipe for another dataset is said aloud."""
     if data is None:
         if recipe is None:
             raise ValueError("--recipe is needed to print a config without --data (the data names its recipe)")
@@ -142,7 +144,7 @@ def recipe_for(recipe: str | None, data: str | None) -> str:
         if dataset not in RECIPES:
             raise ValueError(f"{data} holds dataset {dataset!r}, which has no recipe of its own; choose --recipe "
                              f"from {sorted(RECIPES)}")
-        log.info("recipe %s (the dataset of %s; --recipe to choose another)", dataset, data)
+        (say or log.info)(f"recipe {dataset} (the dataset of {data}; --recipe to choose another)")
         return dataset
     if recipe != dataset:
         log.warning("recipe %s on dataset %s: its sizes, epochs and augmentation were chosen for %s",
@@ -168,7 +170,12 @@ def init_architecture(init: str) -> dict[str, Any]:
 def _as_today(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config in today's terms: a renamed recipe gets its new name; a field added since
     takes the value that run had in effect (before `exempt_from_decay`, every parameter decayed, which is
-    the same as today's default when weight_decay is 0); other new fields their default."""
+    the same as today's default when weight_decay is 0); the flat augmentation keys of earlier releases go
+    under `augment`; other new fields their default."""
+    stored = dict(stored)
+    flat = {k: stored.pop(k) for k in list(stored) if k in augment_defaults()}
+    if flat:
+        stored["augment"] = {**augment_defaults(), **flat, **stored.get("augment", {})}
     today = {**TrainConfig().to_dict(), **stored}
     today["recipe"] = RENAMED_RECIPES.get(today["recipe"], today["recipe"])
     if "exempt_from_decay" not in stored:
@@ -223,7 +230,7 @@ def start_model(c: TrainConfig, manifest: Manifest, *, out: str, data_url: str, 
     if not init:
         model = ViViT(expected)
         if c.image_checkpoint:
-            from sfa_vivit.importers import load_image_vit
+            from sfa_vivit.models.importers import load_image_vit
             load_image_vit(model, c.image_checkpoint)
         elif c.freeze_spatial:
             log.warning("freeze_spatial without --init or image_checkpoint freezes a random spatial encoder")
@@ -283,7 +290,7 @@ def recipe_mismatches(manifest: dict[str, Any], recipe: str | None = None, sets:
         return []
     config = resolve("baseline", recipe, sets=sets)
     needed = (config.num_frames - 1) * config.stride + 1
-    crop = config.image_size * config.max_scale           # the short side a crop scales from, at most
+    crop = config.image_size * config.augment["max_scale"]   # the short side a crop scales from, at most
     out = []
     for split, entry in manifest["splits"].items():
         frames, side = entry.get("frames"), entry.get("short_side")

@@ -169,7 +169,7 @@ class Tracker:
         self._submit({"kind": "artifact", "path": os.path.abspath(local_path), "artifact_path": artifact_path})
 
     def log_model(self, checkpoint: str, config: Any) -> None:
-        """The checkpoint folder as an MLflow model (`sfa_vivit.mlflow_model`, logged from code: nothing is
+        """The checkpoint folder as an MLflow model (`sfa_vivit.models.mlflow_model`, logged from code: nothing is
         pickled) with the signature of `config` (a ViViTConfig): float32 (-1, T, C, H, W) in, logits out.
         A failure is reported like any other tracking failure and never stops the run."""
         if not self.enabled or not self._available():
@@ -180,7 +180,8 @@ class Tracker:
             from mlflow.models import ModelSignature
             from mlflow.types import Schema, TensorSpec
 
-            from sfa_vivit import __version__, mlflow_model
+            from sfa_vivit import __version__
+            from sfa_vivit.models import mlflow_model
             heads = config.num_classes if isinstance(config.num_classes, dict) else {"logits": config.num_classes}
             signature = ModelSignature(
                 inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config.num_frames, config.in_channels,

@@ -37,7 +37,10 @@ import tarfile
 import time
 from typing import Any, Iterable
 
-from sfa_vivit.data.annotations import (
+from sfa_vivit.core.lease import Lease, lease_key
+from sfa_vivit.core.storage import is_local, join, url_to_fs, write_bytes_atomic
+from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ShardChecksumError, read_verified
+from sfa_vivit.data.prep.annotations import (
     DUPLICATE,
     EXPECTED_CLASSES,
     VIDEO_EXTENSIONS,
@@ -46,10 +49,7 @@ from sfa_vivit.data.annotations import (
     VideoRecord,
     read_annotations,
 )
-from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ShardChecksumError, read_verified
-from sfa_vivit.data.video import VideoRejected, decode_segment
-from sfa_vivit.lease import Lease, lease_key
-from sfa_vivit.storage import is_local, join, url_to_fs, write_bytes_atomic
+from sfa_vivit.data.prep.video import VideoRejected, decode_segment
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def _plan_shards(resolved: list[tuple[VideoRecord, str]], out: str, options: Pre
 
 
 def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool, total: int) -> list[dict]:
-    from sfa_vivit.progress import bar as progress_bar
+    from sfa_vivit.core.progress import bar as progress_bar
 
     results: list[dict | None] = [None] * len(tasks)
     todo = []

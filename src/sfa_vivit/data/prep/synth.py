@@ -259,7 +259,7 @@ def write_video(path: str, frames: np.ndarray, fps: int) -> None:
 def generate(out: str, options: SynthOptions = SynthOptions(), progress: bool = True) -> dict[str, str]:
     """Write the dataset under the local folder `out`. Seeded and deterministic; balanced classes.
     Returns the paths of the two annotation files and the videos folder."""
-    from sfa_vivit.progress import bar as progress_bar
+    from sfa_vivit.core.progress import bar as progress_bar
 
     options.validate()
     videos = os.path.join(out, "videos")
