@@ -19,7 +19,8 @@ def test_config_layers_and_augmentation_fields():
     for bad, message in ((["augment.mean=[1,2]"], "three numbers"),
                          (["min_scale=1.0"], r"'min_scale' is now 'augment.min_scale'"),
                          (["augment.min_scale=2", "augment.max_scale=1"], "augment: min_scale=2"),
-                         (["augment.flip=0.5"], "did you mean 'augment.flip_probability'"), (["eval_views=4"], "CLIPSxCROPS"),
+                         (["augment.flip=0.5"], "did you mean 'augment.flip_probability'"),
+                         (["eval_views=4"], "CLIPSxCROPS"),
                          (["model.dropout=0.1"], "unknown key 'model.dropout'"),
                          (["batch_size=x"], "--set batch_size='x'"), (["temporal_init=videomae"], "not one of")):
         with pytest.raises(ValueError, match=message):
