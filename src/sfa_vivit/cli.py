@@ -11,12 +11,14 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
+from sfa_vivit.core.options import fields as option_fields
+
 
 def _load_library() -> None:
     """The library, imported when a command is parsed or runs (torch alone takes seconds): `sfa`, `sfa --help`
     and `sfa --version` never import it."""
     global torch, CheckpointError, DATASETS, load_manifest, verify_shards, PrepError, PrepOptions, prepare
-    global SynthOptions, generate, evaluate, LeaseHeld, BENCH, VARIANTS, runtime_versions, MODES, RECIPES
+    global SynthOptions, generate, evaluate, LeaseHeld, BenchOptions, VARIANTS, runtime_versions, MODES, RECIPES
     global ImageViTOptions, pretrain_image_vit, NonFiniteLoss, Preempted, train, run_config, recipe_mismatches
     global smoke, model_summary, info_table
     import torch
@@ -30,7 +32,7 @@ def _load_library() -> None:
     from sfa_vivit.models import VARIANTS
     from sfa_vivit.models.checkpoints import CheckpointError
     from sfa_vivit.tools.evaluate import evaluate
-    from sfa_vivit.tools.membench import BENCH
+    from sfa_vivit.tools.membench import BenchOptions
     from sfa_vivit.tools.summary import info_table, model_summary, smoke
     from sfa_vivit.tools.synth_vit import ImageViTOptions
     from sfa_vivit.tools.synth_vit import pretrain as pretrain_image_vit
@@ -141,16 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", required=True, help="folder (local or gs://) holding the videos")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--split", help="prepare only this split (train, validation, test)")
-    defaults = PrepOptions()
-    p.add_argument("--fps", type=float, default=defaults.fps, help="frames per second stored")
-    p.add_argument("--short-side", type=int, default=defaults.short_side, help="stored frames' short side (px)")
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="JPEG quality of stored frames")
-    p.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
-    p.add_argument("--max-reject-fraction", type=float, default=defaults.max_reject_fraction,
-                   help="fail, publishing nothing, past this fraction of rejected videos")
-    p.add_argument("--workers", type=int, default=defaults.workers, help="processes (0: one per CPU)")
-    p.add_argument("--verify", action="store_true", help="re-hash the shards of an earlier run even where the store "
-                                                          "vouches for them (size and generation or inode and mtime)")
+    _add_options(p, PrepOptions)
     p.add_argument("--recipe", help="the training recipe the shards are checked against (clip length, frame size; "
                                     "default: the one named after --dataset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -201,23 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-data", action="store_true", help="check the split's shards against their sha256 first")
 
     p = sub.add_parser("membench", help=COMMANDS["membench"])
-    bench = BENCH            # defaults shared with the pipeline's membench_* parameters
-    p.add_argument("--variant", default=bench.variant, choices=sorted(VARIANTS), help="model variant measured")
-    p.add_argument("--frames", default=bench.frames, help="comma-separated frame counts (multiples of the tubelet)")
-    p.add_argument("--regimes", default=bench.regimes,
-                   help="what each measured step computes: full, stage2 (frozen spatial), stage2-cached")
-    p.add_argument("--image-size", type=int, default=bench.image_size, help="square frame size (px)")
-    p.add_argument("--batch-size", type=int, default=bench.batch_size, help="clips per step")
-    p.add_argument("--steps", type=int, default=bench.steps,
-                   help="timed steps of each regime, interleaved with the other regimes in one process after a "
-                   "warm-up step of each (median and spread of the per-step ratios)")
-    p.add_argument("--budget-gib", type=float, default=bench.budget_gib,
-                   help="> 0: search the largest frame count per regime within this budget")
-    p.add_argument("--max-frames", type=int, default=bench.max_frames, help="stop the budget search here")
-    p.add_argument("--spatial-chunk", type=int, default=bench.spatial_chunk,
-                   help="tubelets per frozen-spatial chunk in stage 2")
-    p.add_argument("--precision", default=bench.precision, choices=["fp32", "bf16"],
-                   help="arithmetic of the measured steps")
+    _add_options(p, BenchOptions)
     p.add_argument("--device", default="auto", help="auto (CUDA, else XLA, else CPU), cpu, cuda or xla")
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=INT",
                    help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
@@ -389,13 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{f'{top1:.2f}%' if top1 is not None else 'n/a'} ({final.get('views')} views); "
                   f"{args.out}/metrics.json")
         elif args.command == "membench":
-            from sfa_vivit.tools.membench import benchmark
+            from sfa_vivit.tools.membench import run as run_benchmark
             # The same keys as `sfa train --set model.width=...` (the bare field name is accepted too).
             sizes = {k.strip().removeprefix("model."): int(v) for k, _, v in (s.partition("=") for s in args.set)}
-            result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.regimes.split(","),
-                               image_size=args.image_size, batch_size=args.batch_size, budget_gib=args.budget_gib,
-                               out=args.out, steps=args.steps, device=args.device, precision=args.precision,
-                               spatial_chunk=args.spatial_chunk, model=sizes, max_frames=args.max_frames)
+            result = run_benchmark(_options(args, BenchOptions), out=args.out, device=args.device, model=sizes)
             from sfa_vivit.tools.membench import markdown
             print(markdown(result) + f"sfa membench: {args.out} (+ .md, .png)")
         elif args.command == "pipeline":
@@ -656,25 +630,23 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _add_options(parser: argparse.ArgumentParser, options: type) -> None:
-    """One --flag per field of the options dataclass, typed and defaulted by its defaults, with the help its
-    HELP table gives."""
-    defaults = options()
-    for field in dataclasses.fields(options):
-        value = getattr(defaults, field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value,
-                            help=options.HELP[field.name])
+    """One --flag per field of the options dataclass (sfa_vivit.core.options): its type, default, allowed values
+    and help as the field declares them; a true/false option is a switch."""
+    for o in option_fields(options):
+        if o.type is bool:
+            parser.add_argument(o.flag, action="store_true", default=o.default, help=o.help)
+        else:
+            parser.add_argument(o.flag, type=o.type, default=o.default, choices=o.choices, help=o.help)
 
 
 def _options(args: argparse.Namespace, options: type) -> Any:
     """The options dataclass from the flags `_add_options` declared."""
-    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options)})
+    return options(**{o.name: getattr(args, o.name) for o in option_fields(options)})
 
 
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "prep":
-        options = PrepOptions(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
-                              shard_size=args.shard_size, max_reject_fraction=args.max_reject_fraction,
-                              workers=args.workers, verify=args.verify)
+        options = _options(args, PrepOptions)
         manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")

@@ -291,28 +291,29 @@ def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification:
     return result
 
 
-def memory_benchmark(*, variant: str, frames: str, regimes: str, image_size: int, batch_size: int, budget_gib: float,
-                     table: Any, plot: Any, results: Any, tracking_uri: str = "", parent_run_id: str = "",
-                     steps: int = 2, model_sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """`sfa membench` as a step: JSON in `results`, the Markdown table, and an HTML page with the plot."""
+def memory_benchmark(*, options: dict[str, Any], table: Any, plot: Any, results: Any, tracking_uri: str = "",
+                     parent_run_id: str = "", model_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`sfa membench` as a step (`options`: BenchOptions' fields): JSON in `results`, the Markdown table, and an
+    HTML page with the plot."""
     import base64
     from pathlib import Path
 
-    from sfa_vivit.tools.membench import benchmark, markdown
+    from sfa_vivit.tools.membench import BenchOptions, markdown, run
     folder = Path(results.path)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "membench.json"
-    result = benchmark(variant, [int(f) for f in frames.split(",")], regimes.split(","), image_size=image_size,
-                       batch_size=batch_size, budget_gib=budget_gib or None, out=str(out), steps=steps,
-                       device="auto", model={k: int(v) for k, v in (model_sizes or {}).items()})  # JSON: floats
+    bench = BenchOptions(**options)
+    result = run(bench, out=str(out), device="auto",
+                 model={k: int(v) for k, v in (model_sizes or {}).items()})  # JSON: floats
     Path(table.path).write_text(markdown(result))
     png = base64.b64encode(out.with_suffix(".png").read_bytes()).decode()
     Path(plot.path).write_text(f"<html><body><h3>Peak memory per training step</h3>"
                                f"<img src='data:image/png;base64,{png}'/><pre>{markdown(result)}</pre></body></html>")
     slopes = {f"{m}_mib_per_frame": v / 2**20 for m, v in result["per_frame_bytes"].items() if v is not None}
     _child_run("memory-benchmark", tracking_uri, parent_run_id, slopes, {"sfa.step": "memory-benchmark"},
-               description=f"Peak training memory and step time of ViViT-{variant} per frame count ({frames}): the "
-                           "whole model against SFA's stage 2, with and without its feature cache.")
+               description=f"Peak training memory and step time of ViViT-{bench.variant} per frame count "
+                           f"({bench.frames}): the whole model against SFA's stage 2, with and without its "
+                           "feature cache.")
     return result
 
 

@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
+from sfa_vivit.core.options import option
 from sfa_vivit.core.plots import line_plot
+from sfa_vivit.models.vivit import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +49,23 @@ REGIMES = ("full", "stage2", "stage2-cached")
 class BenchOptions:
     """What a memory benchmark measures by default: the one source of `sfa membench`'s flags, the `sfa`
     pipeline's membench_* parameters and `benchmark()` (the paper's Table 4 asks for ViViT-B at 224 px)."""
-    variant: str = "B"
-    frames: str = "8,16,32,64,128"       # comma-separated frame counts (multiples of the tubelet)
-    regimes: str = ",".join(REGIMES)
-    image_size: int = 224
-    batch_size: int = 1
-    steps: int = 5                       # timed steps per regime, interleaved across regimes (median reported)
-    budget_gib: float = 0.0              # > 0: search the largest frame count per regime within it
-    max_frames: int = 2048               # where the budget search stops
-    spatial_chunk: int = 4               # tubelets per frozen-spatial chunk in stage 2
-    precision: str = "fp32"
+    variant: str = option("B", "the ViViT variant measured", choices=sorted(VARIANTS), pipeline="membench_variant")
+    frames: str = option("8,16,32,64,128", "comma-separated frame counts (multiples of the tubelet)",
+                         pipeline="membench_frames")
+    regimes: str = option(",".join(REGIMES), "what each measured step computes: full, stage2 (frozen spatial), "
+                                             "stage2-cached", pipeline="membench_regimes")
+    image_size: int = option(224, "square frame size in pixels", pipeline="membench_image_size")
+    batch_size: int = option(1, "clips per step", pipeline="membench_batch_size")
+    # A pipeline's benchmark is a report beside the training, not the measurement of record: 2 timed steps.
+    steps: int = option(5, "timed steps of each regime, interleaved with the other regimes in one process after a "
+                           "warm-up step of each (median and spread of the per-step ratios)",
+                        pipeline="membench_steps", pipeline_default=2)
+    budget_gib: float = option(0.0, "> 0: also search the largest frame count per regime whose step fits in this "
+                                    "many GiB", pipeline="membench_budget_gib")
+    max_frames: int = option(2048, "where the budget search stops", pipeline="membench_max_frames")
+    spatial_chunk: int = option(4, "tubelets per frozen-spatial chunk in stage 2", pipeline="membench_spatial_chunk")
+    precision: str = option("fp32", "arithmetic of the measured steps", choices=("fp32", "bf16"),
+                            pipeline="membench_precision")
 
 
 BENCH = BenchOptions()
@@ -234,6 +243,17 @@ def search_max_frames(base: Setting, budget_gib: float, *, max_frames: int = 204
                 high = mid
     return {"regime": base.regime, "budget_gib": budget_gib, "max_frames": low or None,
             "capped": high is None, "probes": probes}
+
+
+def run(options: BenchOptions, *, out: str | None = None, device: str = "cpu",
+        model: dict[str, Any] | None = None, timeout: float | None = 1800) -> dict[str, Any]:
+    """`benchmark` with the options of `sfa membench` and the pipeline's memory-benchmark step."""
+    o = options
+    return benchmark(o.variant, [int(f) for f in o.frames.split(",") if f.strip()],
+                     [r.strip() for r in o.regimes.split(",") if r.strip()], image_size=o.image_size,
+                     batch_size=o.batch_size, budget_gib=o.budget_gib, out=out, steps=o.steps, device=device,
+                     precision=o.precision, spatial_chunk=o.spatial_chunk, model=model, max_frames=o.max_frames,
+                     timeout=timeout)
 
 
 def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size: int = BENCH.image_size,
