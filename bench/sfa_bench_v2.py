@@ -79,9 +79,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import RESULTS, interval95, judge, save  # noqa: E402
 
-from sfa_vivit.data import synth  # noqa: E402
 from sfa_vivit.data.augment import normalize  # noqa: E402
-from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
+from sfa_vivit.data.prep import (  # noqa: E402
+    PrepOptions,
+    prepare,
+    synth,  # noqa: E402
+)
 from sfa_vivit.tools import synth_vit as image_vit_module  # noqa: E402
 from sfa_vivit.train import resolve, train  # noqa: E402
 

@@ -39,8 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, interval95, judge, line_plot, save  # noqa: E402
 
-from sfa_vivit.data import synth  # noqa: E402
-from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
+from sfa_vivit.data.prep import (  # noqa: E402
+    PrepOptions,
+    prepare,
+    synth,  # noqa: E402
+)
 from sfa_vivit.tools import synth_vit as image_vit_module  # noqa: E402
 from sfa_vivit.train import resolve, train  # noqa: E402
 

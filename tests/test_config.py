@@ -7,7 +7,8 @@ from sfa_vivit.train import resolve
 
 def test_config_layers_and_augmentation_fields():
     from sfa_vivit.data.augment import AugmentConfig
-    from sfa_vivit.train.config import augment_config, learning_rate
+    from sfa_vivit.train.config import augment_config
+    from sfa_vivit.train.optim import learning_rate
     c = resolve("stage2", "ssv2",
                 sets=["batch_size=32", "augment.mean=[0.485,0.456,0.406]", "model.spatial_depth=3"])
     assert (c.num_frames, c.freeze_spatial, c.adapter, c.temporal_init) == (32, True, True, "stage1")

@@ -78,7 +78,9 @@ def test_every_component_body_is_one_library_call():
         assert isinstance(imp, ast.ImportFrom) and imp.module == "sfa_vivit.kubeflow", name
         value = call.value
         assert isinstance(call, (ast.Expr, ast.Return)) and isinstance(value, ast.Call), name
-        assert isinstance(value.func, ast.Attribute) and value.func.value.id == "steps", name
+        module = imp.names[0].asname or imp.names[0].name          # `steps`, or its alias where an option has
+        assert imp.names[0].name == "steps" and isinstance(value.func, ast.Attribute), name    # that name
+        assert value.func.value.id == module, name
         hints = {k for k in func.__annotations__ if k != "return"}
         assert hints == set(inspect.signature(func).parameters), f"{name}: untyped parameters"
 

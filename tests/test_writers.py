@@ -267,8 +267,8 @@ def test_sigterm_during_the_cache_build_keeps_what_is_built_and_stops_at_once(ti
     def stop_after_some():
         calls.append(1)
         if len(calls) == 14:          # mid-way: after two shards of the training split
-            trainer._stop_signal = signal.SIGTERM
-        return bool(trainer._stop_signal)
+            trainer.stops.signum = signal.SIGTERM
+        return bool(trainer.stops)
     original = trainer.data.build_cache
     trainer.data.build_cache = lambda model, url, should_stop=None: original(model, url, should_stop=stop_after_some)
     with pytest.raises(Preempted, match="SIGTERM during the feature-cache build") as stopped:

@@ -34,9 +34,10 @@ MODULES = {
 }
 
 
-def _warn(old: str, new: str) -> None:
+def _warn(old: str, new: str, stacklevel: int) -> None:
+    """The warning, attributed to the code that used the old name (the import system's frames are skipped)."""
     warnings.warn(f"{old} has moved to {new}; the old name will be removed in sfa-vivit 0.2", DeprecationWarning,
-                  stacklevel=4)
+                  stacklevel=stacklevel + 1)
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -49,7 +50,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: Any) -> Any:
         new = MODULES[spec.name]
-        _warn(spec.name, new)
+        _warn(spec.name, new, stacklevel=2)
         module = importlib.import_module(new)
         self._own_spec = module.__spec__
         return module
@@ -69,5 +70,5 @@ def moved_attribute(module: str, name: str, table: dict[str, str]) -> Any:
     """For a module's `__getattr__`: `name` from the module `table` says it moved to, with a warning."""
     if name not in table:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    _warn(f"{module}.{name}", f"{table[name]}.{name}")
+    _warn(f"{module}.{name}", f"{table[name]}.{name}", stacklevel=3)
     return getattr(importlib.import_module(table[name]), name)

@@ -647,6 +647,12 @@ def _options(args: argparse.Namespace, options: type) -> Any:
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "prep":
         options = _options(args, PrepOptions)
+        # What the shards are checked against when written: a bad --recipe or --set fails now, before any work.
+        fit_recipe = args.recipe or (args.dataset if args.dataset in RECIPES else None)
+        if fit_recipe:
+            run_config("baseline", fit_recipe, sets=args.set)
+        elif args.set:
+            raise ValueError(f"--set needs --recipe: dataset {args.dataset!r} has no recipe of its own")
         manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")

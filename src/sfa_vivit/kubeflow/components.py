@@ -12,7 +12,17 @@ import re
 from typing import Any, Callable, List
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,  # noqa: F401 - used by the components' source templates (`defined`)
+    Metrics,
+    Model,
+    Output,
+)
 
 from sfa_vivit import __version__
 from sfa_vivit.core import options

@@ -55,7 +55,7 @@ class BenchOptions:
     regimes: str = option(",".join(REGIMES), "what each measured step computes: full, stage2 (frozen spatial), "
                                              "stage2-cached", pipeline="membench_regimes")
     image_size: int = option(224, "square frame size in pixels", pipeline="membench_image_size")
-    batch_size: int = option(1, "clips per step", pipeline="membench_batch_size")
+    batch_size: int = option(1, "clips per measured step", pipeline="membench_batch_size")
     # A pipeline's benchmark is a report beside the training, not the measurement of record: 2 timed steps.
     steps: int = option(5, "timed steps of each regime, interleaved with the other regimes in one process after a "
                            "warm-up step of each (median and spread of the per-step ratios)",

@@ -118,6 +118,10 @@ class TrainConfig:
     mlflow_experiment: str = "sfa-vivit"
     mlflow_log_model: bool = True            # the final model as an MLflow model too (local run folders)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):      # settings left out take AugmentConfig's defaults
+            self.augment = {**augment_defaults(), **self.augment}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -223,7 +227,9 @@ def _set(values: dict[str, Any], key: str, value: Any) -> None:
     if key in _AUGMENT_FIELDS:
         raise ValueError(f"key {key!r} is now 'augment.{key}' (augmentation settings are nested, like model.*): "
                          f"--set augment.{key}=...")
-    if key == "augment" and isinstance(value, dict):     # a config file's augment: merged over the recipe's
+    if key == "augment":             # a config file's augment: merged over the recipe's
+        if not isinstance(value, dict):
+            raise ValueError(f"augment={value!r} must be a mapping of augmentation settings, e.g. min_scale: 1.0")
         for name, item in value.items():
             _set(values, f"augment.{name}", item)
         return

@@ -285,9 +285,9 @@ def recipe_mismatches(manifest: dict[str, Any], recipe: str | None = None, sets:
     """What in prepared data does not fit a training recipe (default: the one named after its dataset) with
     `sets` applied: clips shorter than the baseline's and stage 2's frames (they would loop), frames smaller
     than its crops (upsampled), or far larger (storage and decoding spent on pixels the crop never uses)."""
+    if recipe is None and manifest["dataset"] not in RECIPES:
+        return []                           # a dataset without a recipe of its own: nothing to hold it to
     recipe = recipe or manifest["dataset"]
-    if recipe not in RECIPES:
-        return []
     config = resolve("baseline", recipe, sets=sets)
     needed = (config.num_frames - 1) * config.stride + 1
     crop = config.image_size * config.augment["max_scale"]   # the short side a crop scales from, at most
