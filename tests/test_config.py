@@ -26,3 +26,15 @@ def test_config_layers_and_augmentation_fields():
                          (["batch_size=x"], "--set batch_size='x'"), (["temporal_init=videomae"], "not one of")):
         with pytest.raises(ValueError, match=message):
             resolve("stage1", "kinetics400", sets=bad)
+
+
+def test_a_checkpoint_of_an_earlier_release_reads_in_todays_terms():
+    """Its flat augmentation keys go under `augment`, its recipe gets its new name: resuming it compares like
+    with like (sfa_vivit.train.start._as_today)."""
+    from sfa_vivit.train.start import _as_today
+    now = resolve("stage1", "kinetics400").to_dict()
+    stored = {k: v for k, v in now.items() if k != "augment"}
+    stored.update(recipe="k400", **{k: v for k, v in now["augment"].items()})
+    today = _as_today(stored, now)
+    assert today["augment"] == now["augment"] and today["recipe"] == "kinetics400"
+    assert {k for k in set(today) | set(now) if today.get(k) != now.get(k)} == set()
