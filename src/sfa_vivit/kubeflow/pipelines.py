@@ -271,10 +271,8 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operato
     described = {"variant": "ViViT variant of every dataset's runs (Ti, S, B, L, H, g); its sets may override it.",
                  "image_checkpoint": "the image ViT every spatial encoder starts from (a Hugging Face folder, timm "
                                      "or .npz; gs:// on a cluster); empty: random init.",
-                 "prep_parts": "how many data-prep pieces run in parallel per dataset.",
-                 "run_baseline": "also train the conventional recipe, for comparison.",
-                 "tracking_uri": "the MLflow server, or none to run untracked (`sfa pipeline submit` refuses it "
-                                 "empty)."}
+                 **{p.name: text for p, text in sfa_parameters()
+                    if p.name in ("prep_parts", "run_baseline", "tracking_uri")}}
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")
         described.update({f"{key}_annotations": f"{name}: comma-separated annotation files as released.",
