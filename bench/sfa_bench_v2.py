@@ -208,7 +208,7 @@ def linear_probe(image_vit: str, stage1: str | None, seed: int = 0) -> dict[str,
     """Accuracy of a linear probe for the target's cell (4 x 4 grid) on one frame's spatial features:
     frozen image features against stage 1's (the gap stage 1 closes). Frames rendered by the task's own
     generator: 1,200 frames to fit, 600 to test."""
-    from sfa_vivit.models.checkpoints import load
+    from sfa_vivit.models.checkpoints import load, resolve_model
     from sfa_vivit.models.importers import load_image_vit
     from sfa_vivit.models.vivit import vivit
 
@@ -253,7 +253,8 @@ def linear_probe(image_vit: str, stage1: str | None, seed: int = 0) -> dict[str,
     load_image_vit(image, image_vit)
     result = {"chance": 6.25, "image_features": probe(features(image, x_fit), features(image, x_test))}
     if stage1:
-        model = load(stage1).model
+        model, _ = load(resolve_model(stage1))       # the run folder's final model
+        model.resize_temporal(2)                      # the probe's 2-frame input (spatial weights unchanged)
         result["stage1_features"] = probe(features(model, x_fit), features(model, x_test))
     return result
 

@@ -792,6 +792,21 @@ def test_the_report_says_how_far_one_run_can_be_trusted():
     assert "SFA's top-1 ranged" in main_job_spread()
 
 
+def test_the_report_quotes_the_benchmark_that_backs_the_claim():
+    """The sentence the main job prints about SFA's claim is the full benchmark's result file, not typed apart
+    from it: its seeds, clips, intervals and the verdict on claim 2."""
+    from sfa_vivit.kubeflow.report import BENCHMARK_V2, benchmark_v2, how_far
+    result = json.loads((ROOT / "bench" / "results" / "sfa_bench_v2.json").read_text())
+    assert BENCHMARK_V2["seeds"] == len(result["seeds"]) >= 5
+    assert BENCHMARK_V2["validation_clips"] == result["validation_clips"] >= 1000
+    for figure in ("sfa_minus_baseline", "sfa_time_ratio"):
+        low, high = result["ci95"][figure]
+        assert BENCHMARK_V2[figure] == (round(low, 2), round(high, 2)), figure
+    (claim,) = [v for k, v in result["claims"].items() if k.startswith("2_")]
+    assert BENCHMARK_V2["claim"] == claim["verdict"]
+    assert f"is {claim['verdict']} there" in benchmark_v2() and benchmark_v2() in how_far(96, 50.0)
+
+
 def test_the_reports_headline_gives_memory_and_its_plots_start_at_zero(tmp_path):
     """Memory is in the headline (SFA's stage 2, cached where measured, against the whole model at the largest
     shared frame count no larger than stage 2's); a smoke size says so; every axis starts at zero and epoch
