@@ -244,8 +244,10 @@ def _set(values: dict[str, Any], key: str, value: Any) -> None:
 def _did_you_mean(key: str, known: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest known key (also a model field given without 'model.'), or ''."""
     import difflib
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or \
-        difflib.get_close_matches(f"model.{key}", known, n=1, cutoff=0.8)
+    # A key that begins a known one is the likeliest meaning ('augment.flip': 'augment.flip_probability')
+    close = sorted(k for k in known if k.startswith(key))[:1] \
+        or difflib.get_close_matches(key, known, n=1, cutoff=0.6) \
+        or difflib.get_close_matches(f"model.{key}", known, n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
