@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from sfa_vivit.plots import line_plot  # noqa: F401 - the benchmarks' plot helper
+from sfa_vivit.core.plots import line_plot  # noqa: F401 - the benchmarks' plot helper
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -50,12 +50,12 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     from sfa_vivit.models.vivit import vivit
     proc, host = _emulator()
     os.environ["STORAGE_EMULATOR_HOST"] = host
     try:
-        from sfa_vivit.storage import url_to_fs
+        from sfa_vivit.core.storage import url_to_fs
         fs, _ = url_to_fs("gs://sfa-bench")
         fs.mkdir("sfa-bench")
         model = vivit(args.variant, num_frames=args.frames, num_classes=args.classes, image_size=224)

@@ -4,7 +4,7 @@ that is checked against the step times we measured.
 
     python bench/projection.py [--cache-views 2] [--stage1-frames 8]
 
-The cost model (sfa_vivit/costmodel.py, where it is written out; tests/test_costmodel.py checks its
+The cost model (sfa_vivit/tools/costmodel.py, where it is written out; tests/test_costmodel.py checks its
 FLOP counts against torch's counter on the model) prices a step in forward FLOPs: full = 3 (S + T),
 stage 2 = S + 3 (A + T), cached = 3 (A + T), for spatial S, temporal T and adapter A. A run of E epochs:
 
@@ -38,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, save  # noqa: E402
 
-from sfa_vivit.costmodel import run_ratios, step_flops  # noqa: E402
 from sfa_vivit.models.vivit import VARIANTS, ViViTConfig  # noqa: E402
+from sfa_vivit.tools.costmodel import run_ratios, step_flops  # noqa: E402
 from sfa_vivit.train.config import RECIPES  # noqa: E402
 
 # The paper's Tables 5 and 6: (variant, frames, dataset recipe, measured baseline hours, SFA / baseline).

@@ -14,7 +14,7 @@ So the floor is
     ratio = t_full(8) / t_full(F)  +  (K / E) (N / (steps B)) t_fwd(F) / t_full(F)  +  t_cached(F) / t_full(F)
 
 which is what the end-to-end ratio would be with free data reading and no per-epoch work. Next to it:
-the FLOP model's figure (`sfa_vivit.costmodel.run_ratios`), and the floor at other epoch counts.
+the FLOP model's figure (`sfa_vivit.tools.costmodel.run_ratios`), and the floor at other epoch counts.
 
     python bench/ratio_floor.py [--settings synthetic,Ti-224] [--steps 10] [--repeats 5]
 
@@ -34,9 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, line_plot, save  # noqa: E402
 
-from sfa_vivit.costmodel import run_ratios  # noqa: E402
-from sfa_vivit.membench import benchmark  # noqa: E402
 from sfa_vivit.models.vivit import vivit  # noqa: E402
+from sfa_vivit.tools.costmodel import run_ratios  # noqa: E402
+from sfa_vivit.tools.membench import benchmark  # noqa: E402
 
 SETTINGS = {
     "synthetic": dict(variant="Ti", image_size=64, batch_size=16, num_classes=16,

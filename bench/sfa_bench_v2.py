@@ -19,7 +19,7 @@ results; a failed claim is reported as a result. The whole run (5 seeds, every r
 1 h 50 min on the 2-core CPU, alone on the machine (its time ratios need that).
 
 Design (pre-registered)
-- Task: the `textures` world of `sfa data synth` (sfa_vivit/data/synth.py): real photographs from
+- Task: the `textures` world of `sfa data synth` (sfa_vivit/data/prep/synth.py): real photographs from
   scikit-image's samples; a target with a cat's-fur texture and two distractors with other textures move
   over a dimmed photographic background. The label (12 classes) is the target's ordered pair of directions:
   it needs where the target is, frame after frame, and in which order it moved.
@@ -79,10 +79,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import RESULTS, interval95, judge, save  # noqa: E402
 
-from sfa_vivit.data import synth  # noqa: E402
 from sfa_vivit.data.augment import normalize  # noqa: E402
-from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
-from sfa_vivit.train import image_vit as image_vit_module  # noqa: E402
+from sfa_vivit.data.prep import (  # noqa: E402
+    PrepOptions,
+    prepare,
+    synth,  # noqa: E402
+)
+from sfa_vivit.tools import synth_vit as image_vit_module  # noqa: E402
 from sfa_vivit.train import resolve, train  # noqa: E402
 
 DATA = dict(num_train=2400, num_val=1200, num_frames=32, size=64, fps=16, difficulty="textures")
@@ -205,8 +208,8 @@ def linear_probe(image_vit: str, stage1: str | None, seed: int = 0) -> dict[str,
     """Accuracy of a linear probe for the target's cell (4 x 4 grid) on one frame's spatial features:
     frozen image features against stage 1's (the gap stage 1 closes). Frames rendered by the task's own
     generator: 1,200 frames to fit, 600 to test."""
-    from sfa_vivit.checkpoints import load, resolve_model
-    from sfa_vivit.importers import load_image_vit
+    from sfa_vivit.models.checkpoints import load, resolve_model
+    from sfa_vivit.models.importers import load_image_vit
     from sfa_vivit.models.vivit import vivit
 
     options = synth.SynthOptions(**DATA)
@@ -228,7 +231,8 @@ def linear_probe(image_vit: str, stage1: str | None, seed: int = 0) -> dict[str,
 
     def features(model, x: torch.Tensor) -> torch.Tensor:
         model.eval()
-        video = normalize(x.float().div(255), config.mean, config.std).unsqueeze(1).repeat(1, 2, 1, 1, 1)
+        video = normalize(x.float().div(255), config.augment["mean"], config.augment["std"])
+        video = video.unsqueeze(1).repeat(1, 2, 1, 1, 1)
         with torch.no_grad():
             return torch.cat([model.spatial_features(video[i:i + 100])[:, 0] for i in range(0, len(x), 100)])
 

@@ -10,7 +10,7 @@ stage-1 temporal encoder but no adapter.
                                     [--name sfa_vs_baseline]
 
 As in the paper, every run's spatial encoder starts from an image ViT: by default the synthetic one
-(`sfa_vivit.train.image_vit`, trained first on frames of the same kind of scenes; its time is
+(`sfa_vivit.tools.synth_vit`, trained first on frames of the same kind of scenes; its time is
 preparation, in no run's train_time_s, and its held-out accuracy is in the results). `--image-vit none`
 trains from scratch: then a run waits at chance for a seed-dependent number of epochs and the
 comparison mostly measures the seed.
@@ -39,9 +39,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, interval95, judge, line_plot, save  # noqa: E402
 
-from sfa_vivit.data import synth  # noqa: E402
-from sfa_vivit.data.prep import PrepOptions, prepare  # noqa: E402
-from sfa_vivit.train import image_vit as image_vit_module  # noqa: E402
+from sfa_vivit.data.prep import (  # noqa: E402
+    PrepOptions,
+    prepare,
+    synth,  # noqa: E402
+)
+from sfa_vivit.tools import synth_vit as image_vit_module  # noqa: E402
 from sfa_vivit.train import resolve, train  # noqa: E402
 
 ABLATIONS = {  # Table 1 rows as stage-2 switches

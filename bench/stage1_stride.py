@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, save  # noqa: E402
 from sfa_vs_baseline import make_data  # noqa: E402
 
-from sfa_vivit.train import image_vit, resolve, train  # noqa: E402
+from sfa_vivit.tools import synth_vit as image_vit
+from sfa_vivit.train import resolve, train  # noqa: E402
 
 
 def main() -> None:

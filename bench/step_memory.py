@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import RESULTS, save  # noqa: E402
 
-from sfa_vivit.membench import benchmark  # noqa: E402
+from sfa_vivit.tools.membench import benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -34,9 +34,8 @@ def main() -> None:
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     os.environ.setdefault("CPU_NUM_DEVICES", "2")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from sfa_vivit.data import synth
-    from sfa_vivit.data.prep import PrepOptions, prepare
-    from sfa_vivit.runtime import versions
+    from sfa_vivit.core.runtime import versions
+    from sfa_vivit.data.prep import PrepOptions, prepare, synth
     from sfa_vivit.train import Trainer, resolve
     from sfa_vivit.train.config import tiny_sets
 

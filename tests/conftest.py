@@ -34,8 +34,7 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Synthetic shards (24 train, 8 validation clips of 16 frames at 32x32), built once and only read."""
-    from sfa_vivit.data import synth
-    from sfa_vivit.data.prep import PrepOptions, prepare
+    from sfa_vivit.data.prep import PrepOptions, prepare, synth
     root = tmp_path_factory.mktemp("synth")
     paths = synth.generate(str(root / "raw"), synth.SynthOptions(num_train=24, num_val=8, num_frames=16, size=32,
                                                                  fps=16, difficulty="easy"), progress=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from sfa_vivit import checkpoints
+from sfa_vivit.models import checkpoints
 from sfa_vivit.train import resolve
 from sfa_vivit.train.config import tiny_sets
 

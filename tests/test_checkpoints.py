@@ -9,10 +9,9 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from conftest import randomize_, unit_sizes
-from sfa_vivit import checkpoints, importers
-from sfa_vivit.checkpoints import CheckpointError
-from sfa_vivit.importers import load_image_vit
-from sfa_vivit.models import vivit
+from sfa_vivit.models import checkpoints, importers, vivit
+from sfa_vivit.models.checkpoints import CheckpointError
+from sfa_vivit.models.importers import load_image_vit
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE = 64, 2, 4, 128, 8, 32
 

@@ -67,7 +67,7 @@ def test_stage2_takes_the_architecture_of_its_init(tiny_data, tmp_path, capsys, 
     """Stage 1 with model overrides; stage 2 names none of them and trains the same architecture (a --set
     still wins over the inherited value and is then refused as another architecture)."""
     from helpers import TINY
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     stage1 = ["--set", "epochs=1", "--set", "num_frames=4", *[a for s in TINY for a in ("--set", s)]]
     assert main(["train", "--mode", "stage1", "--recipe", "synthetic", "--data", tiny_data,
                  "--out", str(tmp_path / "s1"), *stage1]) == 0
@@ -131,7 +131,7 @@ def test_the_recipe_defaults_to_the_prepared_datasets(tiny_data, tmp_path, capsy
 def test_prep_warns_when_its_clips_do_not_fit_the_recipe(tmp_path, capsys):
     """Prep's defaults (12.5 fps, 256 px) turn 16-frame 32 px synthetic videos into 12-frame 256 px clips: it
     says so, naming the recipe's 32 frames and 64 px crops."""
-    from sfa_vivit.data import synth
+    from sfa_vivit.data.prep import synth
     paths = synth.generate(str(tmp_path / "raw"), synth.SynthOptions(num_train=2, num_val=1, num_frames=16, size=32,
                                                                      fps=16), progress=False)
     args = ["data", "prep", "--dataset", "synthetic", "--annotations", paths["train"], "--annotations",
@@ -144,6 +144,12 @@ def test_prep_warns_when_its_clips_do_not_fit_the_recipe(tmp_path, capsys):
     assert manifest["splits"]["train"]["frames"] == {"min": 12, "median": 12, "max": 12}
     assert main([*args, "--out", str(tmp_path / "fitting"), "--fps", "32", "--short-side", "64"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # Checked against the settings the run will train with (the quick start's 16 frames at 32 px): no warning.
+    assert main([*args, "--out", str(tmp_path / "small"), "--fps", "16", "--short-side", "32",
+                 "--set", "image_size=32", "--set", "num_frames=16"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "small2"), "--fps", "16", "--short-side", "32"]) == 0
+    assert "smaller than the recipe's 64 px crops" in capsys.readouterr().err
 
 
 def test_progress_in_a_log_file_is_whole_lines(tmp_path):

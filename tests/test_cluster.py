@@ -322,7 +322,7 @@ def test_no_step_downloads_a_training_run_only_its_final_model_or_its_figures():
 def test_a_final_model_is_copied_whole_marker_last(tmp_path, stage1_run):
     """The Model artifact is the run's final model, copied file by file and committed by its marker last, so
     a copy cut short is no checkpoint and a retried step's copy completes it."""
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     dst = tmp_path / "model"
     checkpoints.copy_committed(stage1_run, str(dst))
     final = checkpoints.resolve_model(stage1_run)

@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sfa_vivit.costmodel import forward_flops, run_ratios, step_flops
 from sfa_vivit.models import vivit
+from sfa_vivit.tools.costmodel import forward_flops, run_ratios, step_flops
 
 
 @pytest.mark.parametrize("frames,adapter", [(4, False), (8, True)])

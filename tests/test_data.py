@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from sfa_vivit.cli import main
-from sfa_vivit.data import augment, synth
-from sfa_vivit.data.annotations import AnnotationError, read_annotations
+from sfa_vivit.data import augment
 from sfa_vivit.data.manifest import ShardChecksumError, load_manifest, verify_shards
-from sfa_vivit.data.prep import PrepOptions, prepare
+from sfa_vivit.data.prep import PrepOptions, prepare, synth
+from sfa_vivit.data.prep.annotations import AnnotationError, read_annotations
 from sfa_vivit.data.reader import (
     ClipDataset,
     decode_frames,
@@ -254,7 +254,7 @@ def test_corrupted_shard_is_detected(kinetics_folder, capsys):
 @pytest.mark.integration
 def test_prep_and_reader_over_gcs(kinetics_folder, gcs_emulator, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    from sfa_vivit.storage import url_to_fs
+    from sfa_vivit.core.storage import url_to_fs
     root, csv_path, videos = kinetics_folder
     fs, _ = url_to_fs("gs://sfa-test")
     fs.mkdir("sfa-test")
@@ -282,7 +282,7 @@ def _rerun_reads_no_shard(rerun, out, fs, monkeypatch):
     being wrong, written again; `verify` hashes them all."""
     import dataclasses
 
-    import sfa_vivit.data.prep as prep_module
+    import sfa_vivit.data.prep.shards as prep_module
     reads = []
     real = prep_module.read_verified
     monkeypatch.setattr(prep_module, "read_verified", lambda url, sha: reads.append(url) or real(url, sha))

@@ -11,7 +11,7 @@ import torch
 
 from helpers import TINY
 from helpers import free_port as _free_port
-from sfa_vivit import checkpoints
+from sfa_vivit.models import checkpoints
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +31,8 @@ def test_torchrun_two_ranks_on_cpu_hold_identical_weights(tiny_data, tmp_path, n
 
 _DDP_EVAL = """
 import json, sys, torch, torch.distributed as dist
-from sfa_vivit import checkpoints
-from sfa_vivit.evaluate import evaluate
+from sfa_vivit.models import checkpoints
+from sfa_vivit.tools.evaluate import evaluate
 from sfa_vivit.train.evaluation import evaluate_model
 ckpt, data, out = sys.argv[1:4]
 metrics = evaluate(ckpt, data, views="2x1", out=out, workers=0, device="cpu")
@@ -49,8 +49,8 @@ dist.destroy_process_group()
 
 def test_torchrun_evaluation_equals_one_process_and_survives_an_empty_rank(tiny_data, tmp_path, no_mlflow_env):
     from conftest import randomize_
-    from sfa_vivit.evaluate import evaluate
     from sfa_vivit.models import vivit
+    from sfa_vivit.tools.evaluate import evaluate
     from sfa_vivit.train.evaluation import evaluate_model
     model = randomize_(vivit("Ti", num_frames=4, image_size=32, num_classes=12, width=32, spatial_depth=1,
                              temporal_depth=1, heads=2, mlp_dim=64, patch=8), scale=0.5).eval()
@@ -83,7 +83,7 @@ def test_torchrun_evaluation_equals_one_process_and_survives_an_empty_rank(tiny_
 
 _STOP_EARLY = """
 import sys
-from sfa_vivit import runtime
+from sfa_vivit.core import runtime
 from sfa_vivit.train import Trainer, resolve
 sets, data, out, steps = sys.argv[1].split(","), sys.argv[2], sys.argv[3], int(sys.argv[4])
 Trainer(resolve("stage1", "synthetic", sets=sets), data, out).fit(stop_after_steps=steps)

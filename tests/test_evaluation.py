@@ -1,4 +1,4 @@
-"""Evaluation (sfa_vivit.evaluate, sfa_vivit.train.evaluation): `sfa evaluate` on a model with known
+"""Evaluation (sfa_vivit.tools.evaluate, sfa_vivit.train.evaluation): `sfa evaluate` on a model with known
 outputs, and multi-head (verb, noun, action) counting."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sfa_vivit import checkpoints
+from sfa_vivit.models import checkpoints
 
 
 def test_evaluator_on_a_model_with_known_outputs(tiny_data, tmp_path, no_mlflow_env, capsys):

@@ -23,15 +23,13 @@ import torch
 
 from faults import FullDisk, break_header, break_jpegs, snapshot
 from helpers import TINY, config, final_state
-from sfa_vivit import checkpoints
 from sfa_vivit.cli import main
-from sfa_vivit.data import synth
+from sfa_vivit.core.storage import write_bytes_atomic
 from sfa_vivit.data.manifest import load_manifest, verify_shards
-from sfa_vivit.data.prep import PrepOptions, prepare
+from sfa_vivit.data.prep import PrepOptions, prepare, synth
+from sfa_vivit.data.prep.video import VideoRejected, decode_segment
 from sfa_vivit.data.reader import ClipDataset
-from sfa_vivit.data.video import VideoRejected, decode_segment
-from sfa_vivit.models import vivit
-from sfa_vivit.storage import write_bytes_atomic
+from sfa_vivit.models import checkpoints, vivit
 from sfa_vivit.train import Trainer, resolve
 from sfa_vivit.train.trainer import TrainError
 
@@ -399,7 +397,7 @@ def test_verify_names_a_shard_that_is_a_directory(tiny_data, tmp_path, capsys):
 def test_out_of_range_settings_are_refused_by_name(tiny_data, tmp_path, capsys):
     for setting, needle in (("base_lr=inf", "base_lr=inf must be a finite number"),
                             ("base_lr=nan", "base_lr=nan must be a finite number"),
-                            ("std=[0.5,0,0.5]", "must be > 0 per channel"),
+                            ("augment.std=[0.5,0,0.5]", "must be > 0 per channel"),
                             ("momentum=1.5", "momentum=1.5 must be < 1")):
         with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
             resolve("stage1", "synthetic", sets=[setting])

@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sfa_vivit import importers
 from sfa_vivit.cli import main
-from sfa_vivit.data import synth
+from sfa_vivit.data.prep import synth
+from sfa_vivit.models import importers
 from sfa_vivit.models.vivit import vivit
-from sfa_vivit.train import image_vit, resolve
+from sfa_vivit.tools import synth_vit as image_vit
+from sfa_vivit.train import resolve
 
 SIZES = ["model.width=32", "model.spatial_depth=2", "model.heads=2", "model.mlp_dim=64", "model.patch=8",
          "image_size=32"]
@@ -65,8 +66,9 @@ def test_pretrained_folder_loads_into_the_recipes_spatial_encoder_and_is_reused(
 
 
 def test_cli_rejects_bad_options_before_any_work(tmp_path, capsys):
-    assert main(["data", "synth-vit", "--out", str(tmp_path / "v"), "--difficulty", "impossible"]) != 0
-    assert "difficulty='impossible'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:      # a choice of the option's declaration, checked by argparse
+        main(["data", "synth-vit", "--out", str(tmp_path / "v"), "--difficulty", "impossible"])
+    assert exited.value.code == 2 and "--difficulty: invalid choice: 'impossible'" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
 
 

@@ -78,7 +78,9 @@ def test_every_component_body_is_one_library_call():
         assert isinstance(imp, ast.ImportFrom) and imp.module == "sfa_vivit.kubeflow", name
         value = call.value
         assert isinstance(call, (ast.Expr, ast.Return)) and isinstance(value, ast.Call), name
-        assert isinstance(value.func, ast.Attribute) and value.func.value.id == "steps", name
+        module = imp.names[0].asname or imp.names[0].name          # `steps`, or its alias where an option has
+        assert imp.names[0].name == "steps" and isinstance(value.func, ast.Attribute), name    # that name
+        assert value.func.value.id == module, name
         hints = {k for k in func.__annotations__ if k != "return"}
         assert hints == set(inspect.signature(func).parameters), f"{name}: untyped parameters"
 
@@ -344,7 +346,7 @@ def test_schedule_calls_the_kfp_client_as_its_signatures_say(monkeypatch, gcs_em
 
     monkeypatch.setattr(kfp, "Client", Recording)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    from sfa_vivit.storage import url_to_fs
+    from sfa_vivit.core.storage import url_to_fs
     url_to_fs("gs://sfa-sched")[0].mkdir("sfa-sched")
     try:
         # The checked-in package runs the project's default registry, which publishes no image: refused.
@@ -710,7 +712,7 @@ def test_an_authenticated_kfp_is_reached_with_a_token_or_cookies_in_the_check_an
     monkeypatch.setattr(kfp, "Client", Recording)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
-    from sfa_vivit.storage import url_to_fs
+    from sfa_vivit.core.storage import url_to_fs
     url_to_fs("gs://sfa-auth")[0].mkdir("sfa-auth")
     package = runner.compile_pipeline("sfa", "cpu", str(tmp_path / "sfa-cpu.yaml"), registry="reg.example/sfa")
     kwargs = dict(host=f"http://127.0.0.1:{server.server_port}", pipeline_root="gs://sfa-auth/root",
@@ -813,7 +815,7 @@ def test_the_reports_headline_gives_memory_and_its_plots_start_at_zero(tmp_path)
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from sfa_vivit import plots
+    from sfa_vivit.core import plots
     from sfa_vivit.kubeflow.report import SMOKE_CLIPS, memory_headline
     rows = [{"regime": g, "frames": f, "fits": True, "peak_memory_bytes": b * 2**30}
             for g, f, b in [("full", 8, 0.33), ("stage2-cached", 8, 0.31), ("full", 32, 1.2),

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sfa_vivit.cli import main
-from sfa_vivit.membench import Setting, run_child, search_max_frames
+from sfa_vivit.tools.membench import Setting, run_child, search_max_frames
 
 SMALL = dict(spatial_depth=2, temporal_depth=1)
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from sfa_vivit import runtime
+from sfa_vivit.core import runtime
 from sfa_vivit.train.evaluation import _views_as_rows
 
 

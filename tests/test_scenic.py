@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sfa_vivit.checkpoints import CheckpointError
 from sfa_vivit.cli import main
-from sfa_vivit.importers import load_scenic, read_flax_msgpack, save_scenic
+from sfa_vivit.models.checkpoints import CheckpointError
+from sfa_vivit.models.importers import load_scenic, read_flax_msgpack, save_scenic
 from sfa_vivit.models.vivit import ViViT
 
 DATA = Path(__file__).parent / "data" / "scenic"
@@ -131,7 +131,7 @@ def test_another_model_is_refused_naming_the_first_parameter_that_does_not_fit(t
 @pytest.mark.integration
 def test_a_scenic_checkpoint_on_gcs_loads(gcs_emulator, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    from sfa_vivit.storage import url_to_fs
+    from sfa_vivit.core.storage import url_to_fs
     fs, _ = url_to_fs("gs://sfa-scenic")
     fs.mkdir("sfa-scenic")
     fs.put_file(str(DATA / "fe_gap_average.msgpack"), "sfa-scenic/vivit/checkpoint")
@@ -161,7 +161,7 @@ def test_stage2_starts_from_an_imported_scenic_checkpoint_and_evaluate_runs_on_i
                  *[a for s in sets for a in ("--set", s)]]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mode"] == "stage2" and metrics["final"]["top1"] is not None
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     trained, _ = checkpoints.load(str(run / "model"))
     source = load_scenic(DATA / "fe_token_central.msgpack")
     assert trained.config.num_frames == 16 and trained.adapter is not None

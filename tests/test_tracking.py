@@ -106,9 +106,10 @@ def test_mlflow_logs_and_survives_a_server_outage(tiny_data, tmp_path, mlflow_se
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert "top1" in run.data.metrics and "train_time_s" in run.data.metrics
     assert run.info.status == "FINISHED" and not metrics["mlflow"]["unlogged"]
-    # Stage 2 is linked to its stage-1 run.
+    # Stage 2 is linked to its stage-1 run, and nested under it (one store, no pipeline parent).
     m2 = Trainer(config("stage2", frames=8), tiny_data, str(tmp_path / "s2"), init=str(tmp_path / "ok")).fit()
-    assert client.get_run(m2["mlflow"]["run_id"]).data.tags["sfa.stage1_run_id"] == run.info.run_id
+    tags = client.get_run(m2["mlflow"]["run_id"]).data.tags
+    assert tags["sfa.stage1_run_id"] == run.info.run_id and tags["mlflow.parentRunId"] == run.info.run_id
 
     # The server dies mid-run: training completes and reports what it could not log.
     trainer = Trainer(config("stage1", epochs=3), tiny_data, str(tmp_path / "outage"))

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from helpers import TINY, config, final_state
-from sfa_vivit import checkpoints
-from sfa_vivit.data import synth
-from sfa_vivit.data.prep import PrepOptions, prepare
+from sfa_vivit.data.prep import PrepOptions, prepare, synth
+from sfa_vivit.models import checkpoints
 from sfa_vivit.train import NonFiniteLoss, Trainer, TrainError, resolve
 
 
@@ -159,7 +158,8 @@ def test_sfa_reaches_the_baseline_top1_in_less_time(tmp_path, no_mlflow_env):
     several seeds; the README's table shows the seed-to-seed spread this one seed sits in. Less time is
     asserted; the top-1 claim is not met on this benchmark today, and the test says so (xfail with the
     figures) rather than fail the suite or pass silently."""
-    from sfa_vivit.train import image_vit, train
+    from sfa_vivit.tools import synth_vit as image_vit
+    from sfa_vivit.train import train
 
     paths = synth.generate(str(tmp_path / "raw"), synth.SynthOptions(difficulty="medium"), progress=False)
     data = str(tmp_path / "shards")
@@ -213,7 +213,7 @@ def test_a_checkpoint_every_few_minutes_is_committed_mid_epoch_and_changes_no_we
                                                                                      no_mlflow_env):
     """checkpoint_every_minutes (on by default on cluster profiles: a preemption loses minutes, not an epoch):
     with a period shorter than a step, every step commits one; the weights are those of a run without."""
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     from sfa_vivit.train import Trainer
     def steps(run):
         return [int(u.rsplit("-", 1)[1]) for u in checkpoints.committed_steps(str(run))]

@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from helpers import yaml_docs
-from sfa_vivit import runtime
+from sfa_vivit.core import runtime
 from sfa_vivit.kubeflow import profiles, runner
 from sfa_vivit.kubeflow.trainjob import (
     JobFailed,

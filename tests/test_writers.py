@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, config
-from sfa_vivit import checkpoints
 from sfa_vivit.cli import main
-from sfa_vivit.data import synth
-from sfa_vivit.data.annotations import AnnotationError, read_annotations
-from sfa_vivit.data.prep import PrepOptions, SplitOptionsMismatch, prepare
-from sfa_vivit.lease import LEASE_FILE, Lease, LeaseHeld
+from sfa_vivit.core.lease import LEASE_FILE, Lease, LeaseHeld
+from sfa_vivit.data.prep import PrepOptions, SplitOptionsMismatch, prepare, synth
+from sfa_vivit.data.prep.annotations import AnnotationError, read_annotations
+from sfa_vivit.models import checkpoints
 from sfa_vivit.train import Trainer
 from sfa_vivit.train.trainer import Preempted, TrainError
 
@@ -148,7 +147,7 @@ def test_a_second_train_on_the_same_out_is_refused(tiny_data, tmp_path, no_mlflo
 def test_on_gcs_a_second_writer_is_refused_and_a_stale_lease_is_taken_over(raw, slow, gcs_emulator, tmp_path,
                                                                              monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    from sfa_vivit.storage import url_to_fs
+    from sfa_vivit.core.storage import url_to_fs
     fs, _ = url_to_fs("gs://sfa-lease")
     fs.mkdir("sfa-lease")
     out = "gs://sfa-lease/shards"
@@ -171,7 +170,7 @@ def test_on_gcs_a_second_writer_is_refused_and_a_stale_lease_is_taken_over(raw, 
 
 _HOLDER = """
 import sys, time
-from sfa_vivit.lease import Lease
+from sfa_vivit.core.lease import Lease
 Lease(sys.argv[1], "sfa train", key=sys.argv[2], heartbeat_s=0.2).acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -208,7 +207,7 @@ def test_a_bucket_that_does_not_exist_is_reported_before_any_video_is_decoded(ra
                                                                                capsys):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     decoded = []
-    import sfa_vivit.data.prep as prep_module
+    import sfa_vivit.data.prep.shards as prep_module
     monkeypatch.setattr(prep_module, "_run_tasks", lambda *a, **k: decoded.append(1) or [])
     code = main(["data", "prep", "--dataset", "synthetic", "--annotations", raw["train"], "--videos", raw["videos"],
                  "--out", "gs://no-such-bucket-sfa/shards", "--fps", "8", "--short-side", "32"])
@@ -268,8 +267,8 @@ def test_sigterm_during_the_cache_build_keeps_what_is_built_and_stops_at_once(ti
     def stop_after_some():
         calls.append(1)
         if len(calls) == 14:          # mid-way: after two shards of the training split
-            trainer._stop_signal = signal.SIGTERM
-        return bool(trainer._stop_signal)
+            trainer.stops.signum = signal.SIGTERM
+        return bool(trainer.stops)
     original = trainer.data.build_cache
     trainer.data.build_cache = lambda model, url, should_stop=None: original(model, url, should_stop=stop_after_some)
     with pytest.raises(Preempted, match="SIGTERM during the feature-cache build") as stopped:
@@ -462,7 +461,7 @@ def test_a_folder_lock_held_elsewhere_delays_a_heartbeat_at_most_briefly_and_for
     forked while the lock is held closes its copy at once, so the lock goes with the parent's release."""
     import fcntl
 
-    import sfa_vivit.lease as lease_module
+    import sfa_vivit.core.lease as lease_module
     monkeypatch.setattr(lease_module, "LOCK_WAIT_S", 0.5)
     out = tmp_path / "out"
     out.mkdir()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import TINY, config, final_state
-from sfa_vivit import checkpoints
+from sfa_vivit.models import checkpoints
 
 pytestmark = pytest.mark.xla
 xla = pytest.importorskip("torch_xla", reason="the xla tier runs in .venv-xla (`make test-xla`)")
@@ -108,7 +108,7 @@ def test_a_killed_xla_run_resumes_to_the_same_weights_bit_for_bit(stage1, tiny_d
 
 
 def test_evaluate_on_xla_gives_the_cpu_top1(stage1, tiny_data, tmp_path):
-    from sfa_vivit.evaluate import evaluate
+    from sfa_vivit.tools.evaluate import evaluate
     model = str(stage1["xla"][0])
     # batch 3 runs as 4 (a multiple of the 2 devices); 8 clips x 2x2 views.
     on_xla = evaluate(model, tiny_data, views="2x2", batch_size=3, workers=0, device="xla", out=str(tmp_path))
@@ -142,7 +142,7 @@ def test_info_names_the_torch_xla_pair_and_the_devices():
     runtime = json.loads(done.stdout)["runtime"]
     assert runtime["torch"].startswith("2.9.0") and runtime["torch_xla"] == "2.9.0"
     assert runtime["xla_devices"] == int(os.environ.get("CPU_NUM_DEVICES", "1"))
-    from sfa_vivit.runtime import resolve_device
+    from sfa_vivit.core.runtime import resolve_device
     assert resolve_device("auto") == "xla"          # PJRT_DEVICE is set: evaluation and membench steps use it
 
 

@@ -6,3 +6,7 @@ try:
     __version__ = version("sfa-vivit")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
+
+from sfa_vivit import _moved
+
+_moved.install()        # the old names of moved modules (sfa_vivit.checkpoints, ...) for one more release

@@ -9,32 +9,36 @@ import logging
 import os
 import sys
 import textwrap
-import time
 from typing import Any, Sequence
+
+from sfa_vivit.core.options import fields as option_fields
 
 
 def _load_library() -> None:
     """The library, imported when a command is parsed or runs (torch alone takes seconds): `sfa`, `sfa --help`
     and `sfa --version` never import it."""
     global torch, CheckpointError, DATASETS, load_manifest, verify_shards, PrepError, PrepOptions, prepare
-    global SynthOptions, generate, evaluate, LeaseHeld, BENCH, VARIANTS, vivit, runtime_versions, MODES, RECIPES
-    global resolve, ImageViTOptions, pretrain_image_vit, NonFiniteLoss, Preempted, init_architecture, train
+    global SynthOptions, generate, evaluate, LeaseHeld, BenchOptions, VARIANTS, runtime_versions, MODES, RECIPES
+    global ImageViTOptions, pretrain_image_vit, NonFiniteLoss, Preempted, train, run_config, recipe_mismatches
+    global smoke, model_summary, info_table
     import torch
 
-    from sfa_vivit.checkpoints import CheckpointError
-    from sfa_vivit.data.annotations import DATASETS
+    from sfa_vivit.core.lease import LeaseHeld
+    from sfa_vivit.core.runtime import versions as runtime_versions
     from sfa_vivit.data.manifest import load_manifest, verify_shards
     from sfa_vivit.data.prep import PrepError, PrepOptions, prepare
-    from sfa_vivit.data.synth import SynthOptions, generate
-    from sfa_vivit.evaluate import evaluate
-    from sfa_vivit.lease import LeaseHeld
-    from sfa_vivit.membench import BENCH
-    from sfa_vivit.models import VARIANTS, vivit
-    from sfa_vivit.runtime import versions as runtime_versions
-    from sfa_vivit.train.config import MODES, RECIPES, resolve
-    from sfa_vivit.train.image_vit import ImageViTOptions
-    from sfa_vivit.train.image_vit import pretrain as pretrain_image_vit
-    from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, init_architecture, train
+    from sfa_vivit.data.prep.annotations import DATASETS
+    from sfa_vivit.data.prep.synth import SynthOptions, generate
+    from sfa_vivit.models import VARIANTS
+    from sfa_vivit.models.checkpoints import CheckpointError
+    from sfa_vivit.tools.evaluate import evaluate
+    from sfa_vivit.tools.membench import BenchOptions
+    from sfa_vivit.tools.summary import info_table, model_summary, smoke
+    from sfa_vivit.tools.synth_vit import ImageViTOptions
+    from sfa_vivit.tools.synth_vit import pretrain as pretrain_image_vit
+    from sfa_vivit.train.config import MODES, RECIPES
+    from sfa_vivit.train.start import recipe_mismatches, run_config
+    from sfa_vivit.train.trainer import NonFiniteLoss, Preempted, train
 
 
 # The commands and what each is for: `sfa --help` lists them without importing the library.
@@ -50,71 +54,6 @@ COMMANDS = {
     "pipeline": "Kubeflow: compile, run locally, submit, schedule",
     "cluster": "check a cluster before a run: sfa cluster doctor",
 }
-
-
-def model_summary(variant: str, *, num_frames: int, image_size: int, num_classes: int,
-                  adapter: bool = False) -> dict:
-    """Parameter counts per part for a variant, built on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        model = vivit(variant, num_frames=num_frames, image_size=image_size, num_classes=num_classes,
-                      adapter=adapter)
-    groups = {name: sum(p.numel() for _, p in params) for name, params in model.parameter_groups().items()}
-    if adapter:
-        model.freeze_spatial()
-    return {"variant": model.config.variant, "num_frames": num_frames, "image_size": image_size,
-            "parameters": groups, "total": model.num_parameters(),
-            "trainable": model.num_parameters(trainable=True), "config": model.config.to_dict()}
-
-
-def _info_table(summary: dict) -> str:
-    """`sfa info` for a person: the parameter counts per part, then the totals."""
-    c = summary["config"]
-    lines = [f"ViViT-{summary['variant']} factorised encoder, {summary['num_frames']} frames at "
-             f"{summary['image_size']} px: width {c['width']}, {c['spatial_depth']} spatial + {c['temporal_depth']} "
-             f"temporal blocks, {c['heads']} heads, patch {c['patch']}, tubelet {c['tubelet']}"]
-    width = max(len(name) for name in summary["parameters"])
-    lines += [f"  {name:<{width}}  {count / 1e6:>9.2f}M" for name, count in summary["parameters"].items()]
-    lines.append(f"  {'total':<{width}}  {summary['total'] / 1e6:>9.2f}M ({summary['trainable'] / 1e6:.2f}M trained"
-                 f"{' in SFA stage 2' if c.get('adapter') else ''})")
-    if "runtime" in summary:
-        r = summary["runtime"]
-        xla = (f"torch-xla {r['torch_xla']} ({r.get('xla_devices', 0)} {r.get('xla_device_kind', 'XLA')} device(s) "
-               f"with PJRT_DEVICE={r['pjrt_device']})" if r["pjrt_device"] else f"torch-xla {r['torch_xla']} "
-               "(PJRT_DEVICE not set)") if r.get("torch_xla") else "no torch-xla"
-        lines.append(f"this machine: torch {r['torch']}, {r['cuda_devices']} CUDA device(s), {xla}")
-    return "\n".join(lines)
-
-
-def smoke(variants: Sequence[str] = ("Ti", "S"), *, num_frames: int = 8, stage2_frames: int = 32,
-          image_size: int = 224, batch_size: int = 2, num_classes: int = 10) -> list[dict]:
-    """One training step (forward, backward) per variant, the conventional way at `num_frames` and
-    the SFA stage-2 way (spatial frozen, adapter, temporal positions resized) at `stage2_frames`.
-    Returns one row per (variant, regime: full or stage2) with parameter counts, step seconds and the loss."""
-    rows = []
-    for variant in variants:
-        model = vivit(variant, num_frames=num_frames, image_size=image_size, num_classes=num_classes)
-        for regime in ("full", "stage2"):
-            if regime == "stage2":
-                model.resize_temporal(stage2_frames).add_adapter().freeze_spatial()
-            frames = model.config.num_frames
-            video = torch.randn(batch_size, frames, 3, image_size, image_size)
-            labels = torch.randint(0, num_classes, (batch_size,))
-            model.train().zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(video), labels)
-            loss.backward()
-            seconds = time.perf_counter() - start
-            grads_ok = all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
-            if not (torch.isfinite(loss) and grads_ok):
-                raise RuntimeError(f"{variant} {regime}: non-finite loss or gradient")
-            row = {"variant": variant, "regime": regime, "frames": frames, "parameters": model.num_parameters(),
-                   "trainable": model.num_parameters(trainable=True), "step_s": round(seconds, 3),
-                   "loss": round(loss.item(), 4)}
-            print(f"  {variant:>2} {regime:<6} {frames:>3} frames  params {row['parameters'] / 1e6:7.2f}M  "
-                  f"trainable {row['trainable'] / 1e6:7.2f}M  step {seconds:6.2f}s  loss {row['loss']:.4f}",
-                  flush=True)
-            rows.append(row)
-    return rows
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,16 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", required=True, help="folder (local or gs://) holding the videos")
     p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--split", help="prepare only this split (train, validation, test)")
-    defaults = PrepOptions()
-    p.add_argument("--fps", type=float, default=defaults.fps, help="frames per second stored")
-    p.add_argument("--short-side", type=int, default=defaults.short_side, help="stored frames' short side (px)")
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="JPEG quality of stored frames")
-    p.add_argument("--shard-size", type=int, default=defaults.shard_size, help="samples per shard")
-    p.add_argument("--max-reject-fraction", type=float, default=defaults.max_reject_fraction,
-                   help="fail, publishing nothing, past this fraction of rejected videos")
-    p.add_argument("--workers", type=int, default=defaults.workers, help="processes (0: one per CPU)")
-    p.add_argument("--verify", action="store_true", help="re-hash the shards of an earlier run even where the store "
-                                                          "vouches for them (size and generation or inode and mtime)")
+    _add_options(p, PrepOptions)
+    p.add_argument("--recipe", help="the training recipe the shards are checked against (clip length, frame size; "
+                                    "default: the one named after --dataset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the --set values you will train with (e.g. image_size=32), so the check uses them")
 
     p = data.add_parser("synth", help="write the synthetic motion-order dataset in the Kinetics layout")
     p.add_argument("--out", required=True, help="local output folder")
@@ -260,23 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-data", action="store_true", help="check the split's shards against their sha256 first")
 
     p = sub.add_parser("membench", help=COMMANDS["membench"])
-    bench = BENCH            # defaults shared with the pipeline's membench_* parameters
-    p.add_argument("--variant", default=bench.variant, choices=sorted(VARIANTS), help="model variant measured")
-    p.add_argument("--frames", default=bench.frames, help="comma-separated frame counts (multiples of the tubelet)")
-    p.add_argument("--regimes", default=bench.regimes,
-                   help="what each measured step computes: full, stage2 (frozen spatial), stage2-cached")
-    p.add_argument("--image-size", type=int, default=bench.image_size, help="square frame size (px)")
-    p.add_argument("--batch-size", type=int, default=bench.batch_size, help="clips per step")
-    p.add_argument("--steps", type=int, default=bench.steps,
-                   help="timed steps of each regime, interleaved with the other regimes in one process after a "
-                   "warm-up step of each (median and spread of the per-step ratios)")
-    p.add_argument("--budget-gib", type=float, default=bench.budget_gib,
-                   help="> 0: search the largest frame count per regime within this budget")
-    p.add_argument("--max-frames", type=int, default=bench.max_frames, help="stop the budget search here")
-    p.add_argument("--spatial-chunk", type=int, default=bench.spatial_chunk,
-                   help="tubelets per frozen-spatial chunk in stage 2")
-    p.add_argument("--precision", default=bench.precision, choices=["fp32", "bf16"],
-                   help="arithmetic of the measured steps")
+    _add_options(p, BenchOptions)
     p.add_argument("--device", default="auto", help="auto (CUDA, else XLA, else CPU), cpu, cuda or xla")
     p.add_argument("--set", action="append", default=[], metavar="model.FIELD=INT",
                    help="a ViViT size override, as in `sfa train`: e.g. --set model.spatial_depth=4")
@@ -430,20 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = model_summary(args.variant, num_frames=args.frames, image_size=args.image_size,
                                     num_classes=args.classes, adapter=args.adapter)
             summary["runtime"] = runtime_versions()
-            print(json.dumps(summary, indent=2) if args.json else _info_table(summary))
+            print(json.dumps(summary, indent=2) if args.json else info_table(summary))
         elif args.command == "data":
             return _data(args)
         elif args.command == "train":
             if not args.print_config and not (args.data and args.out):
                 raise ValueError("--data and --out are required to train (--print-config shows a config without them)")
-            # Stage 2 (and any --init) starts from the architecture of the run it continues; --set still wins.
-            inherited = init_architecture(args.init) if args.init else {}
-            saved = _config_file(args.config) if args.config else {}
-            mode, recipe = args.mode or saved.get("mode"), args.recipe or saved.get("recipe")
-            saved = {k: v for k, v in saved.items() if k not in ("mode", "recipe")}
-            if mode is None:
-                raise ValueError("--mode is required (or a --config file that names one)")
-            config = resolve(mode, _recipe(recipe, args.data), overrides={**inherited, **saved}, sets=args.set)
+            config = run_config(args.mode, args.recipe, data=args.data, init=args.init, config_file=args.config,
+                                sets=args.set, say=lambda line: print(f"sfa train: {line}", file=sys.stderr))
             if args.print_config:
                 print(json.dumps(config.to_dict(), indent=1))
                 return 0
@@ -454,14 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{f'{top1:.2f}%' if top1 is not None else 'n/a'} ({final.get('views')} views); "
                   f"{args.out}/metrics.json")
         elif args.command == "membench":
-            from sfa_vivit.membench import benchmark
+            from sfa_vivit.tools.membench import run as run_benchmark
             # The same keys as `sfa train --set model.width=...` (the bare field name is accepted too).
             sizes = {k.strip().removeprefix("model."): int(v) for k, _, v in (s.partition("=") for s in args.set)}
-            result = benchmark(args.variant, [int(f) for f in args.frames.split(",")], args.regimes.split(","),
-                               image_size=args.image_size, batch_size=args.batch_size, budget_gib=args.budget_gib,
-                               out=args.out, steps=args.steps, device=args.device, precision=args.precision,
-                               spatial_chunk=args.spatial_chunk, model=sizes, max_frames=args.max_frames)
-            from sfa_vivit.membench import markdown
+            result = run_benchmark(_options(args, BenchOptions), out=args.out, device=args.device, model=sizes)
+            from sfa_vivit.tools.membench import markdown
             print(markdown(result) + f"sfa membench: {args.out} (+ .md, .png)")
         elif args.command == "pipeline":
             return _pipeline(args)
@@ -487,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(doctor.table(rows))
             return 1 if any(r.status == "fail" for r in rows) else 0
         elif args.command == "scenic":
-            from sfa_vivit.importers import export_scenic, import_scenic
+            from sfa_vivit.models.importers import export_scenic, import_scenic
             if args.scenic_command == "import":
                 out = import_scenic(args.source, args.out, num_frames=args.frames, heads=_heads(args.heads))
                 print(f"sfa scenic import: {args.source} -> {out} (evaluate it with `sfa evaluate --checkpoint {out} "
@@ -533,72 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"traceback){_details(log_file)}", file=sys.stderr)
         return 1
     finally:
-        from sfa_vivit import runtime
+        from sfa_vivit.core import runtime
         runtime.close()
     return 0
-
-
-def recipe_mismatches(manifest: dict[str, Any]) -> list[str]:
-    """What in prepared data does not fit the training recipe named after its dataset: clips shorter than
-    the baseline's and stage 2's frames (they would loop), frames smaller than its crops (upsampled), or far
-    larger (storage and decoding spent on pixels the crop never uses)."""
-    recipe = RECIPES.get(manifest["dataset"])
-    if recipe is None:
-        return []
-    config = resolve("baseline", manifest["dataset"])
-    needed = (config.num_frames - 1) * config.stride + 1
-    crop = config.image_size * config.max_scale           # the short side a crop scales from, at most
-    out = []
-    for split, entry in manifest["splits"].items():
-        frames, side = entry.get("frames"), entry.get("short_side")
-        if frames and frames["min"] < needed:
-            out.append(f"{split}: clips of {frames['min']}-{frames['max']} frames (median {frames['median']}) at "
-                       f"{manifest['options']['fps']:g} fps, but the {manifest['dataset']} recipe trains on "
-                       f"{config.num_frames} frames: shorter clips loop (raise --fps, or --set num_frames=...)")
-        if side and side["min"] < config.image_size:
-            out.append(f"{split}: frames with a short side of {side['min']} px, smaller than the recipe's "
-                       f"{config.image_size} px crops (they are upsampled; raise --short-side)")
-        elif side and side["min"] > 2 * crop:
-            out.append(f"{split}: frames with a short side of {side['min']} px for {config.image_size} px crops "
-                       f"(--short-side {round(crop)} keeps what the crops use at a fraction of the bytes)")
-    return out
-
-
-def _config_file(path: str) -> dict[str, Any]:
-    """The settings of a YAML config file (`sfa train --config`)."""
-    import yaml
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold a mapping of settings, e.g. 'epochs: 30'")
-    return values
-
-
-def _recipe(recipe: str | None, data: str | None) -> str:
-    """--recipe, or the recipe named after the prepared dataset; a recipe for another dataset is said aloud."""
-    if data is None:
-        if recipe is None:
-            raise ValueError("--recipe is needed to print a config without --data (the data names its recipe)")
-        return recipe
-    try:
-        dataset = load_manifest(data).dataset
-    except (ValueError, OSError):
-        if recipe is None:
-            raise
-        return recipe                        # no data yet (--print-config): training would say so itself
-    if recipe is None:
-        if dataset not in RECIPES:
-            raise ValueError(f"{data} holds dataset {dataset!r}, which has no recipe of its own; choose --recipe "
-                             f"from {sorted(RECIPES)}")
-        print(f"sfa train: recipe {dataset} (the dataset of {data}; --recipe to choose another)", file=sys.stderr)
-        return dataset
-    if recipe != dataset:
-        logging.getLogger("sfa_vivit.cli").warning("recipe %s on dataset %s: its sizes, epochs and augmentation "
-                                                   "were chosen for %s", recipe, dataset, recipe)
-    return recipe
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -784,29 +630,33 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _add_options(parser: argparse.ArgumentParser, options: type) -> None:
-    """One --flag per field of the options dataclass, typed and defaulted by its defaults, with the help its
-    HELP table gives."""
-    defaults = options()
-    for field in dataclasses.fields(options):
-        value = getattr(defaults, field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(value), default=value,
-                            help=options.HELP[field.name])
+    """One --flag per field of the options dataclass (sfa_vivit.core.options): its type, default, allowed values
+    and help as the field declares them; a true/false option is a switch."""
+    for o in option_fields(options):
+        if o.type is bool:
+            parser.add_argument(o.flag, action="store_true", default=o.default, help=o.help)
+        else:
+            parser.add_argument(o.flag, type=o.type, default=o.default, choices=o.choices, help=o.help)
 
 
 def _options(args: argparse.Namespace, options: type) -> Any:
     """The options dataclass from the flags `_add_options` declared."""
-    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options)})
+    return options(**{o.name: getattr(args, o.name) for o in option_fields(options)})
 
 
 def _data(args: argparse.Namespace) -> int:
     if args.data_command == "prep":
-        options = PrepOptions(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
-                              shard_size=args.shard_size, max_reject_fraction=args.max_reject_fraction,
-                              workers=args.workers, verify=args.verify)
+        options = _options(args, PrepOptions)
+        # What the shards are checked against when written: a bad --recipe or --set fails now, before any work.
+        fit_recipe = args.recipe or (args.dataset if args.dataset in RECIPES else None)
+        if fit_recipe:
+            run_config("baseline", fit_recipe, sets=args.set)
+        elif args.set:
+            raise ValueError(f"--set needs --recipe: dataset {args.dataset!r} has no recipe of its own")
         manifest = prepare(args.dataset, args.annotations, args.videos, args.out, split=args.split, options=options)
         counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
         print(f"sfa data prep: {args.out}: {counts} samples, {len(manifest['rejected'])} rejected")
-        for warning in recipe_mismatches(manifest):
+        for warning in recipe_mismatches(manifest, args.recipe, args.set):
             print(f"sfa data prep: warning: {warning}", file=sys.stderr)
     elif args.data_command == "synth":
         paths = generate(args.out, _options(args, SynthOptions))

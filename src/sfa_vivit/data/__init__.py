@@ -1,2 +1,3 @@
-"""Data: annotation adapters, shard preparation, the shard reader with clip sampling and
-augmentations, and the synthetic dataset."""
+"""Data. The read side (training and evaluation): `manifest` (a prepared dataset's manifest.json and its
+shards), `reader` (clips sampled from the shards) and `augment` (the recipes' augmentations). The write
+side, `prep`: the official annotation files and videos (or the synthetic dataset) into shards."""

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from sfa_vivit.storage import join, open_url
+from sfa_vivit.core.storage import join, open_url
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 import webdataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from sfa_vivit.core.storage import open_url
 from sfa_vivit.data.augment import AugmentConfig, crop_window, eval_views, finish_train
 from sfa_vivit.data.manifest import Manifest, ShardReadError, load_manifest, read_verified
-from sfa_vivit.storage import open_url
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,27 @@ rewrites it and a test fails when it is stale.
 """
 
 
+import linecache
 import re
-from typing import List
+from typing import Any, Callable, List
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,  # noqa: F401 - used by the components' source templates (`defined`)
+    Metrics,
+    Model,
+    Output,
+)
 
 from sfa_vivit import __version__
+from sfa_vivit.core import options
+from sfa_vivit.data.prep import PrepOptions
+from sfa_vivit.tools.membench import BenchOptions
 
 # One image per flavour (containers/Dockerfile.{cpu,cuda,tpu}), tagged with the package version. The
 # components are written against the cuda flavour of the default registry; `sfa pipeline compile` and
@@ -35,8 +49,11 @@ def image_for(flavour: str, registry: str = REGISTRY, tag: str | None = None) ->
 IMAGE = image_for("cuda")
 
 # What each input and output of a component means, shown in the Kubeflow UI (one text per name, for
-# every component that has it; `described` appends them to the docstring as the `Args:` KFP reads).
+# every component that has it; `described` appends them to the docstring as the `Args:` KFP reads). The
+# data-prep and memory-benchmark options' texts are their declarations' (PrepOptions, BenchOptions).
 ARGUMENTS = {
+    **{name: f"{text}." for name, text in options.help_texts(PrepOptions).items()},
+    **{name: f"{text}." for name, text in options.help_texts(BenchOptions).items()},
     "dataset": "the dataset, as `sfa data prep --dataset` names it (kinetics400, kinetics600, mit, "
                "epic-kitchens-100, ssv2, something-else, synthetic).",
     "annotations": "comma-separated annotation files as released (local paths or gs:// URLs).",
@@ -45,12 +62,6 @@ ARGUMENTS = {
     "part": "which piece of the data-prep fan-out this is (0-based).",
     "parts": "how many data-prep pieces run in parallel.",
     "parts_done": "the fan-out's sample counts (also orders this step after it).",
-    "fps": "frames per second stored in the shards.",
-    "short_side": "the stored frames' short side in pixels.",
-    "shard_size": "samples per shard.",
-    "jpeg_quality": "JPEG quality of the stored frames.",
-    "workers": "decoding processes.",
-    "max_reject_fraction": "fail, publishing nothing, past this fraction of rejected videos.",
     "data": "the prepared dataset (shards + manifest.json).",
     "stage1": "the SFA stage-1 model (for the report: its run's metrics.json).",
     "stage2": "the SFA stage-2 model (for the report: its run's metrics.json).",
@@ -67,12 +78,6 @@ ARGUMENTS = {
     "name": "the MLflow child run's name.",
     "classification": "the confusion matrix, when the classes fit the UI.",
     "results": "the full results (metrics.json).",
-    "variant": "ViViT variant (Ti, S, B, L, H, g).",
-    "frames": "comma-separated frame counts.",
-    "regimes": "what each measured step computes: full, stage2 (frozen spatial), stage2-cached.",
-    "image_size": "frame size in pixels.",
-    "batch_size": "clips per step.",
-    "budget_gib": "with > 0, also the largest frame count whose step fits in this many GiB.",
     "model_sizes": "ViViTConfig overrides of the measured model.",
     "table": "the results as a Markdown table.",
     "plot": "peak memory against frames.",
@@ -86,13 +91,35 @@ ARGUMENTS = {
 }
 
 
+# A component's own text where a name means something else there.
+OWN_ARGUMENTS = {"evaluate": {"workers": "data loader processes per evaluation process."}}
+
+
 def described(func):
     """`func` with an `Args:` section listing its parameters from ARGUMENTS (KFP turns it into input and
     output descriptions)."""
     import inspect
-    names = [n for n in inspect.signature(func).parameters if n in ARGUMENTS]
+    texts = {**ARGUMENTS, **OWN_ARGUMENTS.get(func.__name__, {})}
+    names = [n for n in inspect.signature(func).parameters if n in texts]
     func.__doc__ = (inspect.cleandoc(func.__doc__ or "") + "\n\nArgs:\n"
-                    + "\n".join(f"    {n}: {ARGUMENTS[n]}" for n in names) + "\n")
+                    + "\n".join(f"    {n}: {texts[n]}" for n in names) + "\n")
+    return func
+
+
+def defined(source: str) -> Callable[..., Any]:
+    """The function `source` defines, after `{prep}`/`{bench}` (the options' parameters) and `{prep_dict}`/
+    `{bench_dict}` (a dict of them) are filled in from the options' declarations. KFP compiles a lightweight
+    component from its function's source, so the source is registered where `inspect.getsource` finds it."""
+    text = source.strip("\n").format(
+        prep=options.component_parameters(PrepOptions), prep_dict=options.component_dict(PrepOptions),
+        bench=options.component_parameters(BenchOptions), bench_dict=options.component_dict(BenchOptions)) + "\n"
+    name = re.match(r"def (\w+)\(", text).group(1)
+    filename = f"<sfa_vivit.kubeflow.components.{name}>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    namespace: dict[str, Any] = {}
+    exec(compile(text, filename, "exec"), globals(), namespace)
+    func = namespace[name]
+    func.__module__ = __name__
     return func
 
 
@@ -123,31 +150,26 @@ def shard_parts(parts: int, dataset: str, annotations: str, videos: str, data_ur
     return steps.shard_parts(parts, dataset, annotations, videos, data_uri, recipe)
 
 
-@dsl.component(base_image=IMAGE)
-@described
-def prepare_shards(dataset: str, annotations: str, videos: str, data_uri: str, part: int, parts: int, fps: float,
-                   short_side: int, shard_size: int, jpeg_quality: int, workers: int) -> int:
+prepare_shards = dsl.component(base_image=IMAGE)(described(defined('''
+def prepare_shards(dataset: str, annotations: str, videos: str, data_uri: str, part: int, parts: int,
+                   {prep}) -> int:
     """One piece of data prep: decode the videos of shards part, part+parts, ... into WebDataset
     shards at data_uri (resumable per shard). Returns the number of samples written."""
     from sfa_vivit.kubeflow import steps
-    return steps.prepare_part(dataset, annotations, videos, data_uri, part, parts,
-                              dict(fps=fps, short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
-                                   workers=workers))
+    return steps.prepare_part(dataset, annotations, videos, data_uri, part, parts, {prep_dict})
+''')))
 
 
-@dsl.component(base_image=IMAGE)
-@described
-def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, fps: float, short_side: int,
-                 shard_size: int, jpeg_quality: int, workers: int, max_reject_fraction: float,
-                 parts_done: List[int], data: Output[Dataset]):
+prepare_data = dsl.component(base_image=IMAGE)(described(defined('''
+def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, {prep}, parts_done: List[int],
+                 data: Output[Dataset]):
     """Annotations + videos -> shards + manifest at data_uri (finishing any shard the fan-out left;
     parts_done: the fan-out's sample counts, which also order this step after it); the Dataset
     artifact holds the manifest. Fails, publishing nothing, when more than max_reject_fraction of
     the videos are unusable."""
     from sfa_vivit.kubeflow import steps
-    steps.prepare_data(dataset, annotations, videos, data_uri,
-                       dict(fps=fps, short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
-                            workers=workers, max_reject_fraction=max_reject_fraction), data, parts_done)
+    steps.prepare_data(dataset, annotations, videos, data_uri, {prep_dict}, data, parts_done)
+''')))
 
 
 @dsl.component(base_image=IMAGE)
@@ -196,17 +218,15 @@ def evaluate(data: Input[Dataset], model: Input[Model], views: str, name: str, t
                    tracking_uri=tracking_uri, parent_run_id=parent_run_id, name=name, nproc=nproc, workers=workers)
 
 
-@dsl.component(base_image=IMAGE)
-@described
-def memory_benchmark(variant: str, frames: str, regimes: str, image_size: int, batch_size: int, budget_gib: float,
-                     model_sizes: dict, tracking_uri: str, parent_run_id: str, table: Output[Markdown],
+memory_benchmark = dsl.component(base_image=IMAGE)(described(defined('''
+def memory_benchmark({bench}, model_sizes: dict, tracking_uri: str, parent_run_id: str, table: Output[Markdown],
                      plot: Output[HTML], results: Output[Artifact]):
     """Step time and peak memory of full training vs SFA stage 2 (and from the feature cache) per
     frame count, each in a fresh process; with budget_gib > 0 the largest frame count that fits."""
-    from sfa_vivit.kubeflow import steps
-    steps.memory_benchmark(variant=variant, frames=frames, regimes=regimes, image_size=image_size,
-                           batch_size=batch_size, budget_gib=budget_gib, table=table, plot=plot, results=results,
-                           model_sizes=model_sizes, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    from sfa_vivit.kubeflow import steps as step_functions      # `steps` is the option of that name
+    step_functions.memory_benchmark(options={bench_dict}, table=table, plot=plot, results=results,
+                                    model_sizes=model_sizes, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+''')))
 
 
 @dsl.component(base_image=IMAGE)

@@ -10,15 +10,13 @@ from typing import Any, Callable, List
 
 from kfp import dsl
 
+from sfa_vivit.core import options
 from sfa_vivit.data.prep import PrepOptions
 from sfa_vivit.kubeflow import components as c
 from sfa_vivit.kubeflow import profiles
-from sfa_vivit.membench import BENCH
+from sfa_vivit.tools.membench import BenchOptions
 from sfa_vivit.train.config import MODE_DEFAULTS, TrainConfig
 
-# Data-prep defaults come from the library (as the CLI's do); prep_workers is the pipeline's own: the prep
-# pods request 8 CPUs, where the library's 0 (one per CPU) would count the node's.
-_PREP = PrepOptions()
 # Each training step's frame count as its mode defines it (train/config.py), shown in the UI as its sets.
 _FRAMES = {mode: [f"num_frames={MODE_DEFAULTS[mode]['num_frames']}"] for mode in ("stage1", "stage2", "baseline")}
 
@@ -54,6 +52,42 @@ PREP_PARALLELISM = 8
 
 def _retried(task: Any) -> Any:
     return _fresh(task).set_retry(**RETRY)
+
+
+def sfa_parameters() -> list[tuple[inspect.Parameter, str]]:
+    """The `sfa` pipeline's parameters in the order the Kubeflow UI shows them, each with its description. The
+    data-prep and memory-benchmark options, their names, defaults and texts, come from their declarations
+    (PrepOptions, BenchOptions)."""
+    def param(name: str, default: Any, annotation: Any, text: str) -> tuple[inspect.Parameter, str]:
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                 annotation=annotation), text
+
+    a = c.ARGUMENTS
+    return [
+        param("dataset", "kinetics400", str, a["dataset"]),
+        param("annotations", "", str, a["annotations"]),
+        param("videos", "", str, a["videos"]),
+        param("data_uri", "", str, a["data_uri"]),
+        param("prep_parts", 1, int, a["parts"]),
+        *[param(o.pipeline, o.pipeline_default, o.type, f"data prep: {o.help}.")
+          for o in options.exposed(PrepOptions)],
+        param("recipe", "kinetics400", str, "the training recipe (supplementary Table 1), named after its dataset "
+                                            "like `dataset`."),
+        param("sets", [], List[str], "key=value overrides for every training step (e.g. variant=L, "
+                                     "image_checkpoint=gs://...)."),
+        param("stage1_sets", _FRAMES["stage1"], List[str], "overrides for SFA stage 1 only."),
+        param("stage2_sets", _FRAMES["stage2"], List[str], "overrides for SFA stage 2 only."),
+        param("baseline_sets", _FRAMES["baseline"], List[str], "overrides for the conventional recipe only."),
+        param("run_baseline", True, bool, "also train the conventional recipe, for comparison."),
+        param("eval_views", "4x3", str, "clips x crops of the final evaluation (e.g. 4x3)."),
+        *[param(o.pipeline, o.pipeline_default, o.type, f"memory benchmark: {o.help}.")
+          for o in options.exposed(BenchOptions)],
+        param("membench_model_sizes", {}, dict, f"memory benchmark: {a['model_sizes']}"),
+        param("tracking_uri", "", str, "the MLflow server, or none to run untracked (`sfa pipeline submit` refuses "
+                                       "it empty)."),
+        param("require_tracking", False, bool, "fail at the first step when MLflow cannot be reached (else go on, "
+                                               "untracked, and say so in the logs and the report)."),
+    ]
 
 
 def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "trainjob",
@@ -100,88 +134,46 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
             return accelerated(task)
         return _retried(_light(task, "1", "2G")) if target == "kubeflow" else _retried(task)
 
-    @dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
-                                          f"(accelerator profile {profile}).")
-    def sfa(dataset: str = "kinetics400", annotations: str = "", videos: str = "", data_uri: str = "",
-            prep_parts: int = 1, fps: float = _PREP.fps, short_side: int = _PREP.short_side,
-            shard_size: int = _PREP.shard_size, jpeg_quality: int = _PREP.jpeg_quality, prep_workers: int = 4,
-            max_reject_fraction: float = _PREP.max_reject_fraction,
-            recipe: str = "kinetics400", sets: List[str] = [], stage1_sets: List[str] = _FRAMES["stage1"],
-            stage2_sets: List[str] = _FRAMES["stage2"], baseline_sets: List[str] = _FRAMES["baseline"],
-            run_baseline: bool = True, eval_views: str = "4x3", membench_variant: str = BENCH.variant,
-            membench_frames: str = BENCH.frames, membench_image_size: int = BENCH.image_size,
-            membench_batch_size: int = BENCH.batch_size, membench_budget_gib: float = BENCH.budget_gib,
-            membench_model_sizes: dict = {}, tracking_uri: str = "",
-            require_tracking: bool = False):
-        """SFA (stage 1 -> stage 2) and, optionally, the conventional recipe on one dataset.
+    params = sfa_parameters()
 
-        Args:
-            dataset: the dataset, as `sfa data prep --dataset` names it (kinetics400, kinetics600, mit,
-                epic-kitchens-100, ssv2, something-else, synthetic).
-            annotations: comma-separated annotation files as released (local paths or gs:// URLs).
-            videos: the folder or bucket prefix holding the videos.
-            data_uri: where the shards and manifest.json go (gs:// on a cluster).
-            prep_parts: how many data-prep pieces run in parallel.
-            fps: frames per second stored in the shards.
-            short_side: the stored frames' short side in pixels.
-            shard_size: samples per shard.
-            jpeg_quality: JPEG quality of the stored frames.
-            prep_workers: decoding processes per data-prep piece.
-            max_reject_fraction: data prep fails, publishing nothing, past this fraction of rejected videos.
-            recipe: the training recipe (supplementary Table 1), named after its dataset like `dataset`.
-            sets: key=value overrides for every training step (e.g. variant=L, image_checkpoint=gs://...).
-            stage1_sets: overrides for SFA stage 1 only.
-            stage2_sets: overrides for SFA stage 2 only.
-            baseline_sets: overrides for the conventional recipe only.
-            run_baseline: also train the conventional recipe, for comparison.
-            eval_views: clips x crops of the final evaluation (e.g. 4x3).
-            membench_variant: ViViT variant of the memory benchmark (Ti, S, B, L, H, g).
-            membench_frames: comma-separated frame counts the memory benchmark measures.
-            membench_image_size: frame size of the memory benchmark.
-            membench_batch_size: batch of the memory benchmark.
-            membench_budget_gib: with > 0, the largest frame count whose step fits in this many GiB.
-            membench_model_sizes: ViViTConfig overrides of the memory benchmark's model.
-            tracking_uri: the MLflow server, or none to run untracked (`sfa pipeline submit` refuses it empty).
-            require_tracking: fail at the first step when MLflow cannot be reached (else go on, untracked, and
-                say so in the logs and the report).
-        """
+    def sfa(*args: Any) -> None:
+        kw = dict(zip([p.name for p, _ in params], args))    # KFP passes the parameters in signature order
         tracking = _fresh(_light(c.start_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_name="sfa",
-                                           tracking_uri=tracking_uri, dataset=dataset,
-                                           require_tracking=require_tracking), "1", "2G"))
+                                           tracking_uri=kw["tracking_uri"], dataset=kw["dataset"],
+                                           require_tracking=kw["require_tracking"]), "1", "2G"))
         parent = tracking.output
-        prep_args = dict(dataset=dataset, annotations=annotations, videos=videos, data_uri=data_uri, fps=fps,
-                         short_side=short_side, shard_size=shard_size, jpeg_quality=jpeg_quality,
-                         workers=prep_workers)
-        parts = _light(c.shard_parts(parts=prep_parts, dataset=dataset, annotations=annotations, videos=videos,
-                                     data_uri=data_uri, recipe=recipe), "1", "1G")
+        source = {name: kw[name] for name in ("dataset", "annotations", "videos", "data_uri")}
+        prep_args = dict(**source, **{o.name: kw[o.pipeline] for o in options.exposed(PrepOptions)})
+        parts = _light(c.shard_parts(parts=kw["prep_parts"], recipe=kw["recipe"], **source), "1", "1G")
         with dsl.ParallelFor(parts.output, parallelism=prep_parallelism) as part:
-            piece = _retried(_light(c.prepare_shards(part=part, parts=prep_parts, **prep_args), "8", "32G"))
-        data = _retried(_light(c.prepare_data(max_reject_fraction=max_reject_fraction,
-                                              parts_done=dsl.Collected(piece.output), **prep_args), "8", "32G")).output
-        stage1 = trainer(train_components["stage1"](data=data, recipe=recipe,
-                                                    sets=_concat(sets, stage1_sets, prof, "stage1"),
-                                                    tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc,
-                                                    cluster=cluster))
-        stage2 = trainer(train_components["stage2"](data=data, stage1=stage1.outputs["model"], recipe=recipe,
-                                        sets=_concat(sets, stage2_sets, prof, "stage2"), tracking_uri=tracking_uri,
-                                        parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
-        evaluation = accelerated(evaluate(data=data, model=stage2.outputs["model"], views=eval_views,
-                                            name="evaluate-sfa", tracking_uri=tracking_uri, parent_run_id=parent,
-                                            **eval_procs), one_pod).set_display_name("evaluate-sfa")
+            piece = _retried(_light(c.prepare_shards(part=part, parts=kw["prep_parts"], **prep_args), "8", "32G"))
+        data = _retried(_light(c.prepare_data(parts_done=dsl.Collected(piece.output), **prep_args), "8",
+                               "32G")).output
+        stage1 = trainer(train_components["stage1"](data=data, recipe=kw["recipe"],
+                                                    sets=_concat(kw["sets"], kw["stage1_sets"], prof, "stage1"),
+                                                    tracking_uri=kw["tracking_uri"], parent_run_id=parent,
+                                                    nproc=prof.nproc, cluster=cluster))
+        stage2 = trainer(train_components["stage2"](data=data, stage1=stage1.outputs["model"], recipe=kw["recipe"],
+                                        sets=_concat(kw["sets"], kw["stage2_sets"], prof, "stage2"),
+                                        tracking_uri=kw["tracking_uri"], parent_run_id=parent, nproc=prof.nproc,
+                                        cluster=cluster))
+        evaluation = accelerated(evaluate(data=data, model=stage2.outputs["model"], views=kw["eval_views"],
+                                            name="evaluate-sfa", tracking_uri=kw["tracking_uri"],
+                                            parent_run_id=parent, **eval_procs), one_pod).set_display_name(
+                                                "evaluate-sfa")
         membench = accelerated(memory_benchmark(
-            variant=membench_variant, frames=membench_frames, regimes=BENCH.regimes,
-            image_size=membench_image_size, batch_size=membench_batch_size, budget_gib=membench_budget_gib,
-            model_sizes=membench_model_sizes, tracking_uri=tracking_uri, parent_run_id=parent),
+            **{o.name: kw[o.pipeline] for o in options.exposed(BenchOptions)},
+            model_sizes=kw["membench_model_sizes"], tracking_uri=kw["tracking_uri"], parent_run_id=parent),
             profiles.one_accelerator(one_pod)).after(evaluation)
         report_args = dict(stage1=stage1.outputs["run_metrics"], stage2=stage2.outputs["run_metrics"],
                            evaluation=evaluation.outputs["results"], membench=membench.outputs["results"],
-                           tracking_uri=tracking_uri, parent_run_id=parent)
-        with dsl.If(run_baseline == True, "baseline"):  # noqa: E712 - a pipeline condition, not a Python test
+                           tracking_uri=kw["tracking_uri"], parent_run_id=parent)
+        with dsl.If(kw["run_baseline"] == True, "baseline"):  # noqa: E712 - a pipeline condition, not a Python test
             baseline = trainer(train_components["baseline"](
-                data=data, recipe=recipe, sets=_concat(sets, baseline_sets, prof, "baseline"),
-                tracking_uri=tracking_uri, parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
-            baseline_eval = accelerated(evaluate(data=data, model=baseline.outputs["model"], views=eval_views,
-                                                   name="evaluate-baseline", tracking_uri=tracking_uri,
+                data=data, recipe=kw["recipe"], sets=_concat(kw["sets"], kw["baseline_sets"], prof, "baseline"),
+                tracking_uri=kw["tracking_uri"], parent_run_id=parent, nproc=prof.nproc, cluster=cluster))
+            baseline_eval = accelerated(evaluate(data=data, model=baseline.outputs["model"], views=kw["eval_views"],
+                                                   name="evaluate-baseline", tracking_uri=kw["tracking_uri"],
                                                    parent_run_id=parent, **eval_procs),
                                         one_pod).set_display_name("evaluate-baseline")
             _fresh(_light(c.report(baseline=baseline.outputs["run_metrics"],
@@ -190,7 +182,12 @@ def build_sfa(profile: str = "cpu", target: str = "kubeflow", operator: str = "t
         with dsl.Else("no-baseline"):
             _fresh(_light(c.report(**report_args))).set_display_name("report")
 
-    return sfa
+    sfa.__signature__ = inspect.Signature([p for p, _ in params])
+    sfa.__annotations__ = {p.name: p.annotation for p, _ in params}
+    sfa.__doc__ = ("SFA (stage 1 -> stage 2) and, optionally, the conventional recipe on one dataset.\n\nArgs:\n"
+                   + "\n".join(f"    {p.name}: {text}" for p, text in params))
+    return dsl.pipeline(name="sfa", description=f"SFA two-stage ViViT-FE training vs the conventional recipe "
+                                                f"(accelerator profile {profile}).")(sfa)
 
 
 def _concat(a: Any, b: Any, prof: profiles.Profile, step: str) -> Any:
@@ -274,10 +271,8 @@ def build_reproduce(profile: str = "tpu-v3-8", target: str = "kubeflow", operato
     described = {"variant": "ViViT variant of every dataset's runs (Ti, S, B, L, H, g); its sets may override it.",
                  "image_checkpoint": "the image ViT every spatial encoder starts from (a Hugging Face folder, timm "
                                      "or .npz; gs:// on a cluster); empty: random init.",
-                 "prep_parts": "how many data-prep pieces run in parallel per dataset.",
-                 "run_baseline": "also train the conventional recipe, for comparison.",
-                 "tracking_uri": "the MLflow server, or none to run untracked (`sfa pipeline submit` refuses it "
-                                 "empty)."}
+                 **{p.name: text for p, text in sfa_parameters()
+                    if p.name in ("prep_parts", "run_baseline", "tracking_uri")}}
     for name in REPRODUCE_DATASETS:
         key = name.replace("-", "_")
         described.update({f"{key}_annotations": f"{name}: comma-separated annotation files as released.",

@@ -9,8 +9,8 @@ import os
 import tempfile
 from typing import Any
 
-from sfa_vivit.plots import line_plot
-from sfa_vivit.storage import join, open_url
+from sfa_vivit.core.plots import line_plot
+from sfa_vivit.core.storage import join, open_url
 
 UNTRACKED = ("MLflow: this pipeline run is NOT tracked (the tracking server could not be reached when it "
              "started; see the start-tracking step's log). Its figures are in this page and the steps' artifacts.")

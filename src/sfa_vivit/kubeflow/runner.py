@@ -209,8 +209,8 @@ def local_inputs(size: str = "default") -> tuple[dict[str, Any], dict[str, Any],
     """(data options, pipeline arguments, synthetic data paths, image ViT folder) of the local run: the videos and
     the image ViT made once per fingerprint of their options and code, in the cache folder ($SFA_CACHE_DIR, else
     ~/.cache/sfa-vivit), so a second run starts the pipeline at once."""
-    from sfa_vivit.data import synth
-    from sfa_vivit.train import image_vit
+    from sfa_vivit.data.prep import synth
+    from sfa_vivit.tools import synth_vit as image_vit
     data_options, arguments = local_arguments(size)
     cache = cache_dir()
     raw = cache / f"synth-{_fingerprint(data_options, synth.__file__)}"
@@ -417,7 +417,7 @@ def _require_root(root: str | None) -> None:
 
 def _check_bucket(root: str | None) -> None:
     _require_root(root)
-    from sfa_vivit.storage import url_to_fs
+    from sfa_vivit.core.storage import url_to_fs
     bucket = root[len("gs://"):].split("/", 1)[0]
     try:
         fs, _ = url_to_fs(root)

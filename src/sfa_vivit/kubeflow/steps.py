@@ -110,7 +110,7 @@ def shard_parts(parts: int, dataset: str = "", annotations: str = "", videos: st
                 recipe: str = "") -> list[int]:
     """Check the run's data and recipe parameters (PipelineInputError naming the first one that cannot
     work), then the ParallelFor items of the data-prep fan-out: 0 .. parts-1."""
-    from sfa_vivit.data.annotations import DATASETS
+    from sfa_vivit.data.prep.annotations import DATASETS
     from sfa_vivit.train.config import resolve
     if dataset not in DATASETS:
         raise PipelineInputError(f"dataset={dataset!r} is not one of {list(DATASETS)}")
@@ -146,9 +146,9 @@ def prepare_data(dataset: str, annotations: str, videos: str, data_uri: str, opt
                  out: Any, parts_done: list[int] | None = None) -> dict[str, Any]:
     """Finish the shards at `data_uri` (those the fan-out left), publish the manifest there, and put a
     copy whose shard paths are absolute into the Dataset artifact `out`."""
+    from sfa_vivit.core.storage import join, write_bytes_atomic
     from sfa_vivit.data.manifest import MANIFEST_FILE
     from sfa_vivit.data.prep import prepare
-    from sfa_vivit.storage import join, write_bytes_atomic
     if parts_done:
         log.info("data prep fan-out: %d parts wrote %d samples", len(parts_done), sum(parts_done))
     _lease_key(artifact_url(out))     # this run's task: a retry shares it, another run (same data_uri) does not
@@ -169,7 +169,7 @@ MAX_UI_MATRIX_BYTES = 1_000_000
 
 
 def _lease_key(artifact: str) -> None:
-    """The key of this step's leases (sfa_vivit.lease): the URI of one of its output artifacts, which names the
+    """The key of this step's leases (sfa_vivit.core.lease): the URI of one of its output artifacts, which names the
     pipeline run and the task, so every attempt of this step shares it (a pod retried by Argo takes over the lease
     its failed attempt left, at once) and no other run or step has it."""
     os.environ["SFA_LEASE_KEY"] = f"kfp-step:{artifact}"
@@ -212,15 +212,14 @@ def train(mode: str, data: Any, model: Any, metrics: Any, *, recipe: str, sets: 
     figures to the Metrics artifact and to an MLflow child run. nproc > 1: torchrun with that many processes
     (GPUs). cluster (a trainjob.NodeSpec as JSON): submit a multi-node Kubeflow Trainer job instead and
     follow it."""
-    from sfa_vivit import checkpoints
-    from sfa_vivit.storage import join, open_url
-    from sfa_vivit.train import resolve
+    from sfa_vivit.core.storage import join, open_url
+    from sfa_vivit.models import checkpoints
     from sfa_vivit.train.launch import run, spec_of
+    from sfa_vivit.train.start import run_config
     from sfa_vivit.train.tracking import TrackingTarget
-    from sfa_vivit.train.trainer import init_architecture
     init_url = artifact_url(init) if init is not None else None
-    inherited = init_architecture(init_url) if init_url else None      # stage 2: stage 1's architecture
-    config = resolve(mode, recipe, overrides=inherited, sets=list(sets))   # bad settings fail here, before any work
+    # Stage 2 takes stage 1's architecture; bad settings fail here, before any work.
+    config = run_config(mode, recipe, init=init_url, sets=sets)
     tracking = TrackingTarget(tracking_uri or None, parent_run_id or None)
     _lease_key(artifact_url(model))
     out = run_folder(model)
@@ -261,12 +260,12 @@ def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification:
     """Multi-view evaluation of the Model artifact: Metrics, ClassificationMetrics (confusion
     matrix) and the full metrics.json in `results`. nproc > 1: that many processes under torchrun (one per
     GPU; each reads its share of the shards, the counts are summed), each with `workers` loader processes."""
-    from sfa_vivit.evaluate import evaluate as evaluate_checkpoint
+    from sfa_vivit.tools.evaluate import evaluate as evaluate_checkpoint
     if nproc > 1:
         import subprocess
         import sys
 
-        from sfa_vivit.storage import join, open_url
+        from sfa_vivit.core.storage import join, open_url
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",
                         "sfa_vivit.cli", "evaluate", "--checkpoint", artifact_url(model), "--data", artifact_url(data),
                         "--views", views, "--out", artifact_url(results), "--workers", str(workers)], check=True)
@@ -292,28 +291,29 @@ def evaluate(model: Any, data: Any, *, views: str, metrics: Any, classification:
     return result
 
 
-def memory_benchmark(*, variant: str, frames: str, regimes: str, image_size: int, batch_size: int, budget_gib: float,
-                     table: Any, plot: Any, results: Any, tracking_uri: str = "", parent_run_id: str = "",
-                     steps: int = 2, model_sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """`sfa membench` as a step: JSON in `results`, the Markdown table, and an HTML page with the plot."""
+def memory_benchmark(*, options: dict[str, Any], table: Any, plot: Any, results: Any, tracking_uri: str = "",
+                     parent_run_id: str = "", model_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`sfa membench` as a step (`options`: BenchOptions' fields): JSON in `results`, the Markdown table, and an
+    HTML page with the plot."""
     import base64
     from pathlib import Path
 
-    from sfa_vivit.membench import benchmark, markdown
+    from sfa_vivit.tools.membench import BenchOptions, markdown, run
     folder = Path(results.path)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "membench.json"
-    result = benchmark(variant, [int(f) for f in frames.split(",")], regimes.split(","), image_size=image_size,
-                       batch_size=batch_size, budget_gib=budget_gib or None, out=str(out), steps=steps,
-                       device="auto", model={k: int(v) for k, v in (model_sizes or {}).items()})  # JSON: floats
+    bench = BenchOptions(**options)
+    result = run(bench, out=str(out), device="auto",
+                 model={k: int(v) for k, v in (model_sizes or {}).items()})  # JSON: floats
     Path(table.path).write_text(markdown(result))
     png = base64.b64encode(out.with_suffix(".png").read_bytes()).decode()
     Path(plot.path).write_text(f"<html><body><h3>Peak memory per training step</h3>"
                                f"<img src='data:image/png;base64,{png}'/><pre>{markdown(result)}</pre></body></html>")
     slopes = {f"{m}_mib_per_frame": v / 2**20 for m, v in result["per_frame_bytes"].items() if v is not None}
     _child_run("memory-benchmark", tracking_uri, parent_run_id, slopes, {"sfa.step": "memory-benchmark"},
-               description=f"Peak training memory and step time of ViViT-{variant} per frame count ({frames}): the "
-                           "whole model against SFA's stage 2, with and without its feature cache.")
+               description=f"Peak training memory and step time of ViViT-{bench.variant} per frame count "
+                           f"({bench.frames}): the whole model against SFA's stage 2, with and without its "
+                           "feature cache.")
     return result
 
 

@@ -490,7 +490,7 @@ def train_this_node(spec: NodeSpec, spec_json: str, out: str) -> dict[str, Any]:
     """On one machine of a Vertex AI worker-pool job: start this node's ranks (the rendezvous from
     CLUSTER_SPEC) and, once the job has finished, return the metrics rank 0 wrote at `out`."""
     _remote(out)
-    from sfa_vivit.storage import join, open_url
+    from sfa_vivit.core.storage import join, open_url
     from sfa_vivit.train.launch import node
     code = node(spec.procs_per_node, spec_json)
     if code:
@@ -511,7 +511,7 @@ def train_on_nodes(mode: str, spec: NodeSpec, spec_json: str, out: str) -> dict[
     _remote(out)
     from kubernetes import client
 
-    from sfa_vivit.storage import join, open_url
+    from sfa_vivit.core.storage import join, open_url
     namespace, image, workflow = own_pod()
     objects = client.CustomObjectsApi()
     body = build(spec.engine, job_name(mode, out), namespace, spec, image=image, spec_json=spec_json,

@@ -22,7 +22,7 @@ checkpoints map one to one onto ours. Every parameter has exactly one Scenic cou
                                                                as Scenic's multi-head model)
     adapter.fc1 / fc2                      (SFA only; no Scenic counterpart)
 
-`sfa_vivit.importers.scenic_name()` is that table as code; `importers.load_scenic` / `save_scenic` read and
+`sfa_vivit.models.importers.scenic_name()` is that table as code; `importers.load_scenic` / `save_scenic` read and
 write Scenic's checkpoints through it, and tests hold our logits to Scenic's own model's.
 
 Where Scenic leaves something out we fix it and say so: the spatial CLS token is copied from the image

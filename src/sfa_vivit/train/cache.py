@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from sfa_vivit.core.progress import bar as progress_bar
+from sfa_vivit.core.runtime import Runtime, pad_rows
+from sfa_vivit.core.storage import join, open_url, url_to_fs, write_bytes_atomic
 from sfa_vivit.data.manifest import Manifest
 from sfa_vivit.data.reader import ClipDataset, iter_samples
 from sfa_vivit.models.vivit import ViViT
-from sfa_vivit.progress import bar as progress_bar
-from sfa_vivit.runtime import Runtime, pad_rows
-from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -35,13 +35,17 @@ import json
 import math
 from typing import Any
 
-import torch
-
+from sfa_vivit.core.runtime import DEVICES, PRECISIONS
 from sfa_vivit.data.augment import AugmentConfig
-from sfa_vivit.models.vivit import VARIANTS, ViViT, ViViTConfig
-from sfa_vivit.runtime import DEVICES, PRECISIONS
+from sfa_vivit.models.vivit import VARIANTS, ViViTConfig
 
-_AUGMENT = AugmentConfig()
+_AUGMENT_FIELDS = {f.name: f for f in dataclasses.fields(AugmentConfig)}
+
+
+def augment_defaults() -> dict[str, Any]:
+    """AugmentConfig's defaults as a run's `augment` settings (mean and std as lists, as YAML and JSON hold them;
+    mean and std are those of the image checkpoint the spatial encoder starts from)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(AugmentConfig()).items()}
 
 MODES = ("baseline", "stage1", "stage2")
 TEMPORAL_INITS = ("scratch", "stage1")
@@ -91,15 +95,8 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     drop_path: float = 0.0
     dropout: float = 0.0
-    # Augmentation: AugmentConfig's fields, with its defaults (one source of truth) -------------------
-    min_scale: float = _AUGMENT.min_scale
-    max_scale: float = _AUGMENT.max_scale
-    flip_probability: float = _AUGMENT.flip_probability
-    color_jitter_probability: float = _AUGMENT.color_jitter_probability
-    randaugment_layers: int = _AUGMENT.randaugment_layers
-    randaugment_magnitude: float = _AUGMENT.randaugment_magnitude
-    mean: list[float] = dataclasses.field(default_factory=lambda: list(_AUGMENT.mean))  # of the image checkpoint
-    std: list[float] = dataclasses.field(default_factory=lambda: list(_AUGMENT.std))
+    # Augmentation: AugmentConfig's fields and defaults (`--set augment.min_scale=1.0`), like model.* ------
+    augment: dict[str, Any] = dataclasses.field(default_factory=lambda: augment_defaults())
     # Evaluation ---------------------------------------------------------------------------------
     eval_every: int = 1                      # epochs between validation passes (0: final only)
     eval_views: str = "1x1"                  # clips x crops during training
@@ -121,28 +118,38 @@ class TrainConfig:
     mlflow_experiment: str = "sfa-vivit"
     mlflow_log_model: bool = True            # the final model as an MLflow model too (local run folders)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):      # settings left out take AugmentConfig's defaults
+            self.augment = {**augment_defaults(), **self.augment}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # Fields every dataset recipe shares (supplementary Table 1, first rows).
-_COMMON = dict(batch_size=128, warmup_epochs=2.5, momentum=0.9, min_scale=0.9, max_scale=1.33,
-               flip_probability=0.5, grad_clip=1.0)
+_COMMON = dict(batch_size=128, warmup_epochs=2.5, momentum=0.9, grad_clip=1.0)
+
+
+def _augment(**values: Any) -> dict[str, Any]:
+    """A recipe's augmentation: every dataset's random crop, flip and scale jitter, and `values`."""
+    return dict(min_scale=0.9, max_scale=1.33, flip_probability=0.5, **values)
+
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "kinetics400": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
-    "kinetics600": dict(_COMMON, base_lr=0.1, epochs=30, color_jitter_probability=0.8),
-    "mit": dict(_COMMON, base_lr=0.25, epochs=10, color_jitter_probability=0.8),
-    "epic-kitchens-100": dict(_COMMON, base_lr=0.5, epochs=50, color_jitter_probability=0.0, randaugment_layers=2,
-                          randaugment_magnitude=15, drop_path=0.2, label_smoothing=0.2, mixup_alpha=0.1),
-    "ssv2": dict(_COMMON, base_lr=0.5, epochs=35, color_jitter_probability=0.0, randaugment_layers=2,
-                 randaugment_magnitude=20, drop_path=0.3, label_smoothing=0.3, mixup_alpha=0.3),
-    "something-else": dict(_COMMON, base_lr=0.5, epochs=35, color_jitter_probability=0.0),
+    "kinetics400": dict(_COMMON, base_lr=0.1, epochs=30, augment=_augment(color_jitter_probability=0.8)),
+    "kinetics600": dict(_COMMON, base_lr=0.1, epochs=30, augment=_augment(color_jitter_probability=0.8)),
+    "mit": dict(_COMMON, base_lr=0.25, epochs=10, augment=_augment(color_jitter_probability=0.8)),
+    "epic-kitchens-100": dict(_COMMON, base_lr=0.5, epochs=50, drop_path=0.2, label_smoothing=0.2, mixup_alpha=0.1,
+                              augment=_augment(color_jitter_probability=0.0, randaugment_layers=2,
+                                               randaugment_magnitude=15)),
+    "ssv2": dict(_COMMON, base_lr=0.5, epochs=35, drop_path=0.3, label_smoothing=0.3, mixup_alpha=0.3,
+                 augment=_augment(color_jitter_probability=0.0, randaugment_layers=2, randaugment_magnitude=20)),
+    "something-else": dict(_COMMON, base_lr=0.5, epochs=35, augment=_augment(color_jitter_probability=0.0)),
     "synthetic": dict(variant="Ti", model=dict(width=96, spatial_depth=4, temporal_depth=2, heads=4, mlp_dim=192,
                                                patch=8),
-                      image_size=64, batch_size=16, base_lr=0.8, epochs=12, warmup_epochs=0.5,
-                      color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15, workers=0,
-                      final_eval_views="2x1", eval_views="1x1"),
+                      image_size=64, batch_size=16, base_lr=0.8, epochs=12, warmup_epochs=0.5, workers=0,
+                      final_eval_views="2x1", eval_views="1x1",
+                      augment=dict(color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15)),
 }
 
 # The smallest model of the synthetic recipe, for tests and the local pipeline's `size="tiny"`: the one
@@ -186,6 +193,7 @@ def resolve(mode: str, recipe: str = "kinetics400", overrides: dict[str, Any] | 
         if not sep:
             raise ValueError(f"--set {item!r}: expected key=value")
         _set(values, key.strip(), _parse(key.strip(), text.strip()))
+    values["augment"] = {**augment_defaults(), **values.get("augment", {})}
     config = TrainConfig(**values)
     for key, value in MODE_DEFAULTS[mode].items():
         if getattr(config, key) is None:
@@ -199,40 +207,55 @@ def _copy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# ViViT fields a run may override: not those the run or the data decide (frames, image size,
-# classes) nor those that are run-level switches here (adapter, drop_path, dropout, spatial_chunk).
+# ViViT fields a run may override under model.*: not those the run or the data decide (frames, image size,
+# classes), nor those that are run-level settings here (TrainConfig's fields of the same names).
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ViViTConfig)
-                 if f.name not in ("num_frames", "image_size", "num_classes", "variant", "adapter", "adapter_dim",
-                                   "drop_path", "dropout", "spatial_chunk")}
+                 if f.name not in _FIELDS and f.name != "num_classes"}
+# Augmentation settings: nested like model.*, not the flat keys of earlier releases.
+_NESTED = {"model": _MODEL_FIELDS, "augment": _AUGMENT_FIELDS}
 
 
 def _set(values: dict[str, Any], key: str, value: Any) -> None:
-    if key.startswith("model."):
-        name = key[len("model."):]
-        if name not in _MODEL_FIELDS:
-            raise ValueError(f"unknown key {key!r}{_did_you_mean(key, ['model.' + k for k in _MODEL_FIELDS])}; "
-                             f"model keys: {sorted('model.' + k for k in _MODEL_FIELDS)}")
-        values.setdefault("model", {})[name] = value
+    group, dot, name = key.partition(".")
+    if dot and group in _NESTED:
+        fields = _NESTED[group]
+        if name not in fields:
+            raise ValueError(f"unknown key {key!r}{_did_you_mean(key, [f'{group}.{k}' for k in fields])}; "
+                             f"{group} keys: {sorted(f'{group}.{k}' for k in fields)}")
+        values.setdefault(group, {})[name] = value
+        return
+    if key in _AUGMENT_FIELDS:
+        raise ValueError(f"key {key!r} is now 'augment.{key}' (augmentation settings are nested, like model.*): "
+                         f"--set augment.{key}=...")
+    if key == "augment":             # a config file's augment: merged over the recipe's
+        if not isinstance(value, dict):
+            raise ValueError(f"augment={value!r} must be a mapping of augmentation settings, e.g. min_scale: 1.0")
+        for name, item in value.items():
+            _set(values, f"augment.{name}", item)
         return
     if key not in _FIELDS or key in ("mode",):
         known = [k for k in _FIELDS if k != "mode"]
-        raise ValueError(f"unknown key {key!r}{_did_you_mean(key, known + ['model.' + k for k in _MODEL_FIELDS])}; "
-                         f"known keys: {sorted(known)} and model.<ViViT field>")
+        nested = [f"{g}.{k}" for g, fields in _NESTED.items() for k in fields]
+        raise ValueError(f"unknown key {key!r}{_did_you_mean(key, known + nested)}; "
+                         f"known keys: {sorted(known)}, model.<ViViT field> and augment.<augmentation field>")
     values[key] = value
 
 
 def _did_you_mean(key: str, known: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest known key (also a model field given without 'model.'), or ''."""
     import difflib
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or \
-        difflib.get_close_matches(f"model.{key}", known, n=1, cutoff=0.8)
+    # A key that begins a known one is the likeliest meaning ('augment.flip': 'augment.flip_probability')
+    close = sorted(k for k in known if k.startswith(key))[:1] \
+        or difflib.get_close_matches(key, known, n=1, cutoff=0.6) \
+        or difflib.get_close_matches(f"model.{key}", known, n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _parse(key: str, text: str) -> Any:
     """Parse a --set value by the field's declared type (annotations are strings here)."""
-    if key.startswith("model.") and key[len("model."):] in _MODEL_FIELDS:
-        hint = str(_MODEL_FIELDS[key[len("model."):]].type)
+    group, _, name = key.partition(".")
+    if group in _NESTED and name in _NESTED[group]:
+        hint = str(_NESTED[group][name].type)
     elif key in _FIELDS:
         hint = str(_FIELDS[key].type)
     else:
@@ -251,7 +274,7 @@ def _parse(key: str, text: str) -> Any:
             return int(text)
         if base == "float":
             return float(text)
-        if base.startswith(("dict", "list")):
+        if base.startswith(("dict", "list", "tuple")):
             return json.loads(text)
     except ValueError as e:
         raise ValueError(f"--set {key}={text!r}: {e}") from None
@@ -286,7 +309,7 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    for name in ("workers", "checkpoint_every", "eval_every", "spatial_chunk", "randaugment_layers", "cache_views"):
+    for name in ("workers", "checkpoint_every", "eval_every", "spatial_chunk", "cache_views"):
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an integer >= 0")
@@ -307,13 +330,22 @@ def validate(c: TrainConfig) -> None:
     unknown = sorted(set(c.model) - set(_MODEL_FIELDS))
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; allowed: {sorted(_MODEL_FIELDS)}")
+    if not isinstance(c.augment, dict) or set(c.augment) - set(_AUGMENT_FIELDS):
+        raise ValueError(f"augment={c.augment!r} must be a dict of augmentation fields: {sorted(_AUGMENT_FIELDS)}")
     for name in ("mean", "std"):
-        value = getattr(c, name)
+        value = c.augment[name]
         if not (isinstance(value, (list, tuple)) and len(value) == 3
-                and all(isinstance(v, (int, float)) for v in value)):
-            raise ValueError(f"{name}={value!r} must be three numbers (per RGB channel)")
-    if any(v <= 0 for v in c.std):
-        raise ValueError(f"std={c.std!r} must be > 0 per channel (pixels are divided by it)")
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
+            raise ValueError(f"augment.{name}={value!r} must be three numbers (per RGB channel)")
+    if any(v <= 0 for v in c.augment["std"]):
+        raise ValueError(f"augment.std={c.augment['std']!r} must be > 0 per channel (pixels are divided by it)")
+    layers = c.augment["randaugment_layers"]
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        raise ValueError(f"augment.randaugment_layers={layers!r} must be an integer >= 0")
+    try:
+        augment_config(c).validate()
+    except ValueError as e:
+        raise ValueError(f"augment: {e}") from None
     if c.optimizer == "sgd" and c.momentum >= 1:
         raise ValueError(f"momentum={c.momentum!r} must be < 1 (SGD diverges otherwise)")
     if c.warmup_epochs > c.epochs:
@@ -338,44 +370,19 @@ MAX_VIEW_CLIPS, MAX_VIEW_CROPS = 64, 10
 
 
 def augment_config(c: TrainConfig) -> AugmentConfig:
-    """The run's AugmentConfig: its fields are TrainConfig fields of the same names."""
-    values = {f.name: getattr(c, f.name) for f in dataclasses.fields(AugmentConfig)}
-    return AugmentConfig(**{**values, "mean": tuple(c.mean), "std": tuple(c.std)})
+    """The run's AugmentConfig, from its `augment` settings."""
+    return AugmentConfig(**{**c.augment, "mean": tuple(c.augment["mean"]), "std": tuple(c.augment["std"])})
 
 
-def learning_rate(c: TrainConfig) -> float:
-    """Peak learning rate after the batch-size scaling rule."""
-    return c.base_lr * (c.batch_size / c.reference_batch_size if c.lr_scaling == "linear" else 1.0)
+__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "parse_views", "augment_config",
+           "augment_defaults"]
 
 
-def make_optimizer(c: TrainConfig, model: ViViT) -> torch.optim.Optimizer:
-    """The optimizer of `model`'s trainable parameters at the peak learning rate (the schedule scales it
-    per step). SGD with momentum is the paper's; AdamW (beta1 = `momentum`, decoupled `weight_decay`) is
-    for training a small model from scratch, where SGD waits at chance for a seed-dependent number of
-    epochs. With weight decay on and exempt_from_decay='model', the model's `no_weight_decay()` set
-    (norms, biases, position embeddings, CLS tokens) forms a second group without decay, as timm and
-    nanoGPT do; the paper's recipes use no weight decay, so for them both settings are the same."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if c.weight_decay > 0 and c.exempt_from_decay == "model":
-        exempt = model.no_weight_decay()
-        groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": c.weight_decay},
-                  {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": [p for _, p in named], "weight_decay": c.weight_decay}]
-    if c.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=learning_rate(c), betas=(c.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=learning_rate(c), momentum=c.momentum)
+# Moved in 0.1.x (the old names work until 0.2, with a DeprecationWarning).
+_MOVED = {"learning_rate": "sfa_vivit.train.optim", "make_optimizer": "sfa_vivit.train.optim",
+          "learning_rate_at": "sfa_vivit.train.optim"}
 
 
-def learning_rate_at(c: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The schedule: linear warm-up over warmup_epochs, then cosine to zero at the last step."""
-    peak = learning_rate(c)
-    warmup = c.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, c.epochs * steps_per_epoch - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-__all__ = ["TrainConfig", "RECIPES", "MODES", "resolve", "validate", "learning_rate", "make_optimizer",
-           "learning_rate_at", "parse_views", "augment_config"]
+def __getattr__(name: str) -> Any:
+    from sfa_vivit._moved import moved_attribute
+    return moved_attribute(__name__, name, _MOVED)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from sfa_vivit import runtime
-from sfa_vivit.runtime import Runtime
+from sfa_vivit.core import runtime
+from sfa_vivit.core.runtime import Runtime
 
 
 def _views_as_rows(batch: dict[str, Any], size: int | None) -> dict[str, Any]:

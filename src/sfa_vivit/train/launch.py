@@ -27,8 +27,8 @@ import subprocess
 import sys
 from typing import Any
 
-from sfa_vivit import runtime
-from sfa_vivit.storage import join, open_url
+from sfa_vivit.core import runtime
+from sfa_vivit.core.storage import join, open_url
 from sfa_vivit.train.config import TrainConfig, validate
 from sfa_vivit.train.tracking import TrackingTarget
 from sfa_vivit.train.trainer import train

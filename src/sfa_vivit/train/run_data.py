@@ -8,12 +8,14 @@ from typing import Any, Iterable
 
 import torch
 
-from sfa_vivit.data.manifest import Manifest
+from sfa_vivit.core.runtime import Runtime
+from sfa_vivit.core.storage import url_to_fs
+from sfa_vivit.data.manifest import Manifest, verify_shards
 from sfa_vivit.data.reader import ClipDataset, merge_worker_batches, quiet_worker
 from sfa_vivit.models.vivit import ViViT
-from sfa_vivit.runtime import Runtime
 from sfa_vivit.train import cache
 from sfa_vivit.train.config import TrainConfig, augment_config, parse_views
+from sfa_vivit.train.start import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,11 @@ class RunData:
         self.cache_report = report
         self.cached_train, self.cached_eval = cache.open_splits(report, self.train_data, eval_sets, rt.rank, rt.world,
                                                                 batch_size=c.batch_size)
+        if rt.is_main:
+            r = report
+            log.info("feature cache %s: %d clips x %d views, %.1f MB (%.1f KB per clip), built in %.1f s "
+                     "(%d files now)", url, r.clips, r.train_views, r.size_bytes / 1e6, r.bytes_per_clip / 1e3,
+                     r.train_build_time_s + r.eval_build_time_s, r.built_now)
         return report
 
     def epoch_batches(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]:
@@ -99,3 +106,48 @@ def _workers_dividing(workers: int, local_batch: int) -> int:
         log.warning("workers=%d does not divide this rank's batch of %d clips: using %d DataLoader workers",
                     workers, local_batch, fitting)
     return fitting
+
+
+# Data checks before the first step -------------------------------------------------------------------
+
+def check_shards_exist(c: TrainConfig, manifest: Manifest, data_url: str) -> None:
+    """Every shard the manifest lists for the splits this run reads is there, before the first step
+    (a missing one would otherwise surface at the end of an epoch). One listing per folder."""
+    splits = [s for s in dict.fromkeys([c.train_split, c.eval_split]) if s in manifest.data["splits"]]
+    urls = [u for s in splits for u in manifest.shard_urls(s)]
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for u in urls:
+        folder, name = u.rsplit("/", 1) if "/" in u else (".", u)
+        if folder not in listed:
+            fs, path = url_to_fs(folder)
+            try:
+                listed[folder] = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+            except FileNotFoundError:
+                listed[folder] = set()
+        if name not in listed[folder]:
+            missing.append(u)
+    rates = {s: (manifest.split(s).get("options") or manifest.data.get("options", {})).get("fps")
+             for s in splits}
+    if len(set(rates.values())) > 1 and not c.mixed_prep:
+        raise TrainError(f"{data_url}: the splits this run reads were prepared at other frame rates "
+                         f"({', '.join(f'{s} {fps} fps' for s, fps in rates.items())}): training and validation "
+                         "would span other lengths of time. Prepare them with the same --fps, or set "
+                         "mixed_prep=true to accept it")
+    if missing:
+        raise TrainError(f"{len(missing)} of the {len(urls)} shards {data_url}/manifest.json lists for "
+                         f"{'/'.join(splits)} are missing (first: {missing[0]}); run `sfa data prep` again to "
+                         "write them, or `sfa data verify` to list every damaged or missing shard")
+
+
+def verify_data(c: TrainConfig, manifest: Manifest, runtime: Runtime, data_url: str) -> None:
+    """verify_data: every shard of the splits this run reads matches its sha256 (ranks share the work)."""
+    splits = [s for s in (c.train_split, c.eval_split) if s in manifest.data["splits"]]
+    if runtime.is_main:
+        log.info("verify_data: checking the sha256 of every shard of %s in %s", splits, data_url)
+    bad = verify_shards(manifest, splits, rank=runtime.rank, world=runtime.world)
+    total = runtime.all_reduce(torch.tensor([float(len(bad))]), "sum")
+    if total.item() > 0:
+        named = f": {', '.join(bad[:5])}" if bad else ""
+        raise TrainError(f"verify_data: {int(total.item())} shard(s) of {data_url} do not match their "
+                         f"sha256{named}; run prep again to rewrite them")

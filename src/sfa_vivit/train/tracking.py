@@ -90,11 +90,13 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, *, enabled: bool = True,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  spool: str | None = None, retry_interval_s: float = 60.0, description: str = "",
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, follows: str | None = None):
         """A new run named `run_name` (a child of `parent_run_id` when given), or the existing `run_id`.
         `description`: what the run is, shown by MLflow's UI; `dataset`: the data it trained or evaluated on,
-        logged as the run's input."""
+        logged as the run's input; `follows`: the run this one continues (a stage 2's stage 1): with no
+        `parent_run_id`, the new run is nested under it when it is in the same store and experiment."""
         self.uri, self.experiment, self.run_name, self.parent_run_id = uri, experiment, run_name, parent_run_id
+        self.follows = follows
         self.enabled, self.run_id, self.tags = enabled, run_id, dict(tags or {})
         if description:
             self.tags["mlflow.note.content"] = description
@@ -116,7 +118,8 @@ class Tracker:
                 exp = client.get_experiment_by_name(self.experiment)
                 exp_id = exp.experiment_id if exp else client.create_experiment(
                     self.experiment, artifact_location=artifact_location(self.uri))
-                parent = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+                parent_id = self.parent_run_id or self._followed(client, exp_id)
+                parent = {"mlflow.parentRunId": parent_id} if parent_id else {}
                 tags = {**self.tags, **parent}
                 self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
                 if self.dataset is not None:
@@ -129,6 +132,15 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - any tracking failure is non-fatal by design
             self._failed("connect", e)
             return False
+
+    def _followed(self, client: Any, experiment_id: str) -> str | None:
+        """`follows` when that run is in this store and experiment (so MLflow's UI shows this run under it)."""
+        if not self.follows:
+            return None
+        try:
+            return self.follows if client.get_run(self.follows).info.experiment_id == experiment_id else None
+        except Exception:  # noqa: BLE001 - another store's run (or none): the tag still names it
+            return None
 
     def _failed(self, what: str, error: Exception) -> None:
         message = f"{what}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
@@ -157,7 +169,7 @@ class Tracker:
         self._submit({"kind": "artifact", "path": os.path.abspath(local_path), "artifact_path": artifact_path})
 
     def log_model(self, checkpoint: str, config: Any) -> None:
-        """The checkpoint folder as an MLflow model (`sfa_vivit.mlflow_model`, logged from code: nothing is
+        """The checkpoint folder as an MLflow model (`sfa_vivit.models.mlflow_model`, logged from code: nothing is
         pickled) with the signature of `config` (a ViViTConfig): float32 (-1, T, C, H, W) in, logits out.
         A failure is reported like any other tracking failure and never stops the run."""
         if not self.enabled or not self._available():
@@ -168,7 +180,8 @@ class Tracker:
             from mlflow.models import ModelSignature
             from mlflow.types import Schema, TensorSpec
 
-            from sfa_vivit import __version__, mlflow_model
+            from sfa_vivit import __version__
+            from sfa_vivit.models import mlflow_model
             heads = config.num_classes if isinstance(config.num_classes, dict) else {"logits": config.num_classes}
             signature = ModelSignature(
                 inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config.num_frames, config.in_channels,
@@ -252,3 +265,33 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]   # MLflow's limit on a param value
     return out
+
+
+def run_description(c: Any, init: str | None, dataset: str, clips: int, stage1_run_id: str | None = None) -> str:
+    """What a training run is, in a sentence (MLflow's run description). `c`: its TrainConfig."""
+    model = f"ViViT-{c.variant} FE"
+    origin = (f"from {init}" if init else
+              f"from the image checkpoint {c.image_checkpoint}" if c.image_checkpoint else "from scratch")
+    where = f"{clips} {dataset} training clips of {c.num_frames} frames, {c.epochs} epochs"
+    if c.mode == "stage1":
+        return f"SFA stage 1: the whole {model} trained on {where}, {origin}."
+    if c.mode == "stage2":
+        cached = f", from a cache of {c.cache_views} frozen-feature views per clip" if c.cache_views else ""
+        return (f"SFA stage 2: spatial encoder frozen, {'adapter and ' if c.adapter else ''}temporal encoder "
+                f"trained on {where}{cached}; {origin}" + (f" (stage 1: MLflow run {stage1_run_id})."
+                                                          if stage1_run_id else "."))
+    return f"The conventional recipe ({c.mode}): the whole {model} trained on {where}, {origin}."
+
+
+def run_tracker(c: Any, target: TrackingTarget, *, out: str, data: Dataset, init: str | None,
+                stage1_run_id: str | None, run_id: str | None, enabled: bool) -> Tracker:
+    """The MLflow run of a training run (`c`: its TrainConfig): named `<mode>-<frames>f`, described, tagged with
+    its mode, recipe, data and outputs, its data logged as an input; a stage 2 names its stage 1 and, outside a
+    pipeline, sits under it. `run_id`: the run to continue (a resumed run); `enabled`: false on ranks but 0."""
+    tags = {"sfa.mode": c.mode, "sfa.recipe": c.recipe, "sfa.data": data.uri, "sfa.out": out,
+            **({"sfa.stage1_run_id": stage1_run_id} if stage1_run_id else {})}
+    return Tracker(target.resolve_uri(out), c.mlflow_experiment, f"{c.mode}-{c.num_frames}f",
+                   enabled=enabled and target.enabled, run_id=run_id, parent_run_id=target.parent_run_id, tags=tags,
+                   spool=os.path.join(out, "mlflow_unlogged.jsonl") if "://" not in out else None,
+                   follows=stage1_run_id, description=run_description(c, init, data.name, data.clips or 0,
+                                                                      stage1_run_id), dataset=data)

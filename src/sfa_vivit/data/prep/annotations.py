@@ -42,7 +42,7 @@ import os
 import re
 from typing import Callable, Iterable
 
-from sfa_vivit.storage import open_url
+from sfa_vivit.core.storage import open_url
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from sfa_vivit.storage import is_local, join, url_to_fs, write_bytes_atomic
+from sfa_vivit.core.storage import is_local, join, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

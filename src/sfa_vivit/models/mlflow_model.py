@@ -17,7 +17,7 @@ import numpy as np
 
 class ViViTModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from sfa_vivit import checkpoints
+        from sfa_vivit.models import checkpoints
         self.model = checkpoints.load(context.artifacts["checkpoint"]).model.eval()
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> Any:

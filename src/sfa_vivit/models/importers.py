@@ -34,9 +34,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from sfa_vivit.checkpoints import CheckpointError, check_shape
+from sfa_vivit.core.storage import join, open_url, url_to_fs, write_bytes_atomic
+from sfa_vivit.models.checkpoints import CheckpointError, check_shape
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, head_rows, inflate_patch_kernel, resample_positions_2d
-from sfa_vivit.storage import join, open_url, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -686,7 +686,7 @@ def import_scenic(source: str | os.PathLike, out: str | os.PathLike, *, num_fram
     and `sfa train --init OUT` (stage 2 included) start from it. The checkpoint records where it came from
     and, as a run would, the architecture settings (`variant`, `model.*`, `image_size`) that `--init`
     hands on to the run it starts. Returns `out`."""
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     from sfa_vivit.models.vivit import VARIANTS
     model = load_scenic(source, num_frames=num_frames, heads=heads)
     c = model.config
@@ -700,7 +700,7 @@ def import_scenic(source: str | os.PathLike, out: str | os.PathLike, *, num_fram
 def export_scenic(checkpoint: str | os.PathLike, target: str | os.PathLike, *, layout: str = "train_state") -> str:
     """Our checkpoint (or a run folder's final model) at `checkpoint` → a Scenic ViViT-FE checkpoint at
     `target` (`save_scenic`). Returns `target`."""
-    from sfa_vivit import checkpoints
+    from sfa_vivit.models import checkpoints
     url = checkpoints.resolve_model(os.fspath(checkpoint))
     model, extra = checkpoints.load(url)
     step = (extra.get("trainer") or {}).get("step") or (extra.get("imported_from") or {}).get("step") or 0

@@ -4,7 +4,7 @@ Each clip is seen as CLIPS temporal clips evenly spaced over the video × CROPS 
 the logits of all views are averaged (the ViViT protocol, 4 × 3 by default). Reports top-1, top-5
 (omitted with five classes or fewer), per-class accuracy and the confusion matrix; for EPIC-KITCHENS
 verb, noun and action (both right). Under torchrun each rank evaluates its own shards; on XLA every device
-of the host takes a share of each batch (`sfa_vivit.runtime`).
+of the host takes a share of each batch (`sfa_vivit.core.runtime`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
-from sfa_vivit import checkpoints, runtime
+from sfa_vivit.core import runtime
+from sfa_vivit.core.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.data.augment import AugmentConfig
 from sfa_vivit.data.manifest import load_manifest, verify_shards
 from sfa_vivit.data.reader import ClipDataset, quiet_worker
-from sfa_vivit.storage import join, json_bytes, write_bytes_atomic
+from sfa_vivit.models import checkpoints
 from sfa_vivit.train.config import parse_views
 from sfa_vivit.train.evaluation import evaluate_model
 
@@ -58,8 +59,9 @@ def evaluate(checkpoint: str, data: str, *, views: str = "4x3", out: str | None 
     rt = runtime.start(device)
     model.to(rt.device)
     batch_size = rt.per_device_multiple(batch_size)
-    augment = AugmentConfig(mean=tuple(run.get("mean", AugmentConfig.mean)),
-                            std=tuple(run.get("std", AugmentConfig.std)))
+    settings = run.get("augment") or run         # a checkpoint of an earlier release keeps them flat
+    augment = AugmentConfig(mean=tuple(settings.get("mean", AugmentConfig.mean)),
+                            std=tuple(settings.get("std", AugmentConfig.std)))
     dataset = ClipDataset(manifest, split, sampling="eval", num_frames=model.config.num_frames,
                           stride=run.get("stride", 1), image_size=model.config.image_size, augment=augment,
                           num_clips=clips, num_crops=crops)

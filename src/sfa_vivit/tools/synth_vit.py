@@ -39,14 +39,15 @@ import os
 import random
 import shutil
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfa_vivit.data import synth
+from sfa_vivit.core.options import option
 from sfa_vivit.data.augment import normalize
+from sfa_vivit.data.prep import synth
 from sfa_vivit.models.vivit import vivit
 from sfa_vivit.train.config import TrainConfig, resolve
 
@@ -55,28 +56,25 @@ log = logging.getLogger(__name__)
 REPORT = "image_vit.json"
 
 
+TASKS = ("cell", "texture", "object_cell")
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageViTOptions:
-    HELP: ClassVar[dict[str, str]] = {
-        "difficulty": "world of the stills (sfa data synth --difficulty)",
-        "task": "label: cell (where the target is), texture (what is shown), object_cell (where the one object is)",
-        "videos": "training scenes", "val_videos": "held-out scenes", "frames_per_video": "stills per scene",
-        "grid": "the label's grid (grid x grid cells)", "steps": "optimizer steps", "batch_size": "stills per step",
-        "lr": "peak learning rate (AdamW)", "warmup_steps": "linear warmup steps",
-        "weight_decay": "AdamW weight decay", "seed": "random seed"}
-    difficulty: str = "medium"      # of the synthetic videos the checkpoint is for
-    task: str = "cell"              # the label: 'cell' (where the target is), 'texture' (what is shown) or
-                                    # 'object_cell' (where the one object of a still is, whatever it is)
-    videos: int = 2000              # training scenes (frames_per_video frames each)
-    val_videos: int = 200
-    frames_per_video: int = 4
-    grid: int = 4                   # label: cell of a grid x grid partition holding the target
-    steps: int = 2500
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    seed: int = 0
+    difficulty: str = option("medium", "world of the stills (sfa data synth --difficulty)",
+                             choices=tuple(synth.DIFFICULTY))
+    task: str = option("cell", "label: cell (where the target is), texture (what is shown), object_cell (where the "
+                               "one object of a still is, whatever it is)", choices=TASKS)
+    videos: int = option(2000, "training scenes (frames_per_video stills each)")
+    val_videos: int = option(200, "held-out scenes")
+    frames_per_video: int = option(4, "stills per scene")
+    grid: int = option(4, "the label's grid (grid x grid cells)")
+    steps: int = option(2500, "optimizer steps")
+    batch_size: int = option(32, "stills per step")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = option(100, "linear warmup steps")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    seed: int = option(0, "random seed")
 
     def validate(self) -> None:
         synth.SynthOptions(difficulty=self.difficulty).validate()
@@ -91,9 +89,6 @@ class ImageViTOptions:
         if self.frames_per_video > synth.SynthOptions().num_frames:
             raise ValueError(f"frames_per_video={self.frames_per_video} is more than a video's "
                              f"{synth.SynthOptions().num_frames} frames")
-
-
-TASKS = ("cell", "texture", "object_cell")
 
 
 def num_labels(options: ImageViTOptions) -> int:
@@ -140,7 +135,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
     Returns the report (also in out/image_vit.json). Reuses `out` when it holds the same options."""
     from transformers import ViTForImageClassification
 
-    from sfa_vivit.progress import bar as progress_bar
+    from sfa_vivit.core.progress import bar as progress_bar
 
     options.validate()
     config = resolve("baseline", recipe, sets=sets)
@@ -162,7 +157,7 @@ def pretrain(out: str, options: ImageViTOptions = ImageViTOptions(), recipe: str
     x_val, y_val = frames(options, "val", config.image_size)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x.float().div_(255), config.mean, config.std)
+        return normalize(x.float().div_(255), config.augment["mean"], config.augment["std"])
 
     model = ViTForImageClassification(hf_config(config, num_labels(options)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)

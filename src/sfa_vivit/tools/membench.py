@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-from sfa_vivit.plots import line_plot
+from sfa_vivit.core.options import option
+from sfa_vivit.core.plots import line_plot
+from sfa_vivit.models.vivit import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +49,23 @@ REGIMES = ("full", "stage2", "stage2-cached")
 class BenchOptions:
     """What a memory benchmark measures by default: the one source of `sfa membench`'s flags, the `sfa`
     pipeline's membench_* parameters and `benchmark()` (the paper's Table 4 asks for ViViT-B at 224 px)."""
-    variant: str = "B"
-    frames: str = "8,16,32,64,128"       # comma-separated frame counts (multiples of the tubelet)
-    regimes: str = ",".join(REGIMES)
-    image_size: int = 224
-    batch_size: int = 1
-    steps: int = 5                       # timed steps per regime, interleaved across regimes (median reported)
-    budget_gib: float = 0.0              # > 0: search the largest frame count per regime within it
-    max_frames: int = 2048               # where the budget search stops
-    spatial_chunk: int = 4               # tubelets per frozen-spatial chunk in stage 2
-    precision: str = "fp32"
+    variant: str = option("B", "the ViViT variant measured", choices=sorted(VARIANTS), pipeline="membench_variant")
+    frames: str = option("8,16,32,64,128", "comma-separated frame counts (multiples of the tubelet)",
+                         pipeline="membench_frames")
+    regimes: str = option(",".join(REGIMES), "what each measured step computes: full, stage2 (frozen spatial), "
+                                             "stage2-cached", pipeline="membench_regimes")
+    image_size: int = option(224, "square frame size in pixels", pipeline="membench_image_size")
+    batch_size: int = option(1, "clips per measured step", pipeline="membench_batch_size")
+    # A pipeline's benchmark is a report beside the training, not the measurement of record: 2 timed steps.
+    steps: int = option(5, "timed steps of each regime, interleaved with the other regimes in one process after a "
+                           "warm-up step of each (median and spread of the per-step ratios)",
+                        pipeline="membench_steps", pipeline_default=2)
+    budget_gib: float = option(0.0, "> 0: also search the largest frame count per regime whose step fits in this "
+                                    "many GiB", pipeline="membench_budget_gib")
+    max_frames: int = option(2048, "where the budget search stops", pipeline="membench_max_frames")
+    spatial_chunk: int = option(4, "tubelets per frozen-spatial chunk in stage 2", pipeline="membench_spatial_chunk")
+    precision: str = option("fp32", "arithmetic of the measured steps", choices=("fp32", "bf16"),
+                            pipeline="membench_precision")
 
 
 BENCH = BenchOptions()
@@ -124,7 +133,7 @@ def measure(s: Setting) -> dict[str, Any]:
     """Peak memory of one setting's training step, in this process (the CLI runs it in a fresh child):
     `warmup` steps, then `steps` measured steps (their median wall time is `step_s`; the benchmark's
     step times and ratios come from `time_interleaved`, which times the regimes side by side)."""
-    from sfa_vivit import runtime
+    from sfa_vivit.core import runtime
     s.validate()
     base_rss = runtime.peak_rss_bytes()
     # One device (on XLA one chip, without SPMD): the memory of one device's step is the question.
@@ -152,7 +161,7 @@ def time_interleaved(settings: list[Setting], repeats: int) -> dict[str, Any]:
     """Step times of `settings` (one frame count, several regimes) measured in this process, interleaved:
     one warm-up step of each, then `repeats` rounds of one step of each in turn. Returns per regime the
     lists of wall and process-CPU seconds, one entry per round."""
-    from sfa_vivit import runtime
+    from sfa_vivit.core import runtime
     rt = runtime.start(settings[0].device, settings[0].precision, data_parallel=False)
     steps = {}
     for s in settings:
@@ -172,7 +181,7 @@ def time_interleaved(settings: list[Setting], repeats: int) -> dict[str, Any]:
 
 def _child(payload: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any] | None, str, int]:
     """Run this module in a fresh Python process on `payload` → (its JSON answer or None, error, status)."""
-    cmd = [sys.executable, "-m", "sfa_vivit.membench", json.dumps(payload)]
+    cmd = [sys.executable, "-m", "sfa_vivit.tools.membench", json.dumps(payload)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -236,6 +245,17 @@ def search_max_frames(base: Setting, budget_gib: float, *, max_frames: int = 204
             "capped": high is None, "probes": probes}
 
 
+def run(options: BenchOptions, *, out: str | None = None, device: str = "cpu",
+        model: dict[str, Any] | None = None, timeout: float | None = 1800) -> dict[str, Any]:
+    """`benchmark` with the options of `sfa membench` and the pipeline's memory-benchmark step."""
+    o = options
+    return benchmark(o.variant, [int(f) for f in o.frames.split(",") if f.strip()],
+                     [r.strip() for r in o.regimes.split(",") if r.strip()], image_size=o.image_size,
+                     batch_size=o.batch_size, budget_gib=o.budget_gib, out=out, steps=o.steps, device=device,
+                     precision=o.precision, spatial_chunk=o.spatial_chunk, model=model, max_frames=o.max_frames,
+                     timeout=timeout)
+
+
 def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size: int = BENCH.image_size,
               batch_size: int = BENCH.batch_size, budget_gib: float | None = BENCH.budget_gib, out: str | None = None,
               steps: int = BENCH.steps, device: str = "cpu", precision: str = BENCH.precision,
@@ -252,7 +272,7 @@ def benchmark(variant: str, frames: list[int], regimes: list[str], *, image_size
     for regime in regimes:
         if regime not in REGIMES:
             raise ValueError(f"--regimes: {regime!r} is not one of {list(REGIMES)}")
-    from sfa_vivit.runtime import resolve_device
+    from sfa_vivit.core.runtime import resolve_device
     device = resolve_device(device)
     rows = []
     timing: list[dict[str, Any]] = []

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import safetensors.torch
 import torch
 
+from sfa_vivit.core.storage import join, url_to_fs, write_bytes_atomic
 from sfa_vivit.models.vivit import ViViT, ViViTConfig
-from sfa_vivit.storage import join, url_to_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

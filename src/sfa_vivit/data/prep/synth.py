@@ -28,10 +28,11 @@ import functools
 import math
 import os
 import random
-from typing import ClassVar
 
 import av
 import numpy as np
+
+from sfa_vivit.core.options import option
 
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 CLASSES = [f"{a} then {b}" for a in DIRECTIONS for b in DIRECTIONS if a != b]
@@ -79,17 +80,13 @@ def photo(name: str, side: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SynthOptions:
-    HELP: ClassVar[dict[str, str]] = {
-        "num_train": "training videos", "num_val": "validation videos", "num_frames": "frames per video",
-        "size": "square frame size (px)", "fps": "frames per second written",
-        "difficulty": f"the world: {', '.join(DIFFICULTY)}", "seed": "random seed of the scenes"}
-    num_train: int = 360
-    num_val: int = 120
-    num_frames: int = 32
-    size: int = 64
-    fps: int = 16
-    difficulty: str = "medium"
-    seed: int = 0
+    num_train: int = option(360, "training videos")
+    num_val: int = option(120, "validation videos")
+    num_frames: int = option(32, "frames per video")
+    size: int = option(64, "square frame size (px)")
+    fps: int = option(16, "frames per second written")
+    difficulty: str = option("medium", "the world", choices=tuple(DIFFICULTY))
+    seed: int = option(0, "random seed of the scenes")
 
     def validate(self) -> None:
         if self.difficulty not in DIFFICULTY:
@@ -259,7 +256,7 @@ def write_video(path: str, frames: np.ndarray, fps: int) -> None:
 def generate(out: str, options: SynthOptions = SynthOptions(), progress: bool = True) -> dict[str, str]:
     """Write the dataset under the local folder `out`. Seeded and deterministic; balanced classes.
     Returns the paths of the two annotation files and the videos folder."""
-    from sfa_vivit.progress import bar as progress_bar
+    from sfa_vivit.core.progress import bar as progress_bar
 
     options.validate()
     videos = os.path.join(out, "videos")

@@ -18,7 +18,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from sfa_vivit.storage import open_url
+from sfa_vivit.core.storage import open_url
 
 # How far the decoded content may fall short of the requested end before we call the video short
 # or truncated: two source frames, or 0.25 s, whichever is larger.

@@ -37,7 +37,11 @@ import tarfile
 import time
 from typing import Any, Iterable
 
-from sfa_vivit.data.annotations import (
+from sfa_vivit.core.lease import Lease, lease_key
+from sfa_vivit.core.options import option
+from sfa_vivit.core.storage import is_local, join, url_to_fs, write_bytes_atomic
+from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ShardChecksumError, read_verified
+from sfa_vivit.data.prep.annotations import (
     DUPLICATE,
     EXPECTED_CLASSES,
     VIDEO_EXTENSIONS,
@@ -46,10 +50,7 @@ from sfa_vivit.data.annotations import (
     VideoRecord,
     read_annotations,
 )
-from sfa_vivit.data.manifest import MANIFEST_FILE, MANIFEST_FORMAT, ShardChecksumError, read_verified
-from sfa_vivit.data.video import VideoRejected, decode_segment
-from sfa_vivit.lease import Lease, lease_key
-from sfa_vivit.storage import is_local, join, url_to_fs, write_bytes_atomic
+from sfa_vivit.data.prep.video import VideoRejected, decode_segment
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,17 @@ class PrepOptions:
     shard_size 128 samples: ~400 MB per shard of 10 s clips at the defaults, within WebDataset's advice
         (100 MB-1 GB), and ~1900 shards for Kinetics-400 train: enough for 64 hosts x 4 workers each.
     """
-    fps: float = 12.5
-    short_side: int = 256
-    jpeg_quality: int = 90
-    shard_size: int = 128
-    max_reject_fraction: float = 0.05
-    workers: int = 0  # 0: one per CPU
-    verify: bool = False  # re-hash finished shards even where the store vouches for them (size, checksum, generation)
+    fps: float = option(12.5, "frames per second stored in the shards", pipeline="fps")
+    short_side: int = option(256, "the stored frames' short side in pixels", pipeline="short_side")
+    jpeg_quality: int = option(90, "JPEG quality of the stored frames", pipeline="jpeg_quality")
+    shard_size: int = option(128, "samples per shard", pipeline="shard_size")
+    max_reject_fraction: float = option(0.05, "fail, publishing nothing, past this fraction of rejected videos",
+                                        pipeline="max_reject_fraction")
+    # A pod sees every CPU of its node but may use its limit's: the pipeline decodes with 4 per piece.
+    workers: int = option(0, "video decoding processes (0: one per CPU)", pipeline="prep_workers",
+                          pipeline_default=4)
+    verify: bool = option(False, "re-hash the shards of an earlier run even where the store vouches for them "
+                                 "(size and generation or inode and mtime)", pipeline="prep_verify")
 
     def validate(self) -> None:
         if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 120):
@@ -345,7 +350,7 @@ def _plan_shards(resolved: list[tuple[VideoRecord, str]], out: str, options: Pre
 
 
 def _run_tasks(tasks: list[_ShardTask], options: PrepOptions, *, progress: bool, total: int) -> list[dict]:
-    from sfa_vivit.progress import bar as progress_bar
+    from sfa_vivit.core.progress import bar as progress_bar
 
     results: list[dict | None] = [None] * len(tasks)
     todo = []
