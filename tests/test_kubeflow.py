@@ -790,6 +790,12 @@ def test_the_report_says_how_far_one_run_can_be_trusted():
         assert MAIN_JOB_SPREAD[figure] == (round(min(values), 1), round(max(values), 1)), figure
         assert max(values) - min(values) <= 3.0, figure
     assert "SFA's top-1 ranged" in main_job_spread()
+    low, high = MAIN_JOB_SPREAD["sfa_top1"]
+    assert "inside that range" in main_job_spread(low, MAIN_JOB_SPREAD["baseline_top1"][1])
+    # A fresh machine's run (its own image ViT) that fell outside says so, and by how much, rather than "in range"
+    outside = main_job_spread(low - 2.0, MAIN_JOB_SPREAD["baseline_top1"][0] - 0.2)
+    assert "outside that range" in outside and "SFA's" in outside and "2.0 points below" in outside
+    assert f"the baseline's {MAIN_JOB_SPREAD['baseline_top1'][0] - 0.2:.1f}% is 0.2 points below" in outside
 
 
 def test_the_report_quotes_the_benchmark_that_backs_the_claim():

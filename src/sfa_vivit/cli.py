@@ -593,7 +593,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                 from sfa_vivit.kubeflow.report import how_far, main_job_spread
                 caveat = how_far(s.get("validation_clips"), figures.get("sfa_top1"))
                 if args.size == "default":      # the main job: what it did over seeds and thread counts
-                    caveat = f"{caveat} {main_job_spread()}".strip()
+                    spread = main_job_spread(figures.get("sfa_top1"), figures.get("baseline_top1"))
+                    caveat = f"{caveat} {spread}".strip()
                 if caveat:
                     print(textwrap.fill(caveat, width=110, initial_indent="  ", subsequent_indent="  "))
             print(f"  report:  {s['report']}\n  open it: python -m webbrowser file://{s['report']}\n"
