@@ -20,6 +20,7 @@ KFP_LINES = """\
     [KFP Executor 2026-12-04 01:41:08,503 INFO]: epoch 1/2 step 1/6 loss 2.4849 lr 0.008333
     /x/mlflow/pyfunc/__init__.py:3344: UserWarning: \x1b[1;33mAn input example was not provided\x1b[0m
     Downloading artifacts: 100%|##########| 3/3 [00:00<00:00, 8461.94it/s]
+    prep:  50% 384/768 [00:17<00:17, 21.80video/s]
     [KFP Executor 2026-12-04 01:41:09,000 WARNING]: image_checkpoint=x is not used
     [KFP Executor 2026-12-04 01:41:14,983 INFO]: Wrote executor output file to /t/executor_output.json.
 01:41:19.296 - INFO - Task \x1b[96m'train-stage1'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m
@@ -38,12 +39,13 @@ def test_the_terminal_gets_tasks_and_our_lines_and_the_log_gets_everything():
         tasks.write(piece)
     assert log.getvalue() == KFP_LINES
     shown = terminal.getvalue().splitlines()
-    assert shown[:3] == ["[1/15] train-stage1 (elapsed 0:00; took 1:23 last run)",
+    assert shown[:4] == ["[1/15] train-stage1 (elapsed 0:00; took 1:23 last run)",
                          "  train-stage1: epoch 1/2 step 1/6 loss 2.4849 lr 0.008333",
+                         "  train-stage1: prep:  50% 384/768 [00:17<00:17, 21.80video/s]",
                          "  train-stage1: WARNING image_checkpoint=x is not used"]
-    assert shown[3] == "[2/15] evaluate (elapsed 0:00)"
+    assert shown[4] == "[2/15] evaluate (elapsed 0:00)"
     # A failed task's last lines come to the terminal too, so its error is never only in the file.
-    assert shown[4].startswith("  evaluate failed after") and "  | ValueError: no such split" in shown
+    assert shown[5].startswith("  evaluate failed after") and "  | ValueError: no such split" in shown
     assert not any(word in terminal.getvalue() for word in ("Warning", "executor_input", "Downloading", "\x1b"))
     assert set(tasks.durations) == {"train-stage1", "evaluate"}
 
@@ -55,3 +57,14 @@ def test_the_task_count_is_what_kfp_local_executes():
     assert local_log.task_count(spec, 2, True) == 15
     assert local_log.task_count(spec, 3, True) == 16
     assert local_log.task_count(spec, 2, False) == 12
+
+
+def test_our_progress_lines_reach_the_terminal_and_download_bars_do_not(capsys):
+    """The lines our bars print in a log (core.progress.bar off a terminal) are the ones the terminal passes on."""
+    from sfa_vivit.core.progress import bar
+    for _ in bar(range(5), desc="prep", unit="video"):
+        pass
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines and all(local_log._PROGRESS.match(line) for line in lines), lines
+    assert "5/5" in lines[-1] and "video/s" in lines[-1]
+    assert not local_log._PROGRESS.match("Downloading artifacts: 100%|##########| 3/3 [00:00<00:00, 8461.94it/s]")

@@ -10,6 +10,9 @@ import sys
 from typing import Any, Iterable
 
 LOG_INTERVAL_S = 15.0
+# A bar's line in a log: no bar graphic (a third party's tqdm lines keep theirs, so the local pipeline's terminal
+# can tell our progress lines from download bars: kubeflow/local_log.py).
+LOG_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 class _Lines:
@@ -40,5 +43,5 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
     from tqdm import tqdm
     stream = sys.stderr
     if not disable and not stream.isatty():
-        kwargs = {"mininterval": LOG_INTERVAL_S, "ascii": True, **kwargs, "file": _Lines(stream)}
+        kwargs = {"mininterval": LOG_INTERVAL_S, "bar_format": LOG_FORMAT, **kwargs, "file": _Lines(stream)}
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, **kwargs)

@@ -3,8 +3,8 @@
 kfp.local prints everything a task does to stdout: its executor input and output as JSON, KFP's own
 lines, warnings about settings the local runner ignores, third-party warnings with escape codes, download
 bars. All of it goes to the run's `pipeline.log`; the terminal gets a line when a task starts and ends
-("[5/15] train-stage1 ...") and the lines our steps log, prefixed by their task. A task that fails gets its
-last lines on the terminal too, so the error is never only in the file.
+("[5/15] train-stage1 ...") and the lines our steps log and their progress lines, prefixed by their task. A
+task that fails gets its last lines on the terminal too, so the error is never only in the file.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ _LOGGED = re.compile(r"^\s*\[KFP Executor [^\]]* (INFO|WARNING|ERROR|CRITICAL)\]
 # KFP's executor's own lines, in the same format.
 _JSON = ("{", "}", "[", "]", '"')
 _KFP_OWN = ("Looking for component", "Loading KFP component", "Got executor_input", "Wrote executor output")
+# A progress line of our own bars in a log (sfa_vivit.core.progress.LOG_FORMAT: no bar graphic, unlike a third
+# party's download bars): "prep:  50% 384/768 [00:17<00:17, 21.80video/s]".
+_PROGRESS = re.compile(r"^\s*([^:|\[]+): +\d+% \S+/\S+ \[")
 
 
 def task_count(pipeline_spec: Any, fan_out: int, run_baseline: bool) -> int:
@@ -105,7 +108,9 @@ class TaskLog(io.TextIOBase):
                         self._say(f"  | {earlier.strip()}")
         elif not (logged and logged.group(2).startswith(_KFP_OWN)) and not line.strip().startswith(_JSON):
             self.recent.append(line)         # a failed task's tail: not KFP's lines nor its executor JSON
-        if logged and not logged.group(2).startswith(_KFP_OWN):
+        if _PROGRESS.match(line):
+            self._say(f"  {self.task}: {line.strip()}")
+        elif logged and not logged.group(2).startswith(_KFP_OWN):
             self._say(f"  {self.task}: {logged.group(2)}" if logged.group(1) == "INFO" else
                       f"  {self.task}: {logged.group(1)} {logged.group(2)}")
 
