@@ -22,14 +22,20 @@ XLA_NEED_GIB ?= 13
 # The smaller free space of the project's folder and pip's temporary folder, in GiB.
 FREE_GIB = $$(df -Pk "$(CURDIR)" "$${TMPDIR:-/tmp}" | awk 'NR > 1 { g = int($$4 / 1048576); if (m == "" || g < m) m = g } END { print m }')
 
+# A long quiet command (pip --quiet is silent for minutes) with a line every 20 s, so a slow install does not
+# look like a hung one: $(call busy,COMMAND).
+busy = @echo "$(1)"; start=$$(date +%s); \
+	( while sleep 20 >/dev/null 2>&1; do echo "  ... still installing ($$(( $$(date +%s) - start )) s)"; done ) & beat=$$!; \
+	$(1); status=$$?; kill $$beat 2>/dev/null; exit $$status
+
 .PHONY: install install-xla test test-e2e test-images test-xla test-all run clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt constraints-common.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -c constraints.txt torch==2.13.0
-	$(PIP) -c constraints.txt -e '.[test]'
+	$(call busy,$(PIP) -c constraints.txt torch==2.13.0)
+	$(call busy,$(PIP) -c constraints.txt -e '.[test]')
 	touch $@
 
 # pytest through its entry point, not `python -m pytest`: under runpy every frame of <frozen runpy> misses
@@ -48,8 +54,8 @@ install-xla: $(XVENV)/.installed
 
 $(XVENV)/.installed: pyproject.toml constraints-xla.txt constraints-common.txt
 	$(PYTHON) -m venv $(XVENV)
-	$(XPIP) -c constraints-xla.txt torch==2.9.0 torch_xla==2.9.0
-	$(XPIP) -c constraints-xla.txt -e '.[test]'
+	$(call busy,$(XPIP) -c constraints-xla.txt torch==2.9.0 torch_xla==2.9.0)
+	$(call busy,$(XPIP) -c constraints-xla.txt -e '.[test]')
 	touch $@
 
 # XLA:CPU with two devices: what SPMD does over a TPU host's chips, on this machine's CPU.
