@@ -51,8 +51,7 @@ def share_view(uri: str) -> tuple[str, str]:
     # A shared view does not carry unfolded rows; a search filter lists children beside their parent instead,
     # and ordered by end time the list reads in the pipeline's order with the parent, which ends last, below.
     state = {"searchFilter": "attributes.run_name LIKE '%'", "orderByKey": "attributes.end_time", "orderByAsc": True,
-             "selectedColumns": ["attributes.`Duration`", "tags.`mlflow.parentRunId`",
-                                 *(f"metrics.`{name}`" for name in COLUMNS)]}
+             "selectedColumns": ["attributes.`Duration`", *(f"metrics.`{name}`" for name in COLUMNS)]}
     key = "readme"
     client.set_experiment_tag(experiment.experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
     return experiment.experiment_id, key
@@ -78,8 +77,8 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.5)
-        key = share_view(f"http://127.0.0.1:{port}")
-        shoot(f"http://127.0.0.1:{port}/#/experiments/{key[0]}/runs?viewStateShareKey={key[1]}",
+        experiment_id, share_key = share_view(f"http://127.0.0.1:{port}")
+        shoot(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?viewStateShareKey={share_key}",
               DOCS / "mlflow-runs.png", "2000,700", 15000)
     finally:
         server.terminate()
