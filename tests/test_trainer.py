@@ -53,6 +53,25 @@ def test_stage2_trains_exactly_adapter_temporal_and_head(tiny_data, stage1_run, 
     assert json.loads((tmp_path / "s2" / "config.json").read_text())["freeze_spatial"] is True
 
 
+def test_a_slow_step_never_leaves_the_log_silent(tiny_data, tmp_path, no_mlflow_env, caplog, monkeypatch):
+    # log_every=20 on a 6-step epoch: no loss line at all; with the silence bound at zero seconds every step
+    # prints a line with its rate and time left, and no loss (reading it would move where the losses are summed).
+    import sfa_vivit.train.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "LOG_INTERVAL_S", 1e-9)
+    caplog.set_level("INFO", logger="sfa_vivit")
+    quiet = Trainer(config("baseline", "log_every=20"), tiny_data, str(tmp_path / "a")).fit()
+    lines = re.findall(r"epoch 1/1 step (\d)/6( loss)? \([\d.]+ steps/s, about \d+:\d\d of training left\)",
+                       caplog.text)
+    assert [step for step, _ in lines] == [str(k) for k in range(1, 7)] and not any(loss for _, loss in lines)
+    monkeypatch.setattr(trainer_module, "LOG_INTERVAL_S", 3600.0)
+    caplog.clear()
+    reference = Trainer(config("baseline", "log_every=20"), tiny_data, str(tmp_path / "b")).fit()
+    assert "of training left" not in caplog.text
+    assert quiet["history"][0]["loss"] == reference["history"][0]["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(final_state(tmp_path / "a").values(),
+                                                 final_state(tmp_path / "b").values()))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_killed_run_resumes_to_bit_identical_weights(tiny_data, tmp_path, no_mlflow_env, optimizer):
     args = ("checkpoint_every=2", "dropout=0.1", "drop_path=0.1", "mixup_alpha=0.2", f"optimizer={optimizer}")

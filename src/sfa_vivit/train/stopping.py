@@ -8,7 +8,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -28,6 +28,13 @@ class Preempted(RuntimeError):
         self.exit_code = exit_code
 
 
+class StepFlags(NamedTuple):
+    """The per-step decision every rank takes together (`StopSignals.flags`)."""
+    stop: bool          # a rank got SIGTERM or Ctrl-C
+    checkpoint: bool    # checkpoint_every_minutes have passed since the last commit
+    line: bool          # a progress line is due (a log goes no longer than LOG_INTERVAL_S without one)
+
+
 class StopSignals:
     """The signals that stop a run, caught while it trains (`with StopSignals() as stops:`), and the
     per-step decision every rank takes together (`flags`)."""
@@ -37,6 +44,7 @@ class StopSignals:
         self._said = False
         self._previous: dict[int, Any] = {}
         self.committed_at = time.monotonic()   # the last checkpoint commit (or the start)
+        self.line_at = time.monotonic()        # the last progress line (or the start)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -64,20 +72,26 @@ class StopSignals:
         return Preempted(f"{'interrupted (Ctrl-C)' if ctrl_c else 'SIGTERM'} {where}; {then}",
                          130 if ctrl_c else PREEMPTED_EXIT_CODE)
 
-    def flags(self, rt: Runtime, checkpoint_every_minutes: float) -> tuple[bool, bool]:
-        """(stop, checkpoint due) at the end of a step, the same on every rank (one collective for both): stop
-        when any rank got a signal; a checkpoint is due when `checkpoint_every_minutes` have passed on any
-        rank since the last commit (a preemption then loses minutes, not an epoch)."""
+    def flags(self, rt: Runtime, checkpoint_every_minutes: float, line_every_s: float = 0.0) -> StepFlags:
+        """What to do at the end of a step, the same on every rank (one collective for all three): stop when any
+        rank got a signal; a checkpoint is due when `checkpoint_every_minutes` have passed on any rank since the
+        last commit (a preemption then loses minutes, not an epoch); a progress line is due when `line_every_s`
+        have passed since the last one (`said_line`), so that a slow step never leaves a log silent."""
         if self.signum and not self._said:
             self._said = True
             log.warning("%s: checkpointing at the end of this step, then stopping%s",
                         "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM",
                         " (Ctrl-C again to stop without it)" if self.signum == signal.SIGINT else "")
+        now = time.monotonic()
         minutes = checkpoint_every_minutes
-        due = bool(minutes) and time.monotonic() - self.committed_at >= minutes * 60
-        flags = rt.all_reduce(torch.tensor([1.0 if self.signum else 0.0, 1.0 if due else 0.0]), "max")
-        stop, due = flags.tolist()           # one host sync for both
-        return bool(stop), bool(due)
+        due = bool(minutes) and now - self.committed_at >= minutes * 60
+        line = bool(line_every_s) and now - self.line_at >= line_every_s
+        flags = rt.all_reduce(torch.tensor([float(bool(self.signum)), float(due), float(line)]), "max")
+        return StepFlags(*(bool(v) for v in flags.tolist()))   # one host sync for all three
+
+    def said_line(self) -> None:
+        """A progress line was printed now."""
+        self.line_at = time.monotonic()
 
     def batches(self, loader: Any, on_stop: Callable[[], None]) -> Iterator[Any]:
         """The loader's batches; when a stop signal has arrived and the loader fails (its workers, signalled

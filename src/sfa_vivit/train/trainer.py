@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sfa_vivit.core import runtime
-from sfa_vivit.core.progress import clock
+from sfa_vivit.core.progress import LOG_INTERVAL_S, clock
 from sfa_vivit.core.storage import join, json_bytes, write_bytes_atomic
 from sfa_vivit.data.augment import mixup
 from sfa_vivit.data.manifest import data_digest, load_manifest
@@ -192,24 +192,17 @@ class Trainer:
                     self._step(batch)
                     p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
                     steps_this_call += 1
-                    if p.step % c.log_every == 0:
-                        loss = self._read_losses()      # the one host sync of a lazy device's steps
-                        if self.is_main:
-                            lr = self.optimizer.param_groups[0]["lr"]
-                            rate = steps_this_call / max(time.perf_counter() - call_start, 1e-9)
-                            left = (c.epochs * self.steps_per_epoch - p.step) / rate
-                            log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g (%.2f steps/s, about %s of "
-                                     "training left)", p.epoch + 1, c.epochs, p.step_in_epoch, self.steps_per_epoch,
-                                     loss, lr, rate, clock(left))
-                            self.tracker.log_metrics({"train_loss": loss, "lr": lr}, step=p.step)
-                    stop, due = self.stops.flags(self.runtime, c.checkpoint_every_minutes)
-                    if stop:
+                    flags = self.stops.flags(self.runtime, c.checkpoint_every_minutes, LOG_INTERVAL_S)
+                    if p.step % c.log_every == 0 or flags.line:
+                        self._say_step(steps_this_call / max(time.perf_counter() - call_start, 1e-9),
+                                       loss=p.step % c.log_every == 0)
+                    if flags.stop:
                         self._stop()
                     if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                         if checkpoint_on_stop:
                             self._save_checkpoint()
                         return {"status": "stopped", "step": p.step}
-                    if ((due or (c.checkpoint_every and p.step % c.checkpoint_every == 0))
+                    if ((flags.checkpoint or (c.checkpoint_every and p.step % c.checkpoint_every == 0))
                             and p.step_in_epoch < self.steps_per_epoch):
                         self._save_checkpoint()
                 self.runtime.synchronize()
@@ -219,6 +212,25 @@ class Trainer:
         finally:
             self.stops.__exit__()
             self.release()
+
+    def _say_step(self, rate: float, loss: bool) -> None:
+        """A progress line: epoch, step, rate and time left, every `log_every` steps with the loss and learning
+        rate (read from the device, and logged to MLflow), and in between whenever LOG_INTERVAL_S passed
+        without a line (without the loss: where the losses are read stays a function of the step, so the
+        epoch's loss does not depend on the machine's speed)."""
+        c, p = self.config, self.progress
+        value = self._read_losses() if loss else None      # the one host sync of a lazy device's steps
+        self.stops.said_line()
+        if not self.is_main:
+            return
+        left = clock((c.epochs * self.steps_per_epoch - p.step) / rate)
+        where = f"epoch {p.epoch + 1}/{c.epochs} step {p.step_in_epoch}/{self.steps_per_epoch}"
+        if not loss:
+            log.info("%s (%.2f steps/s, about %s of training left)", where, rate, left)
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        log.info("%s loss %.4f lr %.4g (%.2f steps/s, about %s of training left)", where, value, lr, rate, left)
+        self.tracker.log_metrics({"train_loss": value, "lr": lr}, step=p.step)
 
     def _stop(self) -> None:
         """Commit a checkpoint at the current step and raise Preempted (exit 143 after SIGTERM, 130 after Ctrl-C)."""
