@@ -38,3 +38,21 @@ def test_a_checkpoint_of_an_earlier_release_reads_in_todays_terms():
     today = _as_today(stored, now)
     assert today["augment"] == now["augment"] and today["recipe"] == "kinetics400"
     assert {k for k in set(today) | set(now) if today.get(k) != now.get(k)} == set()
+
+
+def test_a_recipe_gives_values_per_mode_below_the_runs_own(tiny_data, caplog):
+    """synthetic-small (the quick start's): stage 1 at 8 frames, stride 2, stage 2 and the baseline at 16 frames,
+    stride 1; --set still wins; it belongs to the synthetic dataset, so training on it is no mismatch."""
+    from sfa_vivit.train.config import RECIPES, TINY_MODEL, recipe_dataset
+    from sfa_vivit.train.start import recipe_for
+    got = {m: (c.num_frames, c.stride, c.epochs) for m in ("stage1", "stage2", "baseline")
+           for c in [resolve(m, "synthetic-small")]}
+    assert got == {"stage1": (8, 2, 10), "stage2": (16, 1, 5), "baseline": (16, 1, 10)}
+    assert resolve("stage1", "synthetic-small").model == TINY_MODEL
+    assert (resolve("stage1", "synthetic-small", sets=["stride=1", "num_frames=4"]).stride,
+            resolve("stage1", "synthetic-small", sets=["stride=1", "num_frames=4"]).num_frames) == (1, 4)
+    assert "modes" not in resolve("stage1", "synthetic-small").to_dict()
+    assert recipe_dataset("synthetic-small") == "synthetic" and recipe_dataset("ssv2") == "ssv2"
+    assert all(recipe_dataset(r) in RECIPES for r in RECIPES)
+    assert recipe_for("synthetic-small", tiny_data) == "synthetic-small" and "were chosen for" not in caplog.text
+    assert recipe_for("ssv2", tiny_data) == "ssv2" and "recipe ssv2 on dataset synthetic" in caplog.text

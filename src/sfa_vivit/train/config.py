@@ -25,7 +25,11 @@ It reads clips in the training process (`workers=0`): on a CPU device a DataLoad
 cores from the model's threads, and on 2 cores it made stage-1 epochs 1.5x slower and no epoch
 faster (README, "Data loading on a CPU device").
 
-`optimizer=adamw` (beta1 = `momentum`) is there for runs from scratch; every recipe uses SGD.
+`synthetic-small` is the README's quick start: the smallest ViViT (`TINY_MODEL`, 1+1 blocks of width 32) at
+32x32, from scratch with AdamW, for `sfa data synth --difficulty big` clips of 16 frames; a recipe may give
+per-mode values (`modes`: here stage 1 takes 8 frames at stride 2, stage 2 and the baseline 16 at stride 1).
+
+`optimizer=adamw` (beta1 = `momentum`) is there for runs from scratch; every dataset's recipe uses SGD.
 """
 
 from __future__ import annotations
@@ -135,6 +139,10 @@ def _augment(**values: Any) -> dict[str, Any]:
     return dict(min_scale=0.9, max_scale=1.33, flip_probability=0.5, **values)
 
 
+# The smallest ViViT: the quick start's recipe, the tests and the local pipeline's `size="tiny"` (the one definition
+# of "tiny": seconds per epoch on one CPU core).
+TINY_MODEL: dict[str, int] = dict(width=32, spatial_depth=1, temporal_depth=1, heads=2, mlp_dim=64, patch=8)
+
 RECIPES: dict[str, dict[str, Any]] = {
     "kinetics400": dict(_COMMON, base_lr=0.1, epochs=30, augment=_augment(color_jitter_probability=0.8)),
     "kinetics600": dict(_COMMON, base_lr=0.1, epochs=30, augment=_augment(color_jitter_probability=0.8)),
@@ -150,17 +158,27 @@ RECIPES: dict[str, dict[str, Any]] = {
                       image_size=64, batch_size=16, base_lr=0.8, epochs=12, warmup_epochs=0.5, workers=0,
                       final_eval_views="2x1", eval_views="1x1",
                       augment=dict(color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15)),
+    # The README's quick start: the smallest ViViT (TINY_MODEL) at 32 px, from scratch with AdamW, on the 16-frame
+    # clips of `sfa data synth --difficulty big --size 32 --num-frames 16`. Stage 1 takes every second frame of the
+    # clip (8 frames at stride 2 span it), stage 2 and the baseline all 16.
+    "synthetic-small": dict(dataset="synthetic", variant="Ti", model=TINY_MODEL, image_size=32, batch_size=16,
+                            optimizer="adamw", base_lr=0.008, epochs=10, warmup_epochs=0.5, workers=0,
+                            final_eval_views="2x1", eval_views="1x1",
+                            augment=dict(color_jitter_probability=0.0, min_scale=1.0, max_scale=1.15),
+                            modes=dict(stage1=dict(num_frames=8, stride=2), stage2=dict(num_frames=16, epochs=5),
+                                       baseline=dict(num_frames=16))),
 }
-
-# The smallest model of the synthetic recipe, for tests and the local pipeline's `size="tiny"`: the one
-# definition of "tiny" (seconds per epoch on one CPU core).
-TINY_MODEL: dict[str, int] = dict(width=32, spatial_depth=1, temporal_depth=1, heads=2, mlp_dim=64, patch=8)
 
 
 def tiny_sets() -> list[str]:
     """`--set` strings of a tiny run of the synthetic recipe: TINY_MODEL at 32 px, batch 4, in-process data."""
     return [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + ["image_size=32", "batch_size=4", "workers=0",
                                                                 "log_every=1"]
+
+
+def recipe_dataset(recipe: str) -> str:
+    """The dataset a recipe was chosen for: its own name, or its `dataset` (synthetic-small: synthetic)."""
+    return RECIPES.get(recipe, {}).get("dataset", recipe)
 
 
 # Names of earlier releases: a recipe is now named after its dataset (`sfa data prep --dataset`).
@@ -185,7 +203,10 @@ def resolve(mode: str, recipe: str = "kinetics400", overrides: dict[str, Any] | 
                          "dataset's name, as `sfa data prep --dataset` does)")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
-    values: dict[str, Any] = {"mode": mode, "recipe": recipe, **_copy(RECIPES[recipe])}
+    recipe_values = _copy(RECIPES[recipe])
+    recipe_values.pop("dataset", None)
+    per_mode = recipe_values.pop("modes", {}).get(mode, {})   # a recipe's frames and stride per mode, if it has them
+    values: dict[str, Any] = {"mode": mode, "recipe": recipe, **recipe_values, **per_mode}
     for key, value in (overrides or {}).items():
         _set(values, key, value)
     for item in sets or []:

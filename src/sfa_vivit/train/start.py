@@ -16,7 +16,7 @@ from sfa_vivit.core.runtime import Runtime
 from sfa_vivit.data.manifest import Manifest, load_manifest
 from sfa_vivit.models import checkpoints
 from sfa_vivit.models.vivit import ViViT, ViViTConfig, architecture_differences, init_from, set_training_switches, vivit
-from sfa_vivit.train.config import RECIPES, RENAMED_RECIPES, TrainConfig, augment_defaults, resolve
+from sfa_vivit.train.config import RECIPES, RENAMED_RECIPES, TrainConfig, augment_defaults, recipe_dataset, resolve
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def recipe_for(recipe: str | None, data: str | None, say: Callable[[str], None] 
                              f"from {sorted(RECIPES)}")
         (say or log.info)(f"recipe {dataset} (the dataset of {data}; --recipe to choose another)")
         return dataset
-    if recipe != dataset:
+    if recipe_dataset(recipe) != dataset:
         log.warning("recipe %s on dataset %s: its sizes, epochs and augmentation were chosen for %s",
                     recipe, dataset, recipe)
     return recipe

@@ -5,7 +5,8 @@ A white square (the target) moves in one direction, turns at a random moment bet
 directions ("right then up" ≠ "up then right"). Any single frame, and any short window that misses
 the turn, is ambiguous; reversing or shuffling the frames changes the evidence. Distractor squares
 move in straight lines (at 'hard', some are white too and some turn once with a different timing),
-and pixel noise is added. Directions are the labels, so horizontal flipping is off for it.
+and pixel noise is added; at 'big' the target is alone and a third of the frame wide (the quick start's
+world). Directions are the labels, so horizontal flipping is off for it.
 
 The `textures` world keeps the labels and swaps flat squares for real photographs (the sample images
 that ship inside scikit-image): each frame's background is a dimmed crop of one photo, every object
@@ -39,6 +40,8 @@ CLASSES = [f"{a} then {b}" for a in DIRECTIONS for b in DIRECTIONS if a != b]
 
 DIFFICULTY = {
     # distractors, white distractors, turning distractors, noise std, square side and speed (fractions)
+    # One big square alone: the quick start's world, which a ViViT learns from scratch in a few hundred steps.
+    "big": dict(distractors=0, white=0, turning=0, noise=4.0, size=0.3, speed=0.9),
     "easy": dict(distractors=0, white=0, turning=0, noise=4.0, size=0.16, speed=0.9),
     "medium": dict(distractors=2, white=0, turning=0, noise=10.0, size=0.14, speed=0.9),
     "hard": dict(distractors=4, white=2, turning=1, noise=20.0, size=0.12, speed=0.9),
