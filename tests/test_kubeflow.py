@@ -200,7 +200,9 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     page = Path(summary["report"]).read_text()
     assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 3
     assert summary["report"] == str(root / "report.html") and "against cumulative training time" in page
-    assert (root / "data" / "manifest.json").exists()
+    # The shards, too, are made once in the cache folder (a later run's prep finds every shard done).
+    (shards_dir,) = (tmp_path / "cache").glob("shards-*")
+    assert (shards_dir / "manifest.json").exists() and summary["arguments"]["data_uri"] == str(shards_dir)
     artifacts = root / "artifacts"
     # Stage 1 and the baseline start from the image ViT, as the paper's runs from an image checkpoint; it and the
     # synthetic videos are made once, in the cache folder, under their options' fingerprint.

@@ -41,5 +41,6 @@ def test_the_readme_quick_starts_run_as_written(tmp_path, no_mlflow_env):
     python = subprocess.run([sys.executable, "-c", block("quickstart-python")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert python.returncode == 0, python.stderr[-3000:]
+    assert not [line for line in python.stderr.splitlines() if re.search(r"warning", line, re.I) and "sfa" in line]
     # The same runs in Python: the same figures, to the digit.
     assert python.stdout.strip() == f"stage 1 top-1 {stage1:.1f}%, stage 2 top-1 {stage2:.1f}%", python.stdout
