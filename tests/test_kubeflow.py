@@ -182,6 +182,19 @@ def test_submit_to_an_unreachable_endpoint_fails_in_one_line():
 
 
 @pytest.mark.integration
+def test_two_local_runs_at_once_do_not_share_the_cached_shards(tmp_path):
+    """The first local run holds a lock beside the cached shards for its whole run; a second run started meanwhile
+    does not get it (its prep would meet the first one's lease and stop) and makes its own; after the first
+    ends, the next run gets it."""
+    folder = tmp_path / "cache" / "shards-0123456789ab"
+    first = runner._shards_lock(folder)
+    assert first is not None and runner._shards_lock(folder) is None
+    first.close()
+    again = runner._shards_lock(folder)
+    assert again is not None
+    again.close()
+
+
 @pytest.mark.e2e
 def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -201,7 +214,7 @@ def test_local_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     assert "SFA vs the conventional recipe" in page and "Baseline" in page and page.count("data:image/png") == 3
     assert summary["report"] == str(root / "report.html") and "against cumulative training time" in page
     # The shards, too, are made once in the cache folder (a later run's prep finds every shard done).
-    (shards_dir,) = (tmp_path / "cache").glob("shards-*")
+    (shards_dir,) = (path for path in (tmp_path / "cache").glob("shards-*") if path.is_dir())
     assert (shards_dir / "manifest.json").exists() and summary["arguments"]["data_uri"] == str(shards_dir)
     artifacts = root / "artifacts"
     # Stage 1 and the baseline start from the image ViT, as the paper's runs from an image checkpoint; it and the
@@ -268,6 +281,9 @@ def test_submit_and_schedule_refuse_an_unknown_parameter_before_any_request():
         runner.schedule(package, host="http://127.0.0.1:9", datasets={"ssv2": {"annotations_file": "x"}})
     with pytest.raises(runner.PipelineError, match="unknown datasets \\['k400'\\]"):
         runner.schedule(package, host="http://127.0.0.1:9", datasets={"k400": {}})
+    # A recipe that is not a dataset's own (the quick start's synthetic-small) is no dataset to schedule.
+    with pytest.raises(runner.PipelineError, match="unknown datasets \\['synthetic-small'\\]"):
+        runner.schedule(package, host="http://127.0.0.1:9", datasets={"synthetic-small": {}})
 
 
 def test_staggered_schedules():

@@ -60,8 +60,8 @@ def test_a_slow_step_never_leaves_the_log_silent(tiny_data, tmp_path, no_mlflow_
     monkeypatch.setattr(trainer_module, "LOG_INTERVAL_S", 1e-9)
     caplog.set_level("INFO", logger="sfa_vivit")
     quiet = Trainer(config("baseline", "log_every=20"), tiny_data, str(tmp_path / "a")).fit()
-    lines = re.findall(r"epoch 1/1 step (\d)/6( loss)? \([\d.]+ steps/s, about \d+:\d\d of training left\)",
-                       caplog.text)
+    lines = re.findall(r"epoch 1/1 step (\d)/6( loss [\d.]+ lr \S+)? \([\d.]+ steps/s, about \d+:\d\d of training "
+                       r"left\)", caplog.text)
     assert [step for step, _ in lines] == [str(k) for k in range(1, 7)] and not any(loss for _, loss in lines)
     monkeypatch.setattr(trainer_module, "LOG_INTERVAL_S", 3600.0)
     caplog.clear()

@@ -234,15 +234,12 @@ def local_inputs(size: str = "default") -> tuple[dict[str, Any], dict[str, Any],
     vit = image_vit.pretrain(str(vit_dir), vit_options, sets=shape, progress=True)
     log.info("image ViT -> %s (held-out accuracy %.1f%%, %.0f s to train)", vit_dir, vit["val_accuracy"], vit["time_s"])
     # The shards too: the pipeline's prep writes them here, so a later run's prep finds every shard done (its
-    # sidecar) and skips it, in seconds instead of a minute.
+    # sidecar) and skips it, in seconds instead of a minute. What prep writes depends on the videos, the options
+    # that shape a shard and prep's code (the parts and workers only share out the work).
     from sfa_vivit.data.prep import annotations, shards, video
-    prep = {k: v for k, v in arguments.items() if k in ("fps", "short_side", "shard_size") or k.startswith("prep_")}
+    prep = {k: arguments[k] for k in ("fps", "short_side", "shard_size") if k in arguments}
     prep_key = _fingerprint([raw.name, prep], shards.__file__, video.__file__, annotations.__file__)
-    shards_dir = cache / f"shards-{prep_key}"
-    done = (shards_dir / "manifest.json").exists()
-    log.info("data shards -> %s (%s)", shards_dir, "made by an earlier run: its prep finds them done" if done else
-             "made by this run's prep; later runs reuse them")
-    arguments["data_uri"] = str(shards_dir)
+    arguments["data_uri"] = str(cache / f"shards-{prep_key}")
     return data_options, arguments, paths, vit_dir
 
 
@@ -258,6 +255,16 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
     root = Path(runs).resolve() / run_id
     root.mkdir(parents=True, exist_ok=True)
     data_options, arguments, paths, vit_dir = local_inputs(size)
+    shards_lock = _shards_lock(Path(arguments["data_uri"]))
+    if shards_lock is None:         # another local run is using the cached shards now: this one makes its own
+        log.info("data shards: %s is in use by another run; this run makes its own in %s", arguments["data_uri"],
+                 root / "data")
+        arguments["data_uri"] = str(root / "data")
+    else:
+        log.info("data shards -> %s (%s)", arguments["data_uri"],
+                 "made by an earlier run: this run's prep finds them done"
+                 if (Path(arguments["data_uri"]) / "manifest.json").exists()
+                 else "made by this run's prep; later runs reuse them")
     # Stage 1 and the baseline start from it; stage 2 starts from stage 1 (given it, it would warn that it is unused)
     for name in ("stage1_sets", "baseline_sets"):
         arguments[name] = [*arguments[name], f"image_checkpoint={vit_dir}"]
@@ -306,6 +313,21 @@ def _fingerprint(options: Any, *sources: str) -> str:
     for source in sources:
         digest.update(Path(source).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def _shards_lock(folder: Path) -> Any | None:
+    """An open file holding an exclusive lock beside the cached shards `folder` for as long as this process keeps
+    it (the local run keeps it to its end), or None when another local run holds it: two runs' data prep in one
+    folder would meet at its lease, and the second would stop."""
+    import fcntl
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(folder.parent / f"{folder.name}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def _made_once(folder: Path, make: Any) -> dict[str, str]:
@@ -576,11 +598,12 @@ def schedule(package: str, *, host: str, datasets: dict[str, dict[str, Any]], cr
     """One recurring run per dataset (its name is both the data-prep dataset and the recipe), `stagger_minutes`
     apart; every parameter is checked against the compiled pipeline's inputs before any request. Returns ids."""
     from sfa_vivit.kubeflow.pipelines import REPRODUCE_DATASETS
-    from sfa_vivit.train.config import RECIPES
-    unknown = sorted(set(datasets) - set(RECIPES))
+    from sfa_vivit.train.config import RECIPES, recipe_dataset
+    named = {r for r in RECIPES if recipe_dataset(r) == r}       # a dataset with a recipe of its own name
+    unknown = sorted(set(datasets) - named)
     if unknown:
         raise PipelineError(f"unknown datasets {unknown}; choose from {list(REPRODUCE_DATASETS)} (or another "
-                            f"recipe: {sorted(set(RECIPES) - set(REPRODUCE_DATASETS))})")
+                            f"dataset with a recipe: {sorted(named - set(REPRODUCE_DATASETS))})")
     runs = {name: {"dataset": name, "recipe": name, **values} for name, values in datasets.items()}
     for params in runs.values():
         check_parameters(package, params)

@@ -193,9 +193,9 @@ MODE_DEFAULTS = {
 
 def resolve(mode: str, recipe: str = "kinetics400", overrides: dict[str, Any] | None = None,
             sets: list[str] | None = None) -> TrainConfig:
-    """The config of a run: dataclass defaults < recipe < mode defaults (for fields left None) <
-    `overrides` < `--set key=value` strings. Raises ValueError naming an unknown mode, recipe or key,
-    a value that does not parse, or settings that contradict each other."""
+    """The config of a run: dataclass defaults < recipe < the recipe's values for this mode (its `modes`, if any) <
+    mode defaults (for fields left None) < `overrides` < `--set key=value` strings. Raises ValueError naming an
+    unknown mode, recipe or key, a value that does not parse, or settings that contradict each other."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     if recipe in RENAMED_RECIPES:

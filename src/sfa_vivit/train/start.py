@@ -288,7 +288,9 @@ def recipe_mismatches(manifest: dict[str, Any], recipe: str | None = None, sets:
     if recipe is None and manifest["dataset"] not in RECIPES:
         return []                           # a dataset without a recipe of its own: nothing to hold it to
     recipe = recipe or manifest["dataset"]
-    config = resolve("baseline", recipe, sets=sets)
+    # The mode that reads the longest span of a clip (a recipe may give each mode its own frames and stride).
+    config = max((resolve(mode, recipe, sets=sets) for mode in ("baseline", "stage2", "stage1")),
+                 key=lambda c: (c.num_frames - 1) * c.stride + 1)
     needed = (config.num_frames - 1) * config.stride + 1
     crop = config.image_size * config.augment["max_scale"]   # the short side a crop scales from, at most
     out = []
@@ -297,7 +299,8 @@ def recipe_mismatches(manifest: dict[str, Any], recipe: str | None = None, sets:
         if frames and frames["min"] < needed:
             out.append(f"{split}: clips of {frames['min']}-{frames['max']} frames (median {frames['median']}) at "
                        f"{manifest['options']['fps']:g} fps, but the {recipe} recipe trains on "
-                       f"{config.num_frames} frames: shorter clips loop (raise --fps, or --set num_frames=...)")
+                       f"{config.num_frames} frames{f' at stride {config.stride}' if config.stride > 1 else ''}: "
+                       "shorter clips loop (raise --fps, or --set num_frames=...)")
         if side and side["min"] < config.image_size:
             out.append(f"{split}: frames with a short side of {side['min']} px, smaller than the recipe's "
                        f"{config.image_size} px crops (they are upsampled; raise --short-side)")

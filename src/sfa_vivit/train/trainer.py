@@ -184,6 +184,7 @@ class Trainer:
             if c.cache_views and self.data.cached_train is None:
                 self._prepare_cache()
             call_start = time.perf_counter()
+            self.stops.said_line()      # the banner (and a cache build) just spoke
             while p.epoch < c.epochs:
                 loader = self.runtime.feed(self.data.epoch_batches(p.epoch, p.step_in_epoch))
                 start = time.perf_counter()
@@ -208,6 +209,7 @@ class Trainer:
                 self.runtime.synchronize()
                 p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
                 self._end_epoch()
+                self.stops.said_line()  # the epoch's line (and its validation)
             return self._finish()
         finally:
             self.stops.__exit__()
