@@ -291,6 +291,8 @@ def run_local(runs: str = "runs", run_id: str | None = None, size: str = "defaul
             raise PipelineError(f"{' '.join(local_log.plain(str(e)).split())}; the whole log: {log_path}") from None
         finally:
             builtins.print = printer
+            if shards_lock is not None:
+                shards_lock.close()     # the cached shards are free for the next run
     local_log.save_history(history, tasks.durations)
     seconds = time.perf_counter() - start
     pages = sorted(glob.glob(str(root / "artifacts" / "**" / "report*" / "page"), recursive=True))

@@ -194,9 +194,9 @@ class Trainer:
                     p.epoch_elapsed_s = session_start_elapsed + (time.perf_counter() - start)
                     steps_this_call += 1
                     flags = self.stops.flags(self.runtime, c.checkpoint_every_minutes, LOG_INTERVAL_S)
-                    if p.step % c.log_every == 0 or flags.line:
-                        self._say_step(steps_this_call / max(time.perf_counter() - call_start, 1e-9),
-                                       loss=p.step % c.log_every == 0)
+                    loss_due = p.step % c.log_every == 0
+                    if loss_due or flags.line:
+                        self._say_step(steps_this_call / max(time.perf_counter() - call_start, 1e-9), loss=loss_due)
                     if flags.stop:
                         self._stop()
                     if stop_after_steps is not None and steps_this_call >= stop_after_steps:
